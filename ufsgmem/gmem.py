@@ -1,0 +1,503 @@
+"""The guest_memfd core: one file's semantics, in-process, with no knowledge of FUSE.
+
+This mirrors ``virt/kvm/guest_memfd.c`` (mainline 6.18) plus the in-place conversion series v8 and the
+HugeTLB work, rule for rule and errno for errno (reference: ``shared/reference/guest_memfd-uapi.md``):
+
+* creation: flags MMAP and INIT_SHARED only (other bits EINVAL); size > 0 and page aligned (EINVAL);
+  the HugeTLB choice is a backend page size above 4 KiB, which forbids INIT_SHARED and needs the size to
+  be a multiple of the huge page (EINVAL). The size never changes.
+* fallocate: the VFS checks, then KEEP_SIZE required and no other mode bit (EOPNOTSUPP), alignment to
+  the folio size (EINVAL), allocation past EOF (EINVAL), punch past EOF a no-op success.
+* attributes: one per page, stored as runs (:class:`~ufsgmem.runmap.RunMap`); KVM_SET_MEMORY_ATTRIBUTES2
+  validation in v8's order, all-or-nothing, a no-op returns at once, content preserved both ways.
+* pins: emulated long-term pins; shared→private over a pinned page is EAGAIN with ``error_offset``.
+* huge folios: an allocated folio is *split* while any of its pages is shared and *whole* otherwise.
+  This is derived from the attribute and allocation maps rather than stored, so it can never disagree
+  with them; split/merge events are counted as conversions change it.
+
+Host and guest accesses: ``host_read``/``host_write`` are what a process mapping ``mem`` does (a private
+page or a page past EOF is a :class:`HostFault`, which the frontend turns into SIGBUS);
+``guest_read``/``guest_write`` stand in for vCPU accesses and reach every page.
+
+Changes that must revoke host mappings first (shared→private, punch-hole) are *transitions*:
+``prepare_*`` validates and returns a :class:`Transition` naming the ranges to revoke; the caller revokes
+them and calls ``commit()``. While a shared→private transition is pending, host reads of its range fail
+and host writes are still accepted: revocation writes dirty pages back, and that data must not be lost
+(design §3: revoke first, then flip; flipping first loses the data). The plain methods
+(``set_memory_attributes``, ``fallocate``) do both steps with the revoker given at construction, which
+in-process is a no-op because nothing maps the memory.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .address import Range, U64_MAX, format_size, is_aligned
+from .backend import Backend, Progress
+from .errors import GuestMemfdError, fail
+from .plugins import load_backend
+from .runmap import RunMap
+from .snapshot import Snapshot
+from .uapi import (
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+    GUEST_MEMFD_SUPPORTED_FLAGS, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_ATTRIBUTES_SUPPORTED, PAGE_SHIFT,
+    PAGE_SIZE,
+)
+
+SHARED = 0
+PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
+LOFF_MAX = (1 << 63) - 1
+
+#: revoker(ranges): remove every host mapping of these byte ranges (and write back dirty pages).
+Revoker = Callable[[tuple[Range, ...]], None]
+
+
+class HostFault(GuestMemfdError):
+    """A host access the kernel would answer with SIGBUS (private page, or past EOF)."""
+
+    def __init__(self, offset: int, why: str):
+        super().__init__(errno.EFAULT, f"host access at {offset:#x}: {why}", error_offset=offset)
+        self.offset = offset
+
+
+class TransitionPending(GuestMemfdError):
+    """A host read hit a range whose punch-hole is in flight; retry once the transition commits."""
+
+    def __init__(self, transition: "Transition"):
+        super().__init__(errno.EAGAIN, f"{transition.kind} of {transition.range} in progress")
+        self.transition = transition
+
+
+def flag_names(flags: int) -> list[str]:
+    names = [n for bit, n in ((GUEST_MEMFD_FLAG_MMAP, "mmap"), (GUEST_MEMFD_FLAG_INIT_SHARED, "init_shared"))
+             if flags & bit]
+    return names
+
+
+@dataclass
+class Transition:
+    """A validated change waiting for its host mappings to be revoked. Call ``commit()`` exactly once."""
+
+    kind: str  # "to_private" | "punch_hole"
+    range: Range
+    revoke: tuple[Range, ...]
+    _apply: Callable[[], None]
+    _release: Callable[["Transition"], None]
+    done: bool = field(default=False)
+
+    def commit(self) -> None:
+        assert not self.done, "transition committed twice"
+        try:
+            self._apply()
+        finally:
+            self.done = True
+            self._release(self)
+
+    def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            self._release(self)
+
+
+@dataclass
+class Counters:
+    to_private: int = 0
+    to_shared: int = 0
+    noop_conversions: int = 0
+    revocations: int = 0
+    revoked_bytes: int = 0
+    punches: int = 0
+    allocations: int = 0
+    folio_splits: int = 0
+    folio_merges: int = 0
+    eagain: int = 0
+
+
+class GuestMemfd:
+    """One guest_memfd file. See the module docstring for the rules it mirrors."""
+
+    def __init__(self, size: int, flags: int = 0, *, backend: str | type[Backend] = "anon",
+                 page_size: int | None = None, backend_options: dict | None = None,
+                 progress: Progress | None = None, revoker: Revoker | None = None, name: str = ""):
+        backend_cls = load_backend(backend) if isinstance(backend, str) else backend
+        page_size = self._check_create(size, flags, backend_cls, page_size)
+        self.name = name
+        self.size = size
+        self.flags = flags
+        self.folio_size = page_size
+        self._npages = size >> PAGE_SHIFT
+        self._attrs = RunMap(self._npages, SHARED if flags & GUEST_MEMFD_FLAG_INIT_SHARED else PRIVATE)
+        self._pins = RunMap(self._npages, 0)
+        self._allocated = RunMap(self._npages, 0)
+        self._revoker = revoker or (lambda ranges: None)
+        self._pending: Transition | None = None
+        self.counters = Counters()
+        self.backend: Backend = backend_cls(size, page_size, progress=progress, **(backend_options or {}))
+        if backend_cls.preallocates:
+            self._allocated.set(0, self._npages, 1)
+        self.closed = False
+
+    @staticmethod
+    def _check_create(size: int, flags: int, backend_cls, page_size: int | None) -> int:
+        if flags < 0 or flags & ~GUEST_MEMFD_SUPPORTED_FLAGS:
+            raise fail(errno.EINVAL, f"unknown flag bits {flags & ~GUEST_MEMFD_SUPPORTED_FLAGS:#x} "
+                                     f"(supported: mmap=0x1, init_shared=0x2)")
+        if size <= 0 or size > LOFF_MAX:
+            raise fail(errno.EINVAL, f"size {size} must be positive")
+        if not is_aligned(size):
+            raise fail(errno.EINVAL, f"size {size:#x} is not a multiple of the page size {PAGE_SIZE:#x}")
+        if page_size is None:
+            page_size = backend_cls.page_sizes[0]
+        if page_size not in backend_cls.page_sizes:
+            offered = ", ".join(format_size(p) for p in backend_cls.page_sizes)
+            raise fail(errno.EINVAL, f"backend {backend_cls.name!r} offers page sizes {offered}, "
+                                     f"not {format_size(page_size)}")
+        if page_size > PAGE_SIZE:
+            if flags & GUEST_MEMFD_FLAG_INIT_SHARED:
+                raise fail(errno.EINVAL, "huge-page files start private: init_shared is not allowed "
+                                         f"with page size {format_size(page_size)}")
+            if size % page_size:
+                raise fail(errno.EINVAL, f"size {format_size(size)} is not a multiple of the "
+                                         f"{format_size(page_size)} huge page")
+        return page_size
+
+    # --- lifetime -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the memory (the kernel does this when the inode is evicted)."""
+        if not self.closed:
+            self.closed = True
+            self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- fallocate ----------------------------------------------------------------------------------
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) as guest_memfd answers it: KEEP_SIZE allocates, KEEP_SIZE|PUNCH_HOLE punches."""
+        transition = self.prepare_fallocate(mode, offset, length)
+        if transition is not None:
+            self._run(transition)
+
+    def allocate(self, offset: int, length: int) -> None:
+        self.fallocate(FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        self.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length)
+
+    def prepare_fallocate(self, mode: int, offset: int, length: int) -> Transition | None:
+        """Validate; allocate at once, or return the punch transition (None when there is nothing to do)."""
+        self._check_fallocate(mode, offset, length)
+        if not mode & FALLOC_FL_PUNCH_HOLE:
+            self._allocate(offset, length)
+            return None
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return None  # punching at or past EOF succeeds and does nothing
+        rng = Range(offset, end)
+        return self._begin("punch_hole", rng, (rng,), lambda: self._punch(rng))
+
+    def _check_fallocate(self, mode: int, offset: int, length: int) -> None:
+        # The VFS's own checks come first (vfs_fallocate), then guest_memfd's (kvm_gmem_fallocate).
+        if offset < 0 or length <= 0:
+            raise fail(errno.EINVAL, f"offset {offset} must be >= 0 and length {length} > 0")
+        if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+            raise fail(errno.EOPNOTSUPP, "punch_hole needs keep_size")
+        if offset + length > LOFF_MAX:
+            raise fail(errno.EFBIG, f"offset + length {offset + length:#x} exceeds the largest file offset")
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            raise fail(errno.EOPNOTSUPP, f"mode {mode:#x}: guest_memfd needs FALLOC_FL_KEEP_SIZE")
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+            raise fail(errno.EOPNOTSUPP, f"mode {mode:#x}: only keep_size and punch_hole are supported")
+        if not (is_aligned(offset, self.folio_size) and is_aligned(length, self.folio_size)):
+            raise fail(errno.EINVAL, f"offset {offset:#x} and length {length:#x} must be multiples of "
+                                     f"the page size {format_size(self.folio_size)}")
+        if not mode & FALLOC_FL_PUNCH_HOLE and offset + length > self.size:
+            raise fail(errno.EINVAL, f"cannot allocate [{offset:#x}, {offset + length:#x}) past the end "
+                                     f"of a {format_size(self.size)} file")
+
+    def _allocate(self, offset: int, length: int) -> None:
+        self.backend.allocate(offset, length)
+        self._allocated.set(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT, 1)
+        self.counters.allocations += 1
+
+    def _punch(self, rng: Range) -> None:
+        self.backend.punch_hole(rng.start, rng.size)
+        self._allocated.set(rng.start >> PAGE_SHIFT, rng.end >> PAGE_SHIFT, 0)
+        self.counters.punches += 1
+
+    # --- attributes ---------------------------------------------------------------------------------
+    def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0,
+                              reserved: Iterable[int] = ()) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES2 on this file (v8): convert ``[offset, offset + size)``."""
+        transition = self.prepare_set_memory_attributes(offset, size, attributes, flags, reserved)
+        if transition is not None:
+            self._run(transition)
+
+    def prepare_set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0,
+                                      reserved: Iterable[int] = ()) -> Transition | None:
+        """Validate and apply private→shared at once; return the shared→private transition, or None."""
+        self._check_attributes(offset, size, attributes, flags, reserved)
+        first, last = offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
+        if self._attrs.is_uniform(first, last, attributes):
+            self.counters.noop_conversions += 1
+            return None  # already so: no unmap, no reference check (a pinned no-op succeeds)
+        if attributes == SHARED:
+            self._flip(first, last, SHARED)
+            return None
+        pinned = self._pins.first(first, last, lambda count: count > 0)
+        if pinned is not None:
+            self.counters.eagain += 1
+            raise fail(errno.EAGAIN, f"page {pinned << PAGE_SHIFT:#x} is pinned; unpin it and retry",
+                       error_offset=pinned << PAGE_SHIFT)
+        revoke = tuple(Range(s << PAGE_SHIFT, e << PAGE_SHIFT)
+                       for s, e, v in self._attrs.runs(first, last) if v == SHARED)
+        return self._begin("to_private", Range(offset, offset + size), revoke,
+                           lambda: self._flip(first, last, PRIVATE))
+
+    def _check_attributes(self, offset, size, attributes, flags, reserved) -> None:
+        # v8 order; the first failure wins. (EFAULT, copying the struct in, belongs to the frontend.)
+        if flags != 0:
+            raise fail(errno.EINVAL, f"flags {flags:#x} must be 0", error_offset=None)
+        if any(reserved):
+            raise fail(errno.EINVAL, "reserved fields must be 0")
+        if attributes < 0 or attributes & ~KVM_MEMORY_ATTRIBUTES_SUPPORTED:
+            raise fail(errno.EINVAL, f"attributes {attributes:#x}: only private (0x8) or shared (0) exist")
+        if size <= 0 or offset < 0 or offset + size > U64_MAX:
+            raise fail(errno.EINVAL, f"size {size:#x} at offset {offset:#x}: empty or wrapping range")
+        if not (is_aligned(offset) and is_aligned(size)):
+            raise fail(errno.EINVAL, f"offset {offset:#x} and size {size:#x} must be page aligned")
+        if offset >= self.size or offset + size > self.size:
+            raise fail(errno.EINVAL, f"range [{offset:#x}, {offset + size:#x}) runs past the end of a "
+                                     f"{format_size(self.size)} file")
+
+    def _flip(self, first: int, last: int, attributes: int) -> None:
+        before = self._whole_folios(first, last)
+        self._attrs.set(first, last, attributes)
+        after = self._whole_folios(first, last)
+        if attributes == SHARED:
+            self.counters.to_shared += 1
+            self.counters.folio_splits += before - after
+        else:
+            self.counters.to_private += 1
+            self.counters.folio_merges += after - before
+
+    def get_attributes(self, offset: int = 0, size: int | None = None) -> list[tuple[int, int, int]]:
+        """``(offset, size, attributes)`` runs covering ``[offset, offset + size)``."""
+        size = self.size - offset if size is None else size
+        if offset < 0 or size <= 0 or offset + size > self.size or not (is_aligned(offset) and is_aligned(size)):
+            raise fail(errno.EINVAL, f"range [{offset:#x}, {offset + size:#x}) is not page-aligned "
+                                     f"inside the {format_size(self.size)} file")
+        return [(s << PAGE_SHIFT, (e - s) << PAGE_SHIFT, v)
+                for s, e, v in self._attrs.runs(offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT)]
+
+    def attribute_at(self, offset: int) -> int:
+        return self._attrs.value_at(offset >> PAGE_SHIFT)
+
+    # --- pins ---------------------------------------------------------------------------------------
+    def pin(self, offset: int, size: int) -> None:
+        """An emulated long-term pin (a device's GUP pin): faults the range in; shared pages only."""
+        first, last = self._check_pin_range(offset, size)
+        private = self._attrs.first(first, last, lambda v: v == PRIVATE)
+        if private is not None:
+            raise fail(errno.EFAULT, f"page {private << PAGE_SHIFT:#x} is private: a pin needs shared "
+                                     "memory the host can reach", error_offset=private << PAGE_SHIFT)
+        self._touch(first, last)
+        self._pins.add(first, last, 1)
+
+    def unpin(self, offset: int, size: int) -> None:
+        first, last = self._check_pin_range(offset, size)
+        unpinned = self._pins.first(first, last, lambda count: count == 0)
+        if unpinned is not None:
+            raise fail(errno.EINVAL, f"page {unpinned << PAGE_SHIFT:#x} is not pinned")
+        self._pins.add(first, last, -1)
+
+    def _check_pin_range(self, offset: int, size: int) -> tuple[int, int]:
+        if offset < 0 or size <= 0 or not (is_aligned(offset) and is_aligned(size)):
+            raise fail(errno.EINVAL, f"offset {offset:#x} and size {size:#x} must be page aligned, size > 0")
+        if offset + size > self.size:
+            raise fail(errno.EINVAL, f"range [{offset:#x}, {offset + size:#x}) runs past EOF")
+        return offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
+
+    # --- host and guest accesses --------------------------------------------------------------------
+    def host_read(self, offset: int, size: int) -> memoryview:
+        """What a host mapping of ``mem`` reads. HostFault (→ SIGBUS) on a private page or past EOF."""
+        self._check_host(offset, size, writing=False)
+        self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        return self.backend.view(offset, size)
+
+    def host_write(self, offset: int, data) -> None:
+        """What a host mapping writes (or a dirty page written back while its range is being revoked)."""
+        size = len(memoryview(data).cast("B"))
+        self._check_host(offset, size, writing=True)
+        self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        self.backend.write(offset, data)
+
+    def _check_host(self, offset: int, size: int, writing: bool) -> None:
+        if not self.flags & GUEST_MEMFD_FLAG_MMAP:
+            raise HostFault(offset, "the file was created without mmap")
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise HostFault(max(offset, self.size), f"past the end of the {format_size(self.size)} file")
+        if size == 0:
+            return
+        first, last = offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        pending = self._pending
+        if pending is not None and pending.range.intersect(Range(first << PAGE_SHIFT, last << PAGE_SHIFT)):
+            if pending.kind == "to_private":
+                if writing:
+                    return  # dirty write-back during revocation: must be kept (design §3)
+                raise HostFault(max(offset, pending.range.start), "the page is being converted to private")
+            if not writing:
+                raise TransitionPending(pending)
+        private = self._attrs.first(first, last, lambda v: v == PRIVATE)
+        if private is not None:
+            raise HostFault(max(offset, private << PAGE_SHIFT), "the page is private")
+
+    def guest_read(self, offset: int, size: int) -> memoryview:
+        """A vCPU read: reaches private and shared pages alike."""
+        self._check_guest(offset, size)
+        self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        return self.backend.view(offset, size)
+
+    def guest_write(self, offset: int, data) -> None:
+        size = len(memoryview(data).cast("B"))
+        self._check_guest(offset, size)
+        self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        self.backend.write(offset, data)
+
+    def _check_guest(self, offset: int, size: int) -> None:
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise fail(errno.EINVAL, f"guest access [{offset:#x}, {offset + size:#x}) outside the "
+                                     f"{format_size(self.size)} file")
+
+    def _touch(self, first: int, last: int) -> None:
+        """First use allocates (a fresh page reads as zero: zeroed once, on first use)."""
+        if first >= last or self._allocated.is_uniform(first, last, 1):
+            return
+        step = self.folio_size >> PAGE_SHIFT
+        first, last = first - first % step, min(-(-last // step) * step, self._npages)
+        self.backend.allocate(first << PAGE_SHIFT, (last - first) << PAGE_SHIFT)
+        self._allocated.set(first, last, 1)
+
+    # --- transitions --------------------------------------------------------------------------------
+    def _begin(self, kind: str, rng: Range, revoke: tuple[Range, ...], apply) -> Transition:
+        if self._pending is not None:
+            raise RuntimeError(f"{kind} started while {self._pending.kind} is pending: callers serialise "
+                               "transitions (the kernel's invalidate lock)")
+        transition = Transition(kind, rng, revoke, apply, self._end)
+        self._pending = transition
+        return transition
+
+    def _end(self, transition: Transition) -> None:
+        if self._pending is transition:
+            self._pending = None
+
+    def _run(self, transition: Transition) -> None:
+        try:
+            if transition.revoke:
+                self._revoker(transition.revoke)
+                self.counters.revocations += 1
+                self.counters.revoked_bytes += sum(r.size for r in transition.revoke)
+        except BaseException:
+            transition.abort()
+            raise
+        transition.commit()
+
+    @property
+    def pending(self) -> Transition | None:
+        return self._pending
+
+    # --- huge folios --------------------------------------------------------------------------------
+    def _whole_folios(self, first: int = 0, last: int | None = None) -> int:
+        """Allocated folios inside the folio-aligned span of page range ``[first, last)`` with no shared page."""
+        step = self.folio_size >> PAGE_SHIFT
+        if step == 1:
+            return 0
+        last = self._npages if last is None else last
+        first, last = first - first % step, min(-(-last // step) * step, self._npages)
+        whole = 0
+        for s, e, v in self._attrs.runs(first, last):
+            if v != PRIVATE:
+                continue
+            b0, b1 = -(-s // step) * step, e - e % step
+            if b0 < b1:  # allocation is folio-granular, so allocated pages / step counts folios
+                whole += self._allocated.count(1, b0, b1) // step
+        return whole
+
+    def folio_counts(self) -> tuple[int, int]:
+        """``(whole, split)`` huge folios among the allocated ones (0, 0 for 4 KiB backends)."""
+        step = self.folio_size >> PAGE_SHIFT
+        if step == 1:
+            return 0, 0
+        allocated = self._allocated.count(1) // step
+        whole = self._whole_folios()
+        return whole, allocated - whole
+
+    def _split_folio_offsets(self) -> np.ndarray:
+        step = self.folio_size >> PAGE_SHIFT
+        if step == 1:
+            return np.zeros(0, dtype=np.int64)
+        blocks: list[np.ndarray] = []
+        for s, e, v in self._attrs.runs():
+            if v == SHARED:
+                blocks.append(np.arange(s // step, -(-e // step), dtype=np.int64))
+        if not blocks:
+            return np.zeros(0, dtype=np.int64)
+        candidates = np.unique(np.concatenate(blocks))
+        allocated = np.array([self._allocated.value_at(int(b) * step) for b in candidates], dtype=bool) \
+            if len(self._allocated) > 1 else np.full(len(candidates), self._allocated.value_at(0) == 1)
+        return candidates[allocated] * self.folio_size
+
+    # --- statistics and snapshot --------------------------------------------------------------------
+    def status(self) -> dict:
+        """The content of the ``status`` file (design §2.2)."""
+        page = PAGE_SIZE
+        whole, split = self.folio_counts()
+        private = self._attrs.count(PRIVATE) * page
+        return {
+            "name": self.name,
+            "size": self.size,
+            "flags": self.flags,
+            "flag_names": flag_names(self.flags),
+            "backend": self.backend.name,
+            "page_size": self.folio_size,
+            "allocated_bytes": self._allocated.count(1) * page,
+            "shared_bytes": self.size - private,
+            "private_bytes": private,
+            "pinned_bytes": (self._npages - self._pins.count(0)) * page,
+            "huge_folios": {"whole": whole, "split": split},
+            "conversions": {"to_private": self.counters.to_private, "to_shared": self.counters.to_shared,
+                            "noop": self.counters.noop_conversions, "eagain": self.counters.eagain},
+            "revocations": self.counters.revocations,
+            "revoked_bytes": self.counters.revoked_bytes,
+            "punches": self.counters.punches,
+            "folio_splits": self.counters.folio_splits,
+            "folio_merges": self.counters.folio_merges,
+            "attribute_runs": len(self._attrs),
+            "metadata_bytes": self.metadata_bytes(),
+            "backend_bytes": self.backend.backend_bytes(),
+            "backend_info": self.backend.info(),
+        }
+
+    def metadata_bytes(self) -> int:
+        """Bytes of run storage for attributes, pins and allocation (the P5 metadata figure)."""
+        return self._attrs.metadata_bytes() + self._pins.metadata_bytes() + self._allocated.metadata_bytes()
+
+    def snapshot(self, memslot: tuple[int, int, int] | None = None) -> Snapshot:
+        """A frozen copy of the state for exporters."""
+        starts, values = self._attrs.as_arrays()
+        pins = [(s << PAGE_SHIFT, (e - s) << PAGE_SHIFT, v) for s, e, v in self._pins.runs() if v > 0]
+        return Snapshot.build(
+            size=self.size, flags=self.flags, backend=self.backend.name, folio_size=self.folio_size,
+            attr_starts=np.frombuffer(starts, dtype=np.int64) << PAGE_SHIFT,
+            attr_private=np.frombuffer(values, dtype=np.int64) == PRIVATE,
+            extents=[tuple(e) for e in self.backend.physical_extents()],
+            split_folios=self._split_folio_offsets(), pins=pins, memslot=memslot,
+            meta={"name": self.name},
+        )
