@@ -1,0 +1,203 @@
+"""RunMap against the obvious model: a Python list with one value per page.
+
+Every query of the run map must agree with the list, every update must leave the map canonical (sorted,
+strictly increasing starts, no equal neighbours: ``RunMap.check``), and the metadata must cost exactly
+two 8-byte words per run, whatever the number of pages (the P5 budget is 128 bytes per run).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ufsgmem.runmap import RunMap
+
+
+def model_runs(values: list[int], start: int = 0, end: int | None = None) -> list[tuple[int, int, int]]:
+    """The maximal runs of ``values[start:end]`` as (start, end, value)."""
+    end = len(values) if end is None else end
+    runs: list[tuple[int, int, int]] = []
+    for page in range(start, end):
+        if runs and runs[-1][1] == page and runs[-1][2] == values[page]:
+            runs[-1] = (runs[-1][0], page + 1, values[page])
+        else:
+            runs.append((page, page + 1, values[page]))
+    return runs
+
+
+def assert_matches(rm: RunMap, values: list[int]) -> None:
+    rm.check()
+    assert list(rm.runs()) == model_runs(values)
+    assert len(rm) == len(model_runs(values)), "runs must always be merged"
+    assert [rm.value_at(p) for p in range(len(values))] == values
+    assert rm.metadata_bytes() == 16 * len(rm), "a run costs two 8-byte words"
+
+
+# --- plain cases -------------------------------------------------------------------------------------
+
+def test_new_map_is_one_run():
+    rm = RunMap(10, 7)
+    assert list(rm.runs()) == [(0, 10, 7)]
+    assert len(rm) == 1
+    assert rm.metadata_bytes() == 16
+    rm.check()
+
+
+@pytest.mark.parametrize("npages", [0, -1])
+def test_empty_map_is_refused(npages):
+    with pytest.raises(ValueError):
+        RunMap(npages)
+
+
+def test_set_splits_and_merges_back():
+    rm, model = RunMap(16, 0), [0] * 16
+    for start, end, value in [(4, 8, 1), (8, 12, 1), (0, 4, 1), (12, 16, 1), (5, 6, 0), (5, 6, 1)]:
+        rm.set(start, end, value)
+        model[start:end] = [value] * (end - start)
+        assert_matches(rm, model)
+    assert list(rm.runs()) == [(0, 16, 1)], "setting everything to one value leaves a single run"
+
+
+def test_set_in_the_middle_of_a_run_makes_three_runs():
+    rm = RunMap(9, 0)
+    rm.set(3, 6, 8)
+    assert list(rm.runs()) == [(0, 3, 0), (3, 6, 8), (6, 9, 0)]
+    assert rm.metadata_bytes() == 3 * 16
+
+
+def test_add_counts_and_merges():
+    rm, model = RunMap(8, 0), [0] * 8
+    for start, end, delta in [(0, 4, 1), (2, 6, 1), (2, 6, -1), (0, 4, -1), (7, 8, 3), (0, 8, 0)]:
+        rm.add(start, end, delta)
+        for p in range(start, end):
+            model[p] += delta
+        assert_matches(rm, model)
+    assert list(rm.runs()) == [(0, 7, 0), (7, 8, 3)]
+
+
+def test_empty_updates_change_nothing():
+    rm = RunMap(8, 0)
+    rm.set(2, 5, 1)
+    before = rm.as_arrays()
+    rm.set(3, 3, 9)
+    rm.add(4, 4, 2)
+    rm.add(0, 8, 0)
+    assert rm.as_arrays() == before
+
+
+def test_runs_are_clipped_to_the_query():
+    rm = RunMap(12, 0)
+    rm.set(2, 5, 1)
+    rm.set(8, 12, 2)
+    assert list(rm.runs(3, 9)) == [(3, 5, 1), (5, 8, 0), (8, 9, 2)]
+    assert list(rm.runs(4, 4)) == []
+    assert list(rm.runs(11)) == [(11, 12, 2)]
+
+
+def test_queries():
+    rm = RunMap(10, 0)
+    rm.set(3, 6, 8)
+    assert rm.is_uniform(3, 6, 8)
+    assert not rm.is_uniform(3, 7, 8)
+    assert not rm.is_uniform(2, 6, 8)
+    assert rm.is_uniform(0, 3, 0)
+    assert rm.is_uniform(5, 5, 99), "an empty range is vacuously uniform"
+    assert rm.first(0, 10, lambda v: v == 8) == 3
+    assert rm.first(4, 10, lambda v: v == 8) == 4, "first() clips to the query start"
+    assert rm.first(6, 10, lambda v: v == 8) is None
+    assert rm.count(8) == 3
+    assert rm.count(0) == 7
+    assert rm.count(8, 4, 9) == 2
+    assert rm.count(1) == 0
+
+
+@pytest.mark.parametrize("start, end", [(-1, 2), (0, 11), (5, 4), (11, 12)])
+def test_out_of_range_is_refused_and_changes_nothing(start, end):
+    rm = RunMap(10, 0)
+    rm.set(2, 4, 1)
+    before = rm.as_arrays()
+    for call in (lambda: rm.set(start, end, 1), lambda: rm.add(start, end, 1), lambda: list(rm.runs(start, end)),
+                 lambda: rm.is_uniform(start, end, 0), lambda: rm.count(0, start, end)):
+        with pytest.raises(ValueError):
+            call()
+    assert rm.as_arrays() == before
+
+
+@pytest.mark.parametrize("page", [-1, 10])
+def test_value_at_outside_is_refused(page):
+    with pytest.raises(ValueError):
+        RunMap(10).value_at(page)
+
+
+def test_as_arrays_is_a_copy():
+    rm = RunMap(4, 0)
+    starts, values = rm.as_arrays()
+    starts.append(2)
+    values[0] = 5
+    assert list(rm.runs()) == [(0, 4, 0)]
+
+
+def test_check_catches_broken_invariants():
+    rm = RunMap(8, 0)
+    rm.set(2, 4, 1)
+    rm._values[1] = 0  # equal neighbours: no longer canonical
+    with pytest.raises(AssertionError):
+        rm.check()
+    rm = RunMap(8, 0)
+    rm.set(2, 4, 1)
+    rm._starts[1] = 9  # a run starting past the end
+    with pytest.raises(AssertionError):
+        rm.check()
+
+
+def test_metadata_is_per_run_not_per_page():
+    big = RunMap(1 << 28, 8)  # the page count of a 1 TiB file
+    for i in range(1000):
+        big.set(i * 1000, i * 1000 + 1, 0)
+    big.check()
+    assert len(big) == 2000
+    assert big.metadata_bytes() == 2000 * 16
+    assert big.count(0) == 1000
+
+
+# --- property test against the list model ------------------------------------------------------------
+
+@st.composite
+def operations(draw):
+    npages = draw(st.integers(1, 40))
+    page = st.integers(0, npages)
+    ops = []
+    for _ in range(draw(st.integers(0, 30))):
+        a, b = sorted((draw(page), draw(page)))
+        if draw(st.booleans()):
+            ops.append(("set", a, b, draw(st.integers(0, 3))))
+        else:
+            ops.append(("add", a, b, draw(st.integers(-2, 2))))
+    return npages, draw(st.integers(0, 3)), ops
+
+
+@settings(max_examples=300, deadline=None)
+@given(operations(), st.data())
+def test_runmap_matches_list_model(case, data):
+    npages, initial, ops = case
+    rm, model = RunMap(npages, initial), [initial] * npages
+    for op, start, end, value in ops:
+        if op == "set":
+            rm.set(start, end, value)
+            model[start:end] = [value] * (end - start)
+        else:
+            rm.add(start, end, value)
+            for p in range(start, end):
+                model[p] += value
+        assert_matches(rm, model)
+    # queries on random sub-ranges
+    for _ in range(5):
+        a = data.draw(st.integers(0, npages))
+        b = data.draw(st.integers(a, npages))
+        v = data.draw(st.integers(-2, 5))
+        assert list(rm.runs(a, b)) == model_runs(model, a, b)
+        assert rm.is_uniform(a, b, v) == all(x == v for x in model[a:b])
+        assert rm.count(v, a, b) == model[a:b].count(v)
+        expected_first = next((p for p in range(a, b) if model[p] >= v), None)
+        assert rm.first(a, b, lambda x: x >= v) == expected_first
