@@ -376,6 +376,19 @@ class GuestMemfd:
             raise fail(errno.EINVAL, f"guest access [{offset:#x}, {offset + size:#x}) outside the "
                                      f"{format_size(self.size)} file")
 
+    def access(self, offset: int, size: int, *, host: bool, write: bool = False) -> None:
+        """The rule check and first-use allocation of an access, without moving any bytes.
+
+        Exactly what ``host_read``/``host_write`` (``host=True``, HostFault on a private page) or
+        ``guest_read``/``guest_write`` do before they copy data. Replaying a trace at TiB scale goes
+        through here so that its cost follows the number of accesses, not the bytes they cover.
+        """
+        if host:
+            self._check_host(offset, size, writing=write)
+        else:
+            self._check_guest(offset, size)
+        self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+
     def _touch(self, first: int, last: int) -> None:
         """First use allocates (a fresh page reads as zero: zeroed once, on first use)."""
         if first >= last or self._allocated.is_uniform(first, last, 1):
