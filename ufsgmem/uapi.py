@@ -52,6 +52,7 @@ FALLOC_FL_COLLAPSE_RANGE = 0x08
 FALLOC_FL_ZERO_RANGE = 0x10
 FALLOC_FL_INSERT_RANGE = 0x20
 FALLOC_FL_UNSHARE_RANGE = 0x40
+FALLOC_FL_WRITE_ZEROES = 0x80  # 6.17
 
 # --- memfd_create flags -----------------------------------------------------------------------------
 MFD_CLOEXEC = 0x0001
