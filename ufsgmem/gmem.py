@@ -148,7 +148,7 @@ class GuestMemfd:
         self._pending: Transition | None = None
         self.counters = Counters()
         self.backend: Backend = backend_cls(size, page_size, progress=progress, **(backend_options or {}))
-        if backend_cls.preallocates:
+        if self.backend.preallocates:  # the instance's answer: a backend may decide per file (sim does)
             self._allocated.set(0, self._npages, 1)
         self.closed = False
 
