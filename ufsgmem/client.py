@@ -1,0 +1,457 @@
+"""A small Python client for a mounted ufsgmem filesystem: files by path, requests through the control files.
+
+Nothing here talks to the server any other way than an unmodified program would: ``open``, ``write``,
+``read``, ``pread``/``pwrite`` and ``mmap`` on the files of the mount (design §2.2)::
+
+    from ufsgmem.client import Mount
+    with Mount("/mnt/gmem").create("vm0", "64M", flags="mmap|init_shared") as f:
+        with f.map() as m:                      # MAP_SHARED mapping of vm0/mem
+            a = m.array()                       # numpy uint8 view, zero copy
+            a[:4096] = 7
+            del a                               # drop every view before the mapping closes
+        f.convert(0, 4096, to="private")        # revokes the page from every process
+        assert f.guest_read(0, 1) == b"\\x07"   # the guest still sees it
+
+Requests use the binary protocol where it has a form (``KVM_SET_MEMORY_ATTRIBUTES2``,
+``KVM_CREATE_GUEST_MEMFD``): one ``write()`` of the kernel's struct, whose errno *is* the result, then a
+``read()`` for ``error_offset``. Everything else (destroy, allocate, punch_hole, pin, unpin,
+get_attributes) uses the text form. A failed request raises :class:`~ufsgmem.errors.GuestMemfdError`:
+an ``OSError`` with the kernel's errno and, where the kernel defines one, ``error_offset``.
+
+Caveats:
+
+* A host access to a private page raises SIGBUS in *this* process, which Python cannot survive. Touch
+  memory that may be private only from a child process (or through ``guest_read``).
+* ``mmap`` cannot close while a numpy view or memoryview of it exists (``BufferError``). Drop every view
+  (``del a``) before ``Mapping.close()``, before leaving its ``with`` block, and before ``GmemFile.close()``.
+* Closing the file does not free the memory while a mapping exists, as in the kernel; ``destroy`` removes
+  the name, and the memory goes with the last open file and mapping.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .address import format_size, parse_size
+from .errors import GuestMemfdError, errname
+from .uapi import (
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CREATE_GUEST_MEMFD,
+    KVM_CREATE_GUEST_MEMFD_STRUCT, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_ATTRIBUTES2_STRUCT,
+    KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SHIFT, PAGE_SIZE,
+)
+
+MAGIC = b"UGM1"
+HEADER = struct.Struct("<4sI")
+NAME_LEN = 64
+BACKEND_LEN = 32
+RESULT_MAX = 1 << 16
+
+_FLAG_NAMES = {"mmap": GUEST_MEMFD_FLAG_MMAP, "init_shared": GUEST_MEMFD_FLAG_INIT_SHARED}
+_ATTRIBUTES = {"private": KVM_MEMORY_ATTRIBUTE_PRIVATE, "shared": 0}
+_ERRNOS = {name: number for number, name in errno.errorcode.items()}
+
+
+# --- small parsers shared with the CLI ------------------------------------------------------------------
+def parse_flags(flags: int | str | None) -> int:
+    """``"mmap,init_shared"``, ``"mmap|init_shared"``, ``"0x3"``, ``3`` or None (0) to a flag word."""
+    if flags is None:
+        return 0
+    if isinstance(flags, int):
+        return flags
+    value = 0
+    for word in flags.replace("|", ",").split(","):
+        word = word.strip().lower()
+        if not word or word == "0":
+            continue
+        if word in _FLAG_NAMES:
+            value |= _FLAG_NAMES[word]
+            continue
+        try:
+            value |= int(word, 0)
+        except ValueError:
+            raise ValueError(f"unknown flag {word!r} (use mmap, init_shared or a number)") from None
+    return value
+
+
+def parse_attributes(to: int | str) -> int:
+    """``"private"``/``"shared"`` (or the number, 8/0) to a KVM_MEMORY_ATTRIBUTE_* word."""
+    if isinstance(to, int):
+        return to
+    word = to.strip().lower()
+    if word in _ATTRIBUTES:
+        return _ATTRIBUTES[word]
+    try:
+        return int(word, 0)
+    except ValueError:
+        raise ValueError(f"attributes {to!r}: use private or shared") from None
+
+
+def page_order(page_size: int | str | None) -> int:
+    """The HugeTLB ``page_order`` for a page size: None → 0 (backend default), 2M → 9, 1G → 18."""
+    if page_size is None:
+        return 0
+    size = parse_size(page_size)
+    if size < PAGE_SIZE or size & (size - 1):
+        raise ValueError(f"page size {page_size!r} is not a power of two of at least 4K")
+    return (size >> PAGE_SHIFT).bit_length() - 1
+
+
+@dataclass(frozen=True)
+class Result:
+    """A parsed text result: ``ok key=value ... [message]`` or ``error ERRNAME key=value ... message``."""
+
+    ok: bool
+    fields: dict[str, str]
+    message: str
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Result":
+        words = text.strip().split()
+        ok = bool(words) and words[0] == "ok"
+        rest = words[1:] if words else []
+        if not ok and rest and rest[0] in _ERRNOS:
+            fields = {"errno": rest[0]}
+            rest = rest[1:]
+        else:
+            fields = {}
+        message: list[str] = []
+        for word in rest:
+            key, sep, value = word.partition("=")
+            if sep and key.isidentifier() and not message:
+                fields[key] = value
+            else:
+                message.append(word)
+        return cls(ok, fields, " ".join(message), text.strip())
+
+    def int(self, key: str) -> int | None:
+        value = self.fields.get(key)
+        return None if value is None else int(value, 0)
+
+
+# --- control-file I/O -------------------------------------------------------------------------------------
+def _read_result(fd: int) -> bytes:
+    """The result of the last request on ``fd`` (control files ignore the file position)."""
+    try:
+        return os.pread(fd, RESULT_MAX, 0)
+    except OSError as exc:
+        if exc.errno != errno.ESPIPE:
+            raise
+        return os.read(fd, RESULT_MAX)
+
+
+def _write_request(fd: int, request: bytes) -> OSError | None:
+    """One request = one write(); returns the write's error (None on success)."""
+    try:
+        written = os.write(fd, request)
+    except OSError as exc:
+        return exc
+    if written != len(request):  # cannot happen with direct_io control files; never retry a request
+        return OSError(errno.EIO, f"short write of a control request ({written} of {len(request)} bytes)")
+    return None
+
+
+def text_request(fd: int, request: str, what: str | None = None) -> Result:
+    """Send one text request; return its parsed result, or raise GuestMemfdError with its errno."""
+    err = _write_request(fd, request.encode() + b"\n")
+    try:
+        result = Result.parse(_read_result(fd).decode(errors="replace"))
+    except OSError:
+        if err is None:
+            raise
+        result = Result(False, {}, "", "")
+    if err is not None:
+        detail = result.message or os.strerror(err.errno)
+        raise GuestMemfdError(err.errno, f"{what or request}: {detail}", result.int("error_offset"))
+    return result
+
+
+def _cstr(text: str, length: int, what: str) -> bytes:
+    raw = text.encode()
+    if len(raw) >= length or b"\0" in raw:
+        raise GuestMemfdError(errno.EINVAL, f"{what} {text!r} must be under {length} bytes, without NUL")
+    return raw.ljust(length, b"\0")
+
+
+def create_request(name: str, size: int, flags: int = 0, backend: str = "", order: int = 0) -> bytes:
+    """The binary KVM_CREATE_GUEST_MEMFD request for ``MOUNT/ctl`` (see examples/ufsgmem.h)."""
+    body = KVM_CREATE_GUEST_MEMFD_STRUCT.pack(size, flags, order, 0, 0, 0, 0, 0)
+    return (HEADER.pack(MAGIC, KVM_CREATE_GUEST_MEMFD) + body + _cstr(name, NAME_LEN, "name")
+            + _cstr(backend, BACKEND_LEN, "backend name"))
+
+
+def attributes2_request(offset: int, size: int, attributes: int, flags: int = 0) -> bytes:
+    """The binary KVM_SET_MEMORY_ATTRIBUTES2 request for ``NAME/ctl``."""
+    body = KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, 0, *([0] * 11))
+    return HEADER.pack(MAGIC, KVM_SET_MEMORY_ATTRIBUTES2) + body
+
+
+def _check_u64(**values: int) -> None:
+    for key, value in values.items():
+        if not 0 <= value < 1 << 64:
+            raise GuestMemfdError(errno.EINVAL, f"{key} {value:#x} does not fit the kernel's u64")
+
+
+# --- the mount --------------------------------------------------------------------------------------------
+class Mount:
+    """A mounted ufsgmem filesystem: creates, opens and destroys guest_memfd files through ``ctl``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._ctl: int | None = None
+
+    def _ctl_fd(self) -> int:
+        if self._ctl is None:
+            self._ctl = os.open(os.path.join(self.path, "ctl"), os.O_RDWR | os.O_CLOEXEC)
+        return self._ctl
+
+    def create(self, name: str, size: int | str, flags: int | str | None = 0, *, backend: str | None = None,
+               page_size: int | str | None = None) -> "GmemFile":
+        """KVM_CREATE_GUEST_MEMFD: a new file ``MOUNT/NAME`` of ``size`` bytes; returns it opened.
+
+        ``flags`` is the kernel's flag word (or ``"mmap|init_shared"``); ``page_size`` picks the huge page
+        size (2M, 1G) of backends that have one. Errors are the kernel's (EINVAL for bad size or flags),
+        plus EEXIST for a name in use and ENOMEM when a hugetlb pool is too small.
+        """
+        size, flags = parse_size(size), parse_flags(flags)
+        _check_u64(size=size, flags=flags)
+        if page_size is not None and parse_size(page_size) == PAGE_SIZE:
+            # page_order 0 means "backend default" in the binary form, so an explicit 4K goes as text
+            request = f"create {name} size={size:#x} flags={flags:#x} page_size=4K"
+            if backend:
+                request += f" backend={backend}"
+            text_request(self._ctl_fd(), request, f"create {name}")
+        else:
+            order = page_order(page_size)
+            err = _write_request(self._ctl_fd(), create_request(name, size, flags, backend or "", order))
+            if err is not None:
+                raise GuestMemfdError(err.errno, f"create {name} ({format_size(size)}, flags {flags:#x}"
+                                      f"{', backend ' + backend if backend else ''}): {self._why(err)}")
+        return self.open(name)
+
+    def _why(self, err: OSError) -> str:
+        """The server's message for the last request, when it gives one in the text result."""
+        try:
+            raw = _read_result(self._ctl_fd())
+        except OSError:
+            raw = b""
+        if raw[:4] == MAGIC or not raw:
+            return os.strerror(err.errno)
+        result = Result.parse(raw.decode(errors="replace"))
+        return result.message or os.strerror(err.errno)
+
+    def destroy(self, name: str) -> None:
+        """Remove ``MOUNT/NAME``; its memory goes with the last open file and mapping (ENOENT if absent)."""
+        text_request(self._ctl_fd(), f"destroy {name}")
+
+    def open(self, name: str) -> "GmemFile":
+        return GmemFile(os.path.join(self.path, name))
+
+    def names(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.path) if n != "ctl")
+
+    def close(self) -> None:
+        if self._ctl is not None:
+            os.close(self._ctl)
+            self._ctl = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- one guest_memfd file ---------------------------------------------------------------------------------
+class GmemFile:
+    """An open guest_memfd file ``MOUNT/NAME``: ``mem``, ``ctl``, ``guest`` and ``status`` by path."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path).rstrip("/")
+        self.name = os.path.basename(self.path)
+        if not os.path.isdir(self.path):
+            raise GuestMemfdError(errno.ENOENT, f"{self.path} is not a guest_memfd of a ufsgmem mount")
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, which: str) -> int:
+        fd = self._fds.get(which)
+        if fd is None:
+            fd = self._fds[which] = os.open(os.path.join(self.path, which), os.O_RDWR | os.O_CLOEXEC)
+        return fd
+
+    def fileno(self) -> int:
+        """The descriptor of ``mem`` (what a VMM would hand to KVM or mmap)."""
+        return self._fd("mem")
+
+    # --- attributes ---------------------------------------------------------------------------------
+    def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES2 as one binary write. Raises the kernel's errno, with error_offset."""
+        _check_u64(offset=offset, size=size, attributes=attributes, flags=flags)
+        fd = self._fd("ctl")
+        err = _write_request(fd, attributes2_request(offset, size, attributes, flags))
+        if err is None:
+            return
+        error_offset = None
+        if err.errno in (errno.EAGAIN, errno.ENOMEM):
+            raw = _read_result(fd)
+            if len(raw) >= HEADER.size + 40 and raw[:4] == MAGIC:
+                error_offset = KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack_from(raw, HEADER.size)[4]
+        to = "private" if attributes == KVM_MEMORY_ATTRIBUTE_PRIVATE else f"attributes {attributes:#x}" \
+            if attributes else "shared"
+        where = f" (error_offset {error_offset:#x})" if error_offset is not None else ""
+        raise GuestMemfdError(err.errno, f"convert [{offset:#x}, {offset + size:#x}) of {self.name} to {to}: "
+                              f"{os.strerror(err.errno)}{where}", error_offset)
+
+    def convert(self, offset: int | str, size: int | str, to: str | int) -> None:
+        """Convert ``[offset, offset + size)`` to ``"private"`` or ``"shared"`` (content is preserved)."""
+        self.set_memory_attributes(parse_size(offset), parse_size(size), parse_attributes(to))
+
+    def get_attributes(self, offset: int | str = 0, size: int | str | None = None) -> list[tuple[int, int, int]]:
+        """``(offset, size, attributes)`` runs covering the range (the whole file by default)."""
+        request = "get_attributes"
+        if size is not None:
+            request += f" offset={parse_size(offset):#x} size={parse_size(size):#x}"
+        elif offset:
+            request += f" offset={parse_size(offset):#x} size={self.size - parse_size(offset):#x}"
+        return parse_runs(text_request(self._fd("ctl"), request).text)
+
+    # --- fallocate and pins (text form) -------------------------------------------------------------
+    def _ranged(self, verb: str, offset, size) -> None:
+        offset, size = parse_size(offset), parse_size(size)
+        text_request(self._fd("ctl"), f"{verb} offset={offset:#x} size={size:#x}",
+                     f"{verb} [{offset:#x}, {offset + size:#x}) of {self.name}")
+
+    def allocate(self, offset: int | str, size: int | str) -> None:
+        """fallocate(FALLOC_FL_KEEP_SIZE): make the range present (EINVAL past EOF or unaligned)."""
+        self._ranged("allocate", offset, size)
+
+    def punch_hole(self, offset: int | str, size: int | str) -> None:
+        """fallocate(KEEP_SIZE|PUNCH_HOLE): free the range, which then reads as zeros; attributes stay."""
+        self._ranged("punch_hole", offset, size)
+
+    def pin(self, offset: int | str, size: int | str) -> None:
+        """An emulated long-term pin (a device's): makes shared→private over it fail with EAGAIN."""
+        self._ranged("pin", offset, size)
+
+    def unpin(self, offset: int | str, size: int | str) -> None:
+        self._ranged("unpin", offset, size)
+
+    # --- state --------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        """The ``status`` file, parsed (size, flags, backend, page_size, byte counts, counters, ...)."""
+        with open(os.path.join(self.path, "status"), "rb") as f:
+            return json.loads(f.read())
+
+    @property
+    def size(self) -> int:
+        return os.stat(os.path.join(self.path, "mem")).st_size
+
+    def snapshot(self):
+        """A :class:`~ufsgmem.snapshot.Snapshot` of the attributes and status, for exporters.
+
+        Built from what the mount shows (``get_attributes`` and ``status``): physical extents and split
+        folios are included only when the status file reports them.
+        """
+        from .snapshot import Snapshot
+        status = self.status()
+        runs = self.get_attributes()
+        info = status.get("snapshot", {})
+        return Snapshot.build(
+            size=status["size"], flags=status["flags"], backend=status["backend"],
+            folio_size=status["page_size"], attr_starts=[r[0] for r in runs],
+            attr_private=[r[2] == KVM_MEMORY_ATTRIBUTE_PRIVATE for r in runs],
+            extents=info.get("extents", ()), split_folios=info.get("split_folios", ()),
+            pins=info.get("pins", ()), meta={"name": self.name},
+        )
+
+    # --- guest accesses (vCPU stand-in) -------------------------------------------------------------
+    def guest_read(self, offset: int, size: int) -> bytes:
+        """What a vCPU reads: every page, private ones included."""
+        data = os.pread(self._fd("guest"), size, offset)
+        if len(data) != size:
+            raise GuestMemfdError(errno.EINVAL, f"guest read [{offset:#x}, {offset + size:#x}) of {self.name} "
+                                  f"returned {len(data)} bytes")
+        return data
+
+    def guest_write(self, offset: int, data) -> None:
+        data = memoryview(data).cast("B")
+        written = os.pwrite(self._fd("guest"), data, offset)
+        if written != len(data):
+            raise GuestMemfdError(errno.EIO, f"guest write at {offset:#x} of {self.name} wrote {written} of "
+                                  f"{len(data)} bytes")
+
+    # --- mappings -----------------------------------------------------------------------------------
+    def map(self, offset: int = 0, length: int | None = None, *, writable: bool = True) -> "Mapping":
+        """A MAP_SHARED mapping of ``mem`` (ENODEV without the MMAP flag, as in the kernel)."""
+        length = self.size - offset if length is None else length
+        return Mapping(self.fileno(), offset, length, writable)
+
+    def close(self) -> None:
+        """Close the descriptors (mappings stay valid and keep the memory, as in the kernel)."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def parse_runs(text: str) -> list[tuple[int, int, int]]:
+    """Runs from a get_attributes result: every ``[offset=]O[,/ ]size=S attributes=A`` triple, or
+    ``OFFSET+SIZE:ATTR`` / ``[start,end):attr`` words."""
+    runs: list[tuple[int, int, int]] = []
+    pending: dict[str, str] = {}
+    for word in text.replace(",", " ").split():
+        key, sep, value = word.partition("=")
+        if sep and key in ("offset", "size", "attributes"):
+            pending[key] = value
+            if len(pending) == 3:
+                runs.append((int(pending["offset"], 0), int(pending["size"], 0),
+                             parse_attributes(pending["attributes"])))
+                pending = {}
+    return runs
+
+
+class Mapping:
+    """A MAP_SHARED mapping of ``mem``. ``array()`` gives numpy views; drop them before ``close()``."""
+
+    def __init__(self, fd: int, offset: int, length: int, writable: bool = True):
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self.offset, self.length = offset, length
+        self.mmap = mmap.mmap(fd, length, mmap.MAP_SHARED, prot, offset=offset)
+
+    def array(self, dtype=np.uint8, offset: int = 0, count: int = -1) -> np.ndarray:
+        """A zero-copy numpy view of the mapping (``offset`` is relative to the mapping, in bytes).
+
+        Touching a private page through it raises SIGBUS in this process. The view keeps the mmap
+        open: ``close()`` raises BufferError until every view is gone.
+        """
+        return np.frombuffer(self.mmap, dtype=dtype, count=count, offset=offset)
+
+    def close(self) -> None:
+        try:
+            self.mmap.close()
+        except BufferError as exc:
+            raise BufferError("a numpy view or memoryview of this mapping still exists: drop it "
+                              "(del the array) before closing the mapping") from exc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def error_name(exc: OSError) -> str:
+    """``EAGAIN`` for an OSError with errno 11 (for messages)."""
+    return errname(exc.errno) if exc.errno is not None else type(exc).__name__

@@ -1,0 +1,83 @@
+"""Show the state of a guest_memfd file: MOUNTPOINT/NAME/status, summarised for people.
+
+Size, flags, backend and page size; allocated, shared, private and pinned bytes; whole and split huge
+folios; conversion, revocation and punch counters; and the attribute runs (the first few). --json prints
+the status file as it is, for scripts.
+
+examples:
+  ufsgmem status /mnt/gmem/vm0
+  ufsgmem status /mnt/gmem/vm0 --json | jq .private_bytes
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..address import format_size
+from ..client import GmemFile
+from ..uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
+from ._gmemargs import report
+
+HELP = "show a guest_memfd file's state"
+
+RUNS_SHOWN = 8
+
+
+def configure(parser) -> None:
+    parser.add_argument("file", metavar="MOUNTPOINT/NAME", help="a guest_memfd file on a ufsgmem mount")
+    parser.add_argument("--json", action="store_true", help="print the raw status JSON")
+
+
+def _bytes(n: int, total: int) -> str:
+    share = f" ({100 * n / total:.1f}%)" if total else ""
+    return f"{format_size(n)}{share}"
+
+
+def summary(status: dict, runs: list[tuple[int, int, int]] | None = None) -> str:
+    """The human-readable form of a status dict (and, if given, its attribute runs)."""
+    size = status["size"]
+    flags = ",".join(status.get("flag_names", [])) or "none"
+    lines = [
+        f"{status.get('name') or '?'}: {format_size(size)} ({size:#x} bytes), flags {status['flags']:#x} ({flags})",
+        f"  backend {status['backend']}, page size {format_size(status['page_size'])}",
+        f"  allocated {_bytes(status.get('allocated_bytes', 0), size)}, "
+        f"shared {_bytes(status.get('shared_bytes', 0), size)}, "
+        f"private {_bytes(status.get('private_bytes', 0), size)}, "
+        f"pinned {_bytes(status.get('pinned_bytes', 0), size)}",
+    ]
+    folios = status.get("huge_folios")
+    if folios and status["page_size"] > 4096:
+        lines.append(f"  huge folios: {folios.get('whole', 0)} whole, {folios.get('split', 0)} split "
+                     f"({status.get('folio_splits', 0)} splits, {status.get('folio_merges', 0)} merges so far)")
+    conv = status.get("conversions", {})
+    if conv:
+        lines.append(f"  conversions: {conv.get('to_private', 0)} to private, {conv.get('to_shared', 0)} to "
+                     f"shared, {conv.get('noop', 0)} no-op, {conv.get('eagain', 0)} refused (EAGAIN)")
+    lines.append(f"  revocations: {status.get('revocations', 0)} ({format_size(status.get('revoked_bytes', 0))}"
+                 f" unmapped), punches: {status.get('punches', 0)}")
+    if runs is not None:
+        lines.append(f"  attribute runs: {len(runs)}")
+        for offset, length, attributes in runs[:RUNS_SHOWN]:
+            what = "private" if attributes == KVM_MEMORY_ATTRIBUTE_PRIVATE else "shared"
+            lines.append(f"    [{offset:#x}, {offset + length:#x}) {format_size(length):>6} {what}")
+        if len(runs) > RUNS_SHOWN:
+            lines.append(f"    ... {len(runs) - RUNS_SHOWN} more")
+    elif "attribute_runs" in status:
+        lines.append(f"  attribute runs: {status['attribute_runs']}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    def show() -> int:
+        with GmemFile(args.file) as f:
+            status = f.status()
+            if args.json:
+                print(json.dumps(status, indent=2, sort_keys=True))
+                return 0
+            try:
+                runs = f.get_attributes()
+            except OSError:
+                runs = None  # the summary still stands without the runs
+        print(summary(status, runs))
+        return 0
+    return report("status", show)
