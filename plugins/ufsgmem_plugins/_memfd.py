@@ -1,24 +1,41 @@
 """Shared machinery of the memfd-backed backends: a memfd mapped MAP_SHARED, punch-hole, pagemap PFNs.
 
 The server process keeps one shared mapping of the whole memfd. Reads hand out zero-copy memoryview slices
-of it; writes copy into it. ``fallocate(2)`` with a mode is not in the standard library
-(``os.posix_fallocate`` takes none), so it goes through libc via ctypes.
+of it; writes copy into it; ``allocate`` faults pages into it with MADV_POPULATE_WRITE, so every allocated
+page is normally present in this mapping and ``/proc/self/pagemap`` can name its physical frame.
+
+Physical extents. pagemap only sees pages *mapped* in this process. A page can be allocated in the file
+and yet not mapped here (another process wrote it through ``fileno()``, or the kernel zapped the PTE), so
+before reading pagemap the file's data ranges (``SEEK_DATA``/``SEEK_HOLE``) that are not present are
+populated with MADV_POPULATE_READ, which maps existing pages and allocates nothing. pagemap is read in
+one go and coalesced with numpy: a 1 GiB file is 262 144 entries, a 2 MiB read.
+
+Without PFNs (not root: the kernel reports PFN 0) a backend falls back to its own contiguity: one extent
+per folio, with the *virtual* address as a stand-in, so folio-internal contiguity is right and nothing
+is claimed across folios. ``info()["phys_source"]`` says which one is in use.
+
+Caveats: ``fallocate(2)`` with a mode is not in the standard library (``os.posix_fallocate`` takes none),
+so it goes through libc via ctypes. ``close()`` cannot unmap while a caller still holds a view (Python
+refuses to); it then drops its own references and the mapping goes when the last view does.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 
 import numpy as np
 
 from ufsgmem.backend import Backend, PhysExtent
-from ufsgmem.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MADV_POPULATE_WRITE, PAGE_SIZE
+from ufsgmem.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MADV_POPULATE_READ, MADV_POPULATE_WRITE, \
+    PAGE_SHIFT, PAGE_SIZE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+PM_PRESENT = 1 << 63
+PM_PFN_MASK = (1 << 55) - 1
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -27,56 +44,67 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, f"fallocate(mode={mode:#x}, {offset:#x}, {length:#x}): {os.strerror(err)}")
 
 
-PM_PRESENT = 1 << 63
-PM_PFN_MASK = (1 << 55) - 1
+def read_pagemap(address: int, size: int) -> np.ndarray | None:
+    """The raw pagemap entries (uint64) of ``[address, address + size)``; None if pagemap is unreadable."""
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            f.seek((address >> PAGE_SHIFT) * 8)
+            raw = f.read((size >> PAGE_SHIFT) * 8)
+    except OSError:
+        return None
+    return np.frombuffer(raw, dtype=np.uint64)
+
+
+def coalesce(index: np.ndarray, frame: np.ndarray, base_offset: int = 0, unit: int = PAGE_SIZE) -> list[PhysExtent]:
+    """Extents from sorted page indices and their frames: a new extent wherever either does not follow on."""
+    if len(index) == 0:
+        return []
+    breaks = np.ones(len(index), dtype=bool)
+    breaks[1:] = (np.diff(index) != 1) | (np.diff(frame) != 1)
+    starts = np.nonzero(breaks)[0]
+    ends = np.append(starts[1:], len(index))
+    return [PhysExtent(base_offset + int(index[s]) * unit, int(frame[s]) * unit, int(e - s) * unit)
+            for s, e in zip(starts.tolist(), ends.tolist())]
 
 
 def pagemap_extents(address: int, size: int, base_offset: int = 0) -> list[PhysExtent] | None:
     """Coalesced physical extents of the present pages of ``[address, address + size)`` in this process.
 
-    None when pagemap gives no PFNs (not root: the kernel then reports PFN 0).
+    None when pagemap gives no PFNs (not root: the kernel then reports PFN 0 for every page).
     """
-    count = size // PAGE_SIZE
-    try:
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek((address // PAGE_SIZE) * 8)
-            raw = f.read(count * 8)
-    except OSError:
+    entries = read_pagemap(address, size)
+    if entries is None:
         return None
-    entries = np.frombuffer(raw, dtype=np.uint64)
-    present = (entries & np.uint64(PM_PRESENT)) != 0
-    if not present.any():
+    present = np.nonzero(entries & np.uint64(PM_PRESENT))[0]
+    if len(present) == 0:
         return []
-    pfns = (entries & np.uint64(PM_PFN_MASK)).astype(np.int64)
-    if not pfns[present].any():
+    pfns = (entries[present] & np.uint64(PM_PFN_MASK)).astype(np.int64)
+    if not pfns.any():
         return None
-    idx = np.nonzero(present)[0]
-    # a new extent starts where the page index or the PFN does not follow on from the previous page
-    breaks = np.ones(len(idx), dtype=bool)
-    breaks[1:] = (np.diff(idx) != 1) | (np.diff(pfns[idx]) != 1)
-    starts = np.nonzero(breaks)[0]
-    ends = np.append(starts[1:], len(idx))
-    return [PhysExtent(base_offset + int(idx[s]) * PAGE_SIZE, int(pfns[idx[s]]) * PAGE_SIZE,
-                       int(e - s) * PAGE_SIZE) for s, e in zip(starts, ends)]
+    return coalesce(present, pfns, base_offset)
 
 
 class MemfdBackend(Backend):
-    """A memfd of the file's size, mapped once. Subclasses choose the memfd flags and advice."""
+    """A memfd of the file's size, mapped once. Subclasses choose the memfd flags and the advice."""
 
     memfd_flags = 0
 
     def __init__(self, size, page_size, *, progress=None, **options):
         super().__init__(size, page_size, progress=progress, **options)
+        self._closed = True  # until everything below exists, so close() from an error path is harmless
         self._fd = os.memfd_create(f"ufsgmem-{self.name}", os.MFD_CLOEXEC | self.memfd_flags)
         try:
             os.ftruncate(self._fd, size)
-            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._map = self._mmap()
         except BaseException:
             os.close(self._fd)
             raise
         self._view = memoryview(self._map)
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self._closed = False
+
+    def _mmap(self) -> mmap.mmap:
+        return mmap.mmap(self._fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def view(self, offset, size):
         return self._view[offset:offset + size]
@@ -92,25 +120,82 @@ class MemfdBackend(Backend):
     def punch_hole(self, offset, size):
         fallocate(self._fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, size)
 
-    def physical_extents(self):
-        extents = pagemap_extents(self._address, self.size)
-        if extents is None:  # no PFNs: report our own contiguity (one virtual extent per present run)
-            return []
-        return extents
+    # --- physical extents ---------------------------------------------------------------------------
+    def _data_ranges(self) -> list[tuple[int, int]]:
+        """Byte ranges ``[start, end)`` the file holds pages for (SEEK_DATA/SEEK_HOLE, as shmem answers)."""
+        ranges, pos = [], 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            end = min(os.lseek(self._fd, start, os.SEEK_HOLE), self.size)
+            ranges.append((start, end))
+            pos = end
+        return ranges
 
+    def _map_unmapped_data(self, entries: np.ndarray) -> bool:
+        """MADV_POPULATE_READ every data range with a page not present here; True if anything was done."""
+        present = (entries & np.uint64(PM_PRESENT)) != 0
+        done = False
+        for start, end in self._data_ranges():
+            if not present[start >> PAGE_SHIFT:end >> PAGE_SHIFT].all():
+                self._map.madvise(MADV_POPULATE_READ, start, end - start)
+                done = True
+        return done
+
+    def _pagemap(self) -> np.ndarray | None:
+        entries = read_pagemap(self._address, self.size)
+        if entries is not None and self._map_unmapped_data(entries):
+            entries = read_pagemap(self._address, self.size)
+        return entries
+
+    def physical_extents(self):
+        entries = self._pagemap()
+        if entries is None:
+            return self._virtual_extents(None)
+        present = np.nonzero(entries & np.uint64(PM_PRESENT))[0]
+        pfns = (entries[present] & np.uint64(PM_PFN_MASK)).astype(np.int64)
+        if len(present) and not pfns.any():
+            return self._virtual_extents(present)
+        return coalesce(present, pfns)
+
+    def _virtual_extents(self, present: np.ndarray | None) -> list[PhysExtent]:
+        """Our own contiguity when PFNs are hidden: one extent per present folio, virtual address as phys."""
+        if present is None:
+            present = np.concatenate([np.arange(s >> PAGE_SHIFT, e >> PAGE_SHIFT) for s, e in self._data_ranges()]
+                                     or [np.zeros(0, dtype=np.int64)])
+        step = self.page_size >> PAGE_SHIFT
+        folios = np.unique(present // step)
+        return [PhysExtent(int(f) * self.page_size, self._address + int(f) * self.page_size, self.page_size)
+                for f in folios]
+
+    def phys_source(self) -> str:
+        entries = read_pagemap(self._address, PAGE_SIZE)
+        if entries is None:
+            return "virtual (pagemap unreadable)"
+        if not os.geteuid() == 0:
+            return "virtual (pagemap hides PFNs from non-root)"
+        return "pagemap"
+
+    # --- accounting and lifetime --------------------------------------------------------------------
     def backend_bytes(self):
         return os.fstat(self._fd).st_blocks * 512
 
     def fileno(self):
         return self._fd
 
+    def info(self):
+        return {"phys_source": self.phys_source(), "mapping_address": self._address}
+
     def close(self):
         if self._closed:
             return
         self._closed = True
-        self._view.release()
         try:
+            self._view.release()
             self._map.close()
         except BufferError:
-            pass  # a caller still holds a view; the mapping goes when it is dropped
+            pass  # a caller still holds a view: the mapping is unmapped when the last one is dropped
+        self._view = self._map = None
         os.close(self._fd)
