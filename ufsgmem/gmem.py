@@ -316,6 +316,9 @@ class GuestMemfd:
     def pin(self, offset: int, size: int) -> None:
         """An emulated long-term pin (a device's GUP pin): faults the range in; shared pages only."""
         first, last = self._check_pin_range(offset, size)
+        if not self.flags & GUEST_MEMFD_FLAG_MMAP:  # GUP needs a host mapping, and this file has none
+            raise fail(errno.EFAULT, "the file was created without mmap: there is no host mapping to pin",
+                       error_offset=offset)
         private = self._attrs.first(first, last, lambda v: v == PRIVATE)
         if private is not None:
             raise fail(errno.EFAULT, f"page {private << PAGE_SHIFT:#x} is private: a pin needs shared "
