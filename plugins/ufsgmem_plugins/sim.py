@@ -65,11 +65,12 @@ class SimBackend(Backend):
         super().__init__(size, page_size, progress=progress, **options)
         self.fragmentation = float(fragmentation)
         self.seed = int(seed)
-        self.chunk = max(parse_size(chunk), page_size)
+        self.chunk = parse_size(chunk)
         self.phys_base = parse_size(phys_base)
         phys_size = 2 * size if phys_size is None else parse_size(phys_size)
         self.max_contiguity = None if max_contiguity in (None, "", 0) else parse_size(max_contiguity)
         self._check_options(size, phys_size)
+        self.chunk = max(self.chunk, page_size)  # a huge folio is always one physical chunk
         self.preallocates = page_size > SZ_4K if preallocate is None else _bool(preallocate)
 
         C = self.chunk
@@ -105,7 +106,8 @@ class SimBackend(Backend):
         if phys_size < size:
             raise fail(errno.EINVAL, f"phys_size {format_size(phys_size)} is smaller than the file "
                                      f"({format_size(size)})")
-        if self.max_contiguity is not None and (not _pow2(self.max_contiguity) or self.max_contiguity < self.chunk):
+        if self.max_contiguity is not None and (not _pow2(self.max_contiguity)
+                                                or self.max_contiguity < max(self.chunk, self.page_size)):
             raise fail(errno.EINVAL, f"max_contiguity {self.max_contiguity:#x} must be a power of two of at "
                                      f"least the chunk {format_size(self.chunk)}")
 
