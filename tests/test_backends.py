@@ -245,6 +245,28 @@ def test_hugetlb_pool_too_small_is_enomem_naming_the_shortfall(hugepages):
         assert pool_available(SZ_2M) == have, "a failed creation takes nothing from the pool"
 
 
+def test_hugetlb_failure_midway_gives_back_what_was_taken(hugepages, monkeypatch):
+    """If faulting stops partway (the pool raced away), the pages already taken go back, then ENOMEM."""
+    cls = load_backend("hugetlb")
+
+    class FailsThird(cls):
+        calls = 0
+
+        def _populate(self, offset, size):
+            FailsThird.calls += 1
+            if FailsThird.calls == 3:
+                raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
+            super()._populate(offset, size)
+
+    monkeypatch.setattr(hugetlb_mod, "CHUNK", SZ_2M)  # one chunk per page, so the failure is midway
+    with hugepages(SZ_2M, 4):
+        before = pool_available(SZ_2M)
+        with pytest.raises(OSError, match=r"preallocation failed at 4M") as info:
+            FailsThird(4 * SZ_2M, SZ_2M)
+        assert info.value.errno == errno.ENOMEM
+        assert pool_available(SZ_2M) == before, "the two pages faulted before the failure are back"
+
+
 def test_hugetlb_through_the_core_is_enomem(hugepages):
     with hugepages(SZ_2M, 1):
         size = (pool_available(SZ_2M) + 1) * SZ_2M
