@@ -37,6 +37,11 @@ def reserved_hugepages(size: int, count: int):
     before = _read(size, "nr_hugepages")
     _write(size, "nr_hugepages", before + count)
     got = _read(size, "nr_hugepages") - before
+    if got < count:  # the memory may be free but scattered (1 GiB pages): compact it and ask once more
+        with contextlib.suppress(OSError), open("/proc/sys/vm/compact_memory", "w") as f:
+            f.write("1")
+        _write(size, "nr_hugepages", before + count)
+        got = _read(size, "nr_hugepages") - before
     try:
         if got < count:
             pytest.skip(f"the kernel gave {got} of {count} {size >> 20} MiB huge pages (memory fragmented)")
