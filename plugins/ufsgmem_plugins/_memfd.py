@@ -137,6 +137,8 @@ class MemfdBackend(Backend):
     def _map_unmapped_data(self, entries: np.ndarray) -> bool:
         """MADV_POPULATE_READ every data range with a page not present here; True if anything was done."""
         present = (entries & np.uint64(PM_PRESENT)) != 0
+        if self.backend_bytes() <= int(np.count_nonzero(present)) * PAGE_SIZE:
+            return False  # the file holds no more than is mapped here: skip the SEEK_DATA walk
         done = False
         for start, end in self._data_ranges():
             if not present[start >> PAGE_SHIFT:end >> PAGE_SHIFT].all():
@@ -186,7 +188,7 @@ class MemfdBackend(Backend):
         return self._fd
 
     def info(self):
-        return {"phys_source": self.phys_source(), "mapping_address": self._address}
+        return {"phys_source": self.phys_source()}
 
     def close(self):
         if self._closed:
