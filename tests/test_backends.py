@@ -11,6 +11,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ufsgmem.gmem import GuestMemfd
 from ufsgmem.plugins import load_backend
@@ -413,3 +415,34 @@ def test_sim_one_tebibyte_through_the_core():
         assert bytes(gmem.guest_read(700 << 30, 8)) == b"far away"
         assert gmem.backend.info()["metadata_bytes"] < 32 * MIB, "no per-4K-page metadata"
         assert gmem.status()["huge_folios"]["whole"] == size // SZ_2M - 512
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fragmentation=st.sampled_from([0.0, 0.5, 1.0]), max_contiguity=st.sampled_from([None, 64 << 10]),
+       ops=st.lists(st.tuples(st.booleans(), st.integers(0, 63), st.integers(1, 16)), max_size=40))
+def test_sim_allocator_model(fragmentation, max_contiguity, ops):
+    """Random allocate/punch sequences against a set of allocated pages: bytes, extents and chunk
+    ownership always agree, and no physical chunk ever backs two file chunks."""
+    chunk, size = 16 << 10, 64 * PAGE_SIZE
+    b = sim(size=size, chunk=chunk, fragmentation=fragmentation, max_contiguity=max_contiguity,
+            phys_size=2 * size, seed=4)
+    model: set[int] = set()
+    for allocating, first, count in ops:
+        last = min(first + count, 64)
+        if allocating:
+            b.allocate(first * PAGE_SIZE, (last - first) * PAGE_SIZE)
+            model |= set(range(first, last))
+        else:
+            b.punch_hole(first * PAGE_SIZE, (last - first) * PAGE_SIZE)
+            model -= set(range(first, last))
+        extents = b.physical_extents()
+        check_extents(extents, size)
+        pages = {(e.offset >> 12) + i for e in extents for i in range(e.size >> 12)}
+        assert pages == model and b.backend_bytes() == len(model) * PAGE_SIZE
+        owners = {}
+        for e in extents:
+            for i in range(e.size >> 12):
+                phys_chunk, file_chunk = (e.phys + i * PAGE_SIZE) // chunk, (e.offset + i * PAGE_SIZE) // chunk
+                assert owners.setdefault(phys_chunk, file_chunk) == file_chunk, "one owner per chunk"
+                assert (e.phys + i * PAGE_SIZE) % chunk == (e.offset + i * PAGE_SIZE) % chunk
+        assert b.info()["chunks_used"] == len({p * PAGE_SIZE // chunk for p in model})
