@@ -8,6 +8,10 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -158,6 +162,24 @@ def test_pagemap_gives_real_frames():
         assert all(e.phys > 0 for e in b.physical_extents())
     finally:
         b.close()
+
+
+def test_without_pfns_extents_fall_back_to_folios(tmp_path):
+    """Without CAP_SYS_ADMIN pagemap hides PFNs: extents become one per folio, and info() says so."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is needed to drop CAP_SYS_ADMIN")
+    code = textwrap.dedent("""
+        from ufsgmem.plugins import load_backend
+        b = load_backend("anon")(1 << 20, 4096)
+        b.allocate(0, 64 << 10)
+        extents = b.physical_extents()
+        print(b.info()["phys_source"], len(extents), {e.size for e in extents}, extents[0].offset)
+    """)
+    out = subprocess.run([setpriv, "--bounding-set", "-sys_admin", sys.executable, "-c", code],
+                         capture_output=True, text=True, check=True).stdout.split(None, 1)
+    assert out[0] == "virtual" and "CAP_SYS_ADMIN" in out[1]
+    assert out[1].rsplit(")", 1)[1].split() == ["16", "{4096}", "0"], out[1]
 
 
 # --- thp -----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ before reading pagemap the file's data ranges (``SEEK_DATA``/``SEEK_HOLE``) that
 populated with MADV_POPULATE_READ, which maps existing pages and allocates nothing. pagemap is read in
 one go and coalesced with numpy: a 1 GiB file is 262 144 entries, a 2 MiB read.
 
-Without PFNs (not root: the kernel reports PFN 0) a backend falls back to its own contiguity: one extent
+Without PFNs (no CAP_SYS_ADMIN: the kernel reports PFN 0) a backend falls back to its own contiguity: one extent
 per folio, with the *virtual* address as a stand-in, so folio-internal contiguity is right and nothing
 is claimed across folios. ``info()["phys_source"]`` says which one is in use.
 
@@ -82,6 +82,28 @@ def pagemap_extents(address: int, size: int, base_offset: int = 0) -> list[PhysE
     if not pfns.any():
         return None
     return coalesce(present, pfns, base_offset)
+
+
+_pfns_visible: bool | None = None
+
+
+def pfns_visible() -> bool | None:
+    """Whether this process sees real PFNs in pagemap (a property of the process: CAP_SYS_ADMIN).
+
+    Probed once on a page of our own; None if pagemap cannot be read at all.
+    """
+    global _pfns_visible
+    if _pfns_visible is None:
+        probe = mmap.mmap(-1, PAGE_SIZE)
+        probe[0] = 1
+        anchor = ctypes.c_char.from_buffer(probe)
+        entries = read_pagemap(ctypes.addressof(anchor), PAGE_SIZE)
+        del anchor  # the buffer export must go before the mapping can close
+        probe.close()
+        if entries is None:
+            return None
+        _pfns_visible = bool(entries[0] & np.uint64(PM_PFN_MASK))
+    return _pfns_visible
 
 
 class MemfdBackend(Backend):
@@ -173,12 +195,10 @@ class MemfdBackend(Backend):
                 for f in folios]
 
     def phys_source(self) -> str:
-        entries = read_pagemap(self._address, PAGE_SIZE)
-        if entries is None:
+        visible = pfns_visible()
+        if visible is None:
             return "virtual (pagemap unreadable)"
-        if not os.geteuid() == 0:
-            return "virtual (pagemap hides PFNs from non-root)"
-        return "pagemap"
+        return "pagemap" if visible else "virtual (pagemap hides PFNs without CAP_SYS_ADMIN)"
 
     # --- accounting and lifetime --------------------------------------------------------------------
     def backend_bytes(self):
