@@ -252,3 +252,13 @@ def test_the_command_refuses_an_unknown_backend_before_replaying(tmp_path, capsy
     assert main(["policy", "run", path, "--backend", "anon", "--backend", "nosuch", "-q"]) == 1
     captured = capsys.readouterr()
     assert "unknown backend 'nosuch'" in captured.err and captured.out == ""
+
+
+@pytest.mark.skipif(not layout_available(), reason="ufsgmem.layout is not in this tree yet")
+def test_the_command_refuses_an_unknown_arch_and_labels_levels(tmp_path, capsys):
+    path = str(tmp_path / "t.jsonl")
+    save(generate("pkvm", 64 << 20, records=200), path)
+    assert main(["policy", "run", path, "--backend", "fakesim", "--arch", "sparc", "-q"]) == 2
+    assert "unknown arch 'sparc'" in capsys.readouterr().err
+    assert main(["policy", "run", path, "--backend", "fakesim:page_size=2M", "--arch", "arm64-4k", "-q"]) == 0
+    assert "4K L3" in capsys.readouterr().out

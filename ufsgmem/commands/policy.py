@@ -145,6 +145,14 @@ def _run(args) -> int:
         return 2
     for spec in specs:  # an unknown name fails now (listing the known ones), not after an hour of replay
         load_backend(spec.name)
+    try:
+        from ..layout import get_arch
+        get_arch(args.arch)
+    except ImportError:
+        pass  # the report says the S2 counts are missing, and why
+    except ValueError as exc:
+        print(f"ufsgmem policy run: {exc}", file=sys.stderr)
+        return 2
     progress = _Progress(not args.quiet)
     runs = []
     for trace in traces:

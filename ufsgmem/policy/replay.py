@@ -93,6 +93,7 @@ class RunResult:
     size: int
     backend: str
     page_size: int = 0
+    arch: str = "x86_64"
     records: int = 0
     ops: dict = field(default_factory=dict)
     failure: str | None = None
@@ -203,7 +204,7 @@ def replay(trace: Trace, spec: BackendSpec | str, *, sample_every: int | None = 
     total = len(trace.records)
     sample_every = sample_every or max(1, -(-total // 200))
     result = RunResult(trace=trace.name, workload=str(trace.header.get("workload", "")), size=trace.size,
-                       backend=spec.text, records=total, ops=trace.counts())
+                       backend=spec.text, arch=arch, records=total, ops=trace.counts())
     page_size = effective_page_size(trace, spec)
     result.page_size = page_size or load_backend(spec.name).page_sizes[0]
     try:

@@ -59,11 +59,22 @@ def _run_row(run: RunResult) -> list[str]:
             human(final["allocated_bytes"]), human(final["backend_bytes"]), human(final["shared_bytes"]),
             f"{folios['whole']}/{folios['split']}", str(peak_split),
             f"{final['folio_splits']}/{final['folio_merges']}",
-            "/".join(_blocks_total(run, v) for v in VIEWS)]
+            "/".join(_blocks_total(run, v) for v in VIEWS), f"{run.layout_seconds:.2f}"]
+
+
+def _size_label(size: int, arch: str) -> str:
+    """``2M L2``; a contiguous-hint size is starred (``64K* L3``): a run of hinted descriptors."""
+    try:
+        from ..layout import get_arch
+        leaf = get_arch(arch).leaf(size)
+    except (ImportError, KeyError, ValueError):
+        return format_size(size)
+    return f"{format_size(size)}{'*' if leaf.contiguous else ''} L{leaf.level}"
 
 
 RUN_HEADER = ["trace", "backend", "folio", "records", "replay s", "conv", "conv/s", "errors", "allocated",
-              "backend", "shared", "folios whole/split", "peak split", "splits/merges", "S2 guest/shared/kvm"]
+              "backend bytes", "shared", "folios whole/split", "peak split", "splits/merges",
+              "S2 guest/shared/kvm", "layout s"]
 
 
 def table(runs: list[RunResult]) -> str:
@@ -75,8 +86,8 @@ def table(runs: list[RunResult]) -> str:
         sizes = sorted({s for r in laid for v in VIEWS for s in r.layout[v]})
         rows = [[r.trace, r.backend, view] + [str(r.layout[view].get(s, 0)) for s in sizes]
                 + [str(sum(r.layout[view].values()))] for r in laid for view in VIEWS]
-        parts += ["", "S2 blocks per size at the end", _grid(["trace", "backend", "view"]
-                                                             + [format_size(s) for s in sizes] + ["total"], rows, 3)]
+        header = ["trace", "backend", "view"] + [_size_label(s, laid[0].arch) for s in sizes] + ["total"]
+        parts += ["", f"S2 blocks per size (and lookup level) at the end, {laid[0].arch}", _grid(header, rows, 3)]
     notes = [f"{r.label}: {r.failure}" for r in runs if r.failure]
     notes += [f"{r.label}: {', '.join(f'{k} {n}' for k, n in r.errors.items())}" for r in runs if r.errors]
     notes += sorted({r.layout_note for r in runs if r.layout_note})
