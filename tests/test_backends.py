@@ -402,10 +402,30 @@ def test_sim_zero_writes_cost_nothing():
 
 
 @pytest.mark.parametrize("options", [{"fragmentation": 1.5}, {"chunk": 3000}, {"phys_base": 12345},
-                                     {"phys_size": MIB}, {"max_contiguity": MIB}])
+                                     {"phys_size": MIB}, {"max_contiguity": MIB}, {"fragmentaton": 0.5},
+                                     {"seed": "abc"}, {"chunk": "2Q"}])
 def test_sim_bad_options_are_einval(options):
     with pytest.raises(OSError) as info:
         sim(**options)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_sim_huge_pages_need_aligned_phys_base():
+    with pytest.raises(OSError, match="phys_base") as info:
+        sim(size=SZ_1G, page_size=SZ_1G, phys_base=SZ_2M)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_sim_options_accept_strings_from_a_cli():
+    b = sim(fragmentation="0.5", seed="3", chunk="4M", phys_base="0x100000000", preallocate="yes")
+    assert (b.fragmentation, b.seed, b.chunk, b.phys_base, b.preallocates) == (0.5, 3, 4 * MIB, 1 << 32, True)
+    assert b.backend_bytes() == b.size
+
+
+@pytest.mark.parametrize("name", ["anon", "thp"])
+def test_memfd_backends_refuse_options(name):
+    with pytest.raises(OSError, match="takes no options, got colour") as info:
+        load_backend(name)(MIB, SZ_4K, colour="blue")
     assert info.value.errno == errno.EINVAL
 
 

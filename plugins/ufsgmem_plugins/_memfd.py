@@ -22,12 +22,14 @@ refuses to); it then drops its own references and the mapping goes when the last
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 
 import numpy as np
 
 from ufsgmem.backend import Backend, PhysExtent
+from ufsgmem.errors import fail
 from ufsgmem.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MADV_POPULATE_READ, MADV_POPULATE_WRITE, \
     PAGE_SHIFT, PAGE_SIZE
 
@@ -113,6 +115,8 @@ class MemfdBackend(Backend):
 
     def __init__(self, size, page_size, *, progress=None, **options):
         super().__init__(size, page_size, progress=progress, **options)
+        if options:
+            raise fail(errno.EINVAL, f"backend {self.name!r} takes no options, got {', '.join(sorted(options))}")
         self._closed = True  # until everything below exists, so close() from an error path is harmless
         self._fd = os.memfd_create(f"ufsgmem-{self.name}", os.MFD_CLOEXEC | self.memfd_flags)
         try:

@@ -43,6 +43,7 @@ from ufsgmem.runmap import RunMap
 from ufsgmem.uapi import PAGE_SHIFT, PAGE_SIZE, SZ_1G, SZ_2M, SZ_4K
 
 VIEW_CAP = 256 << 20
+OPTIONS = ("fragmentation", "seed", "phys_base", "phys_size", "chunk", "max_contiguity", "preallocate")
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -63,14 +64,19 @@ class SimBackend(Backend):
     def __init__(self, size, page_size, *, progress=None, fragmentation=0.0, seed=0, phys_base=1 << 32,
                  phys_size=None, chunk=SZ_2M, max_contiguity=None, preallocate=None, **options):
         super().__init__(size, page_size, progress=progress, **options)
-        self.fragmentation = float(fragmentation)
-        self.seed = int(seed)
-        self.chunk = parse_size(chunk)
-        self.phys_base = parse_size(phys_base)
-        phys_size = 2 * size if phys_size is None else parse_size(phys_size)
-        self.max_contiguity = None if max_contiguity in (None, "", 0) else parse_size(max_contiguity)
+        if options:
+            raise fail(errno.EINVAL, f"sim has no option {', '.join(sorted(options))}; it takes "
+                                     f"{', '.join(OPTIONS)}")
+        try:
+            self.fragmentation = float(fragmentation)
+            self.seed = int(seed)
+            self.chunk = parse_size(chunk)
+            self.phys_base = parse_size(phys_base)
+            phys_size = 2 * size if phys_size is None else parse_size(phys_size)
+            self.max_contiguity = None if max_contiguity in (None, "", 0) else parse_size(max_contiguity)
+        except (TypeError, ValueError) as exc:
+            raise fail(errno.EINVAL, f"bad sim option: {exc}") from exc
         self._check_options(size, phys_size)
-        self.chunk = max(self.chunk, page_size)  # a huge folio is always one physical chunk
         self.preallocates = page_size > SZ_4K if preallocate is None else _bool(preallocate)
 
         C = self.chunk
@@ -100,6 +106,7 @@ class SimBackend(Backend):
             raise fail(errno.EINVAL, f"fragmentation {self.fragmentation} must be between 0.0 and 1.0")
         if not _pow2(self.chunk) or self.chunk < PAGE_SIZE:
             raise fail(errno.EINVAL, f"chunk {self.chunk:#x} must be a power of two of at least 4K")
+        self.chunk = max(self.chunk, self.page_size)  # a huge folio is always one physical chunk
         if self.phys_base < 0 or self.phys_base % self.chunk:
             raise fail(errno.EINVAL, f"phys_base {self.phys_base:#x} must be a multiple of the chunk "
                                      f"{format_size(self.chunk)}")
@@ -107,7 +114,7 @@ class SimBackend(Backend):
             raise fail(errno.EINVAL, f"phys_size {format_size(phys_size)} is smaller than the file "
                                      f"({format_size(size)})")
         if self.max_contiguity is not None and (not _pow2(self.max_contiguity)
-                                                or self.max_contiguity < max(self.chunk, self.page_size)):
+                                                or self.max_contiguity < self.chunk):
             raise fail(errno.EINVAL, f"max_contiguity {self.max_contiguity:#x} must be a power of two of at "
                                      f"least the chunk {format_size(self.chunk)}")
 
