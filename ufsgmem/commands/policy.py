@@ -103,9 +103,17 @@ def _validate(args) -> int:
     return 1 if bad else 0
 
 
+def _param_text(value) -> str:
+    if value is None:
+        return "auto"
+    if isinstance(value, int) and value >= 4096 and value % 4096 == 0:
+        return format_size(value)
+    return str(value)
+
+
 def _workloads(args) -> int:
     for name in generators.WORKLOADS:
-        params = ", ".join(f"{k}={'auto' if v is None else v}" for k, v in generators.PARAMS[name].items())
+        params = ", ".join(f"{k}={_param_text(v)}" for k, v in generators.PARAMS[name].items())
         print(f"{name:7} {generators.DESCRIPTIONS[name]}\n        parameters: {params}")
     return 0
 

@@ -17,7 +17,9 @@ Measured per run (:class:`RunResult`):
   bytes, shared bytes, huge folios whole/split, conversions so far, elapsed time;
 * the S2 layout at the end (optionally also every ``layout_every`` records): block counts per size for
   the ``guest``, ``shared`` and ``kvm`` views, from :func:`ufsgmem.layout.compute_layout`;
-* time spent inside conversions (conversions per second), total replay time;
+* time spent inside conversions (conversions per second), and the replay time of all records, which
+  leaves out the time taken by sampling (``sample_seconds``) and by the final layout
+  (``layout_seconds``): both cost O(runs) per call and would otherwise hide the replay's own cost;
 * every failed record, counted by op and errno name (``convert:EAGAIN``); a host access to private
   memory is ``touch:SIGBUS``, the signal the process would get.
 
@@ -98,6 +100,7 @@ class RunResult:
     ops: dict = field(default_factory=dict)
     failure: str | None = None
     replay_seconds: float = 0.0
+    sample_seconds: float = 0.0
     convert_seconds: float = 0.0
     conversions: int = 0
     errors: dict = field(default_factory=dict)
@@ -219,45 +222,69 @@ def replay(trace: Trace, spec: BackendSpec | str, *, sample_every: int | None = 
     return result
 
 
+class _Clock:
+    """Replay time with the measuring taken out: sampling is O(runs) and must not count as replay."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.measuring = 0.0
+        self.converting = 0.0
+
+    def replay_seconds(self) -> float:
+        return time.perf_counter() - self.start - self.measuring
+
+
+def _step(gmem, record, clock: _Clock, errors: Counter) -> None:
+    """Apply one record; a refusal is counted by op and errno (SIGBUS for a host fault), never raised."""
+    try:
+        if record.op == "convert":
+            t0 = time.perf_counter()
+            try:
+                gmem.set_memory_attributes(record.offset, record.size,
+                                           PRIVATE if record.arg == "private" else SHARED)
+            finally:
+                clock.converting += time.perf_counter() - t0
+        else:
+            _apply(gmem, record)
+    except HostFault:
+        errors[f"{record.op}:SIGBUS"] += 1
+    except OSError as exc:
+        errors[f"{record.op}:{errname(exc.errno)}"] += 1
+
+
+def _measure(clock: _Clock, fn, *args) -> None:
+    t0 = time.perf_counter()
+    try:
+        fn(*args)
+    finally:
+        clock.measuring += time.perf_counter() - t0
+
+
 def _run(gmem, trace, result, sample_every, layout_every, arch, progress, with_layout) -> None:
     errors: Counter = Counter()
-    convert_seconds, conversions, clock = 0.0, 0, time.perf_counter
-    start = clock()
-    result.samples.append(_sample(gmem, 0, 0.0, 0))
-    total = len(trace.records)
+    conversions, total, clock = 0, len(trace.records), _Clock()
+    take = lambda i: result.samples.append(_sample(gmem, i, clock.replay_seconds(), conversions))  # noqa: E731
+    _measure(clock, take, 0)
     for index, record in enumerate(trace.records, start=1):
-        try:
-            if record.op == "convert":
-                conversions += 1
-                t0 = clock()
-                try:
-                    gmem.set_memory_attributes(record.offset, record.size,
-                                               PRIVATE if record.arg == "private" else SHARED)
-                finally:
-                    convert_seconds += clock() - t0
-            else:
-                _apply(gmem, record)
-        except HostFault:
-            errors[f"{record.op}:SIGBUS"] += 1
-        except OSError as exc:
-            errors[f"{record.op}:{errname(exc.errno)}"] += 1
+        conversions += record.op == "convert"
+        _step(gmem, record, clock, errors)
         if index % sample_every == 0 or index == total:
-            result.samples.append(_sample(gmem, index, clock() - start, conversions))
+            _measure(clock, take, index)
             if progress:
                 progress(f"{trace.name} × {result.backend}", index, total)
         if with_layout and layout_every and index % layout_every == 0 and not result.layout_note:
-            _layout_sample(gmem, index, arch, result)
-    result.replay_seconds = clock() - start
-    result.convert_seconds, result.conversions = convert_seconds, conversions
+            _measure(clock, _layout_sample, gmem, index, arch, result)
+    result.replay_seconds, result.sample_seconds = clock.replay_seconds(), clock.measuring
+    result.convert_seconds, result.conversions = clock.converting, conversions
     result.errors = dict(sorted(errors.items()))
     result.final = _final(gmem)
     if with_layout:
-        t0 = clock()
+        t0 = time.perf_counter()
         try:
             result.layout = layout_counts(gmem.snapshot(), arch, result.layout_levels)
         except LayoutUnavailable as exc:
             result.layout_note = str(exc)
-        result.layout_seconds = clock() - t0
+        result.layout_seconds = time.perf_counter() - t0
 
 
 def _layout_sample(gmem, index: int, arch: str, result: RunResult) -> None:

@@ -5,8 +5,8 @@ errors. The plots are written to a directory:
 
 * ``folios.png`` — huge folios split (left) and whole (right) against records replayed: one row of
   panels per trace, one line per backend;
-* ``memory.png`` — allocated bytes (solid) and backend bytes (dashed) against records replayed, one
-  panel per trace;
+* ``memory.png`` — allocated bytes (thin) and backend bytes (wide, pale) against records replayed, on a
+  log scale (a 4 KiB policy's megabytes next to a preallocated terabyte), one panel per trace;
 * ``s2_blocks.png`` — S2 blocks per size at the end, one panel per view, one bar per run (log scale);
 * ``conversions.png`` — conversions per second and total replay time per run.
 """
@@ -155,18 +155,23 @@ def _plot_folios(plt, runs):
 
 
 def _plot_memory(plt, runs):
+    from matplotlib.ticker import FuncFormatter, LogLocator
     groups = _by_trace(runs) or {"(no runs)": []}
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.8 * len(groups) + 0.6), squeeze=False)
+    nonzero = lambda values: [v if v > 0 else float("nan") for v in values]  # noqa: E731 (log scale)
     for (trace, group), (ax,) in zip(groups.items(), axes):
-        for run in group:
+        for i, run in enumerate(group):
             x, allocated = _series(run, "allocated_bytes")
-            line, = ax.plot(x, [a / (1 << 30) for a in allocated], label=f"{run.backend} allocated",
-                            linewidth=1.4)
+            line, = ax.plot(x, nonzero(allocated), label=f"{run.backend} allocated", linewidth=1.4,
+                            linestyle=STYLES[i % len(STYLES)])
             _, backend = _series(run, "backend_bytes")
-            ax.plot(x, [b / (1 << 30) for b in backend], linestyle="--", color=line.get_color(), linewidth=1,
+            ax.plot(x, nonzero(backend), color=line.get_color(), linewidth=3, alpha=0.3,
                     label=f"{run.backend} backend")
-        ax.set_title(f"{trace}: allocated (solid) and held by the backend (dashed)")
-        ax.set_ylabel("GiB")
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_locator(LogLocator(base=1024))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
+        ax.set_title(f"{trace}: bytes allocated (thin) and held by the backend (wide, pale)")
+        ax.set_ylabel("bytes (log)")
         ax.legend(fontsize=7, loc="best")
     axes[-1][0].set_xlabel("records replayed")
     fig.tight_layout()
