@@ -315,6 +315,25 @@ def test_hugetlb_punch_returns_pages_and_allocate_takes_them_again(hugepages):
             b.close()
 
 
+def test_hugetlb_refault_without_a_free_page_is_enomem(hugepages):
+    """A punched page can be taken by someone else; allocating it again is then ENOMEM, not SIGBUS."""
+    with hugepages(SZ_2M, 2):
+        with GuestMemfd(2 * SZ_2M, GUEST_MEMFD_FLAG_MMAP, backend="hugetlb", page_size=SZ_2M) as gmem:
+            gmem.punch_hole(0, SZ_2M)
+            thief = load_backend("hugetlb")(pool_available(SZ_2M) * SZ_2M, SZ_2M)
+            try:
+                with pytest.raises(OSError, match="no free 2M huge page to refault") as info:
+                    gmem.allocate(0, SZ_2M)
+                assert info.value.errno == errno.ENOMEM
+                with pytest.raises(OSError) as info:
+                    gmem.guest_write(0, b"x")
+                assert info.value.errno == errno.ENOMEM, "first use of the hole fails cleanly too"
+            finally:
+                thief.close()
+            gmem.allocate(0, SZ_2M)
+            assert gmem.backend.backend_bytes() == 2 * SZ_2M
+
+
 def test_hugetlb_backend_bytes_stay_the_file_size_across_conversions(hugepages):
     """P6: conversions never allocate; a preallocated file holds exactly its size."""
     with hugepages(SZ_2M, 4):
