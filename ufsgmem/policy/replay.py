@@ -17,7 +17,8 @@ Measured per run (:class:`RunResult`):
   bytes, shared bytes, huge folios whole/split, conversions so far, elapsed time;
 * the S2 layout at the end (optionally also every ``layout_every`` records): block counts per size for
   the ``guest``, ``shared`` and ``kvm`` views, from :func:`ufsgmem.layout.compute_layout`;
-* time spent inside conversions (conversions per second), and the replay time of all records, which
+* time spent inside conversions (conversions per second, and the median and worst single conversion:
+  a run with few conversions, like ``cc``, has a rate that one slow call can swing), and the replay time of all records, which
   leaves out the time taken by sampling (``sample_seconds``) and by the final layout
   (``layout_seconds``): both cost O(runs) per call and would otherwise hide the replay's own cost;
 * every failed record, counted by op and errno name (``convert:EAGAIN``); a host access to private
@@ -103,6 +104,8 @@ class RunResult:
     sample_seconds: float = 0.0
     convert_seconds: float = 0.0
     conversions: int = 0
+    convert_p50_us: float = 0.0
+    convert_max_us: float = 0.0
     errors: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)
     final: dict = field(default_factory=dict)
@@ -229,6 +232,7 @@ class _Clock:
         self.start = time.perf_counter()
         self.measuring = 0.0
         self.converting = 0.0
+        self.latencies: list[float] = []
 
     def replay_seconds(self) -> float:
         return time.perf_counter() - self.start - self.measuring
@@ -243,7 +247,9 @@ def _step(gmem, record, clock: _Clock, errors: Counter) -> None:
                 gmem.set_memory_attributes(record.offset, record.size,
                                            PRIVATE if record.arg == "private" else SHARED)
             finally:
-                clock.converting += time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                clock.converting += took
+                clock.latencies.append(took)
         else:
             _apply(gmem, record)
     except HostFault:
@@ -276,6 +282,10 @@ def _run(gmem, trace, result, sample_every, layout_every, arch, progress, with_l
             _measure(clock, _layout_sample, gmem, index, arch, result)
     result.replay_seconds, result.sample_seconds = clock.replay_seconds(), clock.measuring
     result.convert_seconds, result.conversions = clock.converting, conversions
+    if clock.latencies:
+        ordered = sorted(clock.latencies)
+        result.convert_p50_us = ordered[len(ordered) // 2] * 1e6
+        result.convert_max_us = ordered[-1] * 1e6
     result.errors = dict(sorted(errors.items()))
     result.final = _final(gmem)
     if with_layout:

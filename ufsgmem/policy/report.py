@@ -55,7 +55,8 @@ def _run_row(run: RunResult) -> list[str]:
     peak_split = max((s["folios_split"] for s in run.samples), default=0)
     folios = final["huge_folios"]
     return [run.trace, run.backend, format_size(run.page_size), str(run.records), f"{run.replay_seconds:.2f}",
-            str(run.conversions), f"{run.conversions_per_second:,.0f}", str(run.error_count),
+            str(run.conversions), f"{run.conversions_per_second:,.0f}", f"{run.convert_p50_us:.1f}",
+            str(run.error_count),
             human(final["allocated_bytes"]), human(final["backend_bytes"]), human(final["shared_bytes"]),
             f"{folios['whole']}/{folios['split']}", str(peak_split),
             f"{final['folio_splits']}/{final['folio_merges']}",
@@ -72,8 +73,8 @@ def _size_label(size: int, arch: str) -> str:
     return f"{format_size(size)}{'*' if leaf.contiguous else ''} L{leaf.level}"
 
 
-RUN_HEADER = ["trace", "backend", "folio", "records", "replay s", "conv", "conv/s", "errors", "allocated",
-              "backend bytes", "shared", "folios whole/split", "peak split", "splits/merges",
+RUN_HEADER = ["trace", "backend", "folio", "records", "replay s", "conv", "conv/s", "conv p50 µs", "errors",
+              "allocated", "backend bytes", "shared", "folios whole/split", "peak split", "splits/merges",
               "S2 guest/shared/kvm", "layout s"]
 
 
@@ -145,7 +146,8 @@ def _plot_folios(plt, runs):
             split_ax.plot(*_series(run, "folios_split"), **style)
             whole_ax.plot(*_series(run, "folios_whole"), **style)
         split_ax.set_title(f"{trace}: huge folios split")
-        whole_ax.set_title(f"{trace}: huge folios whole")
+        whole_ax.set_title(f"{trace}: huge folios whole (log)")
+        whole_ax.set_yscale("symlog", linthresh=1)
         split_ax.set_ylabel("folios")
         split_ax.legend(fontsize=7, loc="best")
     for ax in axes[-1]:
