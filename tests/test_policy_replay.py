@@ -262,3 +262,25 @@ def test_the_command_refuses_an_unknown_arch_and_labels_levels(tmp_path, capsys)
     assert "unknown arch 'sparc'" in capsys.readouterr().err
     assert main(["policy", "run", path, "--backend", "fakesim:page_size=2M", "--arch", "arm64-4k", "-q"]) == 0
     assert "4K L3" in capsys.readouterr().out
+
+
+# --- the real sim backend at 1 TiB -----------------------------------------------------------------
+def sim_installed() -> bool:
+    return "sim" in plugins.available(plugins.BACKENDS)
+
+
+@pytest.mark.skipif(not sim_installed(), reason="the sim backend plugin is not installed")
+@pytest.mark.parametrize("workload", ["cc", "pkvm", "virtio"])
+def test_sim_replays_every_workload_at_one_tebibyte_with_its_layout(workload):
+    trace = generate(workload, 1 << 40, seed=1, records=2000)
+    result = replay(trace, "sim:page_size=2M")
+    assert result.failure is None
+    allocated = result.final["allocated_bytes"]
+    assert allocated == result.final["backend_bytes"]
+    assert allocated >= (1 << 40) - trace.counts()["punch"] * SZ_2M, "preallocated, less the balloon"
+    if layout_available():
+        covered = {v: sum(size * n for size, n in result.layout[v].items()) for v in VIEWS}
+        assert covered["guest"] == covered["kvm"] == allocated
+        assert covered["shared"] == result.final["shared_bytes"]
+    if workload == "virtio":
+        assert result.final["shared_bytes"] == 64 * SZ_4K
