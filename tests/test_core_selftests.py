@@ -264,7 +264,7 @@ def test_create_multiple(env):
 
 
 def _bad_unit_multiples(env: Env) -> list[int]:
-    """Page-aligned sizes that are not a multiple of the huge page (every one for 2 MiB, a sample for 1 GiB)."""
+    """Page-aligned sizes that are no multiple of the huge page (all for 2 MiB, a sample for 1 GiB)."""
     if not env.huge:
         return []
     per_unit = env.unit // PS
@@ -415,7 +415,8 @@ def test_fallocate_modes_in_vfs_order(env, gmem, flags):
         if mode not in (KEEP, KEEP | PUNCH):
             expect_error(errno.EOPNOTSUPP, g.fallocate, mode, 0, unit)
         # an offset + length past LOFF_MAX: EFBIG, unless the VFS already refused the mode
-        expect_error(errno.EFBIG if mode in VFS_MODES else errno.EOPNOTSUPP, g.fallocate, mode, LOFF_MAX, unit)
+        vfs_err = errno.EFBIG if mode in VFS_MODES else errno.EOPNOTSUPP
+        expect_error(vfs_err, g.fallocate, mode, LOFF_MAX, unit)
         # offset and length come before any mode check
         expect_error(errno.EINVAL, g.fallocate, mode, 0, 0)
         expect_error(errno.EINVAL, g.fallocate, mode, -unit, unit)
@@ -736,7 +737,8 @@ def attribute_errors(size: int):
     return [
         ("flags", dict(offset=0, size=PS, attributes=PRIVATE, flags=1), "flags"),
         ("flags high bit", dict(offset=0, size=PS, attributes=PRIVATE, flags=1 << 63), "flags"),
-        ("flags before reserved", dict(offset=0, size=PS, attributes=PRIVATE, flags=2, reserved=(1,)), "flags"),
+        ("flags before reserved", dict(offset=0, size=PS, attributes=PRIVATE, flags=2, reserved=(1,)),
+         "flags"),
         ("reserved", dict(offset=0, size=PS, attributes=PRIVATE, reserved=(0,) * 10 + (1,)), "reserved"),
         ("reserved before attributes", dict(offset=0, size=PS, attributes=1, reserved=(5,)), "reserved"),
         *[(f"attributes {a:#x}", dict(offset=0, size=PS, attributes=a), "attributes")
@@ -939,7 +941,8 @@ def test_status_fields(env, make, flags):
     base = g.status()
     assert STATUS_KEYS <= set(base)
     assert base["name"] == "vm0"
-    assert base["flag_names"] == [n for n, bit in (("mmap", MMAP), ("init_shared", INIT_SHARED)) if g.flags & bit]
+    names = [n for n, bit in (("mmap", MMAP), ("init_shared", INIT_SHARED)) if g.flags & bit]
+    assert base["flag_names"] == names
     start = initial(flags)
     if start == PRIVATE:
         convert(g, 0, SHARED, 4)
@@ -953,8 +956,9 @@ def test_status_fields(env, make, flags):
     json.loads(json.dumps(s))
     conv0 = base["conversions"]
     extra_shared = 1 if start == PRIVATE else 0
-    assert s["conversions"] == {"to_private": conv0["to_private"] + 1, "noop": conv0["noop"] + 1,
-                                "to_shared": conv0["to_shared"] + 1 + extra_shared, "eagain": conv0["eagain"] + 1}
+    assert s["conversions"] == {
+        "to_private": conv0["to_private"] + 1, "noop": conv0["noop"] + 1,
+        "to_shared": conv0["to_shared"] + 1 + extra_shared, "eagain": conv0["eagain"] + 1}
     assert s["revocations"] == base["revocations"] + 2          # the conversion and the punch
     assert s["revoked_bytes"] == base["revoked_bytes"] + 2 * PS + env.unit
     assert s["punches"] == base["punches"] + 1

@@ -117,8 +117,9 @@ def test_out_of_range_is_refused_and_changes_nothing(start, end):
     rm = RunMap(10, 0)
     rm.set(2, 4, 1)
     before = rm.as_arrays()
-    for call in (lambda: rm.set(start, end, 1), lambda: rm.add(start, end, 1), lambda: list(rm.runs(start, end)),
-                 lambda: rm.is_uniform(start, end, 0), lambda: rm.count(0, start, end)):
+    for call in (lambda: rm.set(start, end, 1), lambda: rm.add(start, end, 1),
+                 lambda: list(rm.runs(start, end)), lambda: rm.is_uniform(start, end, 0),
+                 lambda: rm.count(0, start, end)):
         with pytest.raises(ValueError):
             call()
     assert rm.as_arrays() == before
