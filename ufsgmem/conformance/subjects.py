@@ -1,0 +1,347 @@
+"""Subjects: the implementations of guest_memfd the conformance cases run against, behind one interface.
+
+* :class:`KernelSubject` — the real thing: ``KVM_CREATE_GUEST_MEMFD`` on a fresh default VM
+  (:mod:`ufsgmem.kvm`); ``fallocate(2)`` with a mode through libc, mmap(2), and plain ``os`` calls.
+* :class:`MountSubject` — a ufsgmem FUSE mount, used the way a program would: ``MOUNTPOINT/ctl`` creates a
+  file, ``NAME/mem`` is opened by path with libc ``open(O_RDWR)`` (so the fd's flags are what a C program
+  gets, not Python's close-on-exec default). pyfuse3 has no fallocate handler, so ``fallocate`` sends the
+  two modes guest_memfd serves (KEEP_SIZE, KEEP_SIZE|PUNCH_HOLE) as the ``NAME/ctl`` requests
+  ``allocate``/``punch_hole`` and every other mode to ``fallocate(2)`` on ``mem``, where the kernel's VFS
+  and FUSE answer it; :meth:`GmemFile.fallocate_syscall` always calls ``fallocate(2)`` so the
+  difference stays visible (a documented deviation).
+* :class:`CoreSubject` — the in-process core (:class:`ufsgmem.gmem.GuestMemfd`) with no file at all:
+  host_read/host_write stand in for mapping accesses and :class:`~ufsgmem.gmem.HostFault` for SIGBUS.
+  It lacks every file-level capability, and the cases that need one are *not applicable* to it.
+
+Each subject lists its ``capabilities``; a case names what it needs, and a subject without it is
+reported "n/a" for that case rather than forced through a path it does not have.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import os
+import struct
+
+from .. import kvm
+from ..errors import GuestMemfdError
+from ..gmem import GuestMemfd, HostFault
+from ..uapi import (
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2,
+    PAGE_SIZE,
+)
+from .mapping import MAP_SHARED, PROT_READ, PROT_WRITE, Mapping, mmap_fd, runs
+
+#: Capabilities a case may need.
+FD = "fd"  # a real file descriptor: read/write/fstat/ftruncate/fchmod/fcntl/ioctl
+MMAP = "mmap"  # mmap(2) itself, with its own errors, and madvise
+ACCESS = "access"  # touching mapped memory (SIGBUS where the kernel gives it)
+GUEST = "guest"  # a real vCPU reaching the memory
+ATTRIBUTES = "attributes"  # KVM_SET_MEMORY_ATTRIBUTES2 on the file (v8)
+PIN = "pin"  # an emulated long-term pin
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_libc.open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class NotApplicable(Exception):
+    """The subject has no way to do this (reported as n/a, never as a result)."""
+
+
+def libc_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(mode={mode:#x}, {offset:#x}, {length:#x}): {os.strerror(err)}")
+
+
+class GmemFile:
+    """One guest_memfd file of a subject. The default methods use the real fd."""
+
+    def __init__(self, subject: "Subject", size: int, flags: int, fd: int | None):
+        self.subject = subject
+        self.size = size
+        self.flags = flags
+        self.fd = fd
+        self._mappings: list[Mapping] = []
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """The subject's way to fallocate (the kernel: fallocate(2))."""
+        libc_fallocate(self.fd, mode, offset, length)
+
+    def fallocate_syscall(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on the fd, whatever the subject's usual way is."""
+        libc_fallocate(self.fd, mode, offset, length)
+
+    def mmap(self, length: int | None = None, flags: int = MAP_SHARED, prot: int = PROT_READ | PROT_WRITE,
+             offset: int = 0) -> Mapping:
+        mapping = mmap_fd(self.fd, self.size if length is None else length, flags, prot, offset)
+        self._mappings.append(mapping)
+        return mapping
+
+    def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0,
+                              reserved: tuple[int, ...] = (0,) * 11, error_offset: int = 0) -> int:
+        """KVM_SET_MEMORY_ATTRIBUTES2; returns error_offset as the call left it (raises OSError)."""
+        import fcntl
+        arg = bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, error_offset,
+                                                           *reserved))
+        try:
+            fcntl.ioctl(self.fd, KVM_SET_MEMORY_ATTRIBUTES2, arg, True)
+        except OSError as exc:
+            out = KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack(arg)[4]
+            raise GuestMemfdError(exc.errno, "KVM_SET_MEMORY_ATTRIBUTES2", error_offset=out) from None
+        return KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack(arg)[4]
+
+    def pin(self, offset: int, size: int) -> None:
+        raise NotApplicable("no emulated pin")
+
+    def unpin(self, offset: int, size: int) -> None:
+        raise NotApplicable("no emulated pin")
+
+    def guest_access(self, mapping: Mapping, offset: int, value: int) -> int:
+        """A vCPU reads the byte at ``offset`` of ``mapping`` (returned), then writes ``value`` there."""
+        raise NotApplicable("no vCPU path")
+
+    def close(self) -> None:
+        while self._mappings:
+            self._mappings.pop().close()
+        if self.fd is not None and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Subject:
+    """An implementation under test. Use as a context manager: everything it made goes at exit."""
+
+    name = "subject"
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self):
+        self._files: list[GmemFile] = []
+
+    def create(self, size: int, flags: int = 0) -> GmemFile:
+        file = self._create(size, flags)
+        self._files.append(file)
+        return file
+
+    def _create(self, size: int, flags: int) -> GmemFile:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        while self._files:
+            self._files.pop().close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- the kernel ----------------------------------------------------------------------------------------
+class KernelFile(GmemFile):
+    def guest_access(self, mapping, offset, value):
+        # as test_guest_memfd_guest: the mapping becomes a memslot bound to this guest_memfd, which must
+        # belong to the same VM (one access per file: the vCPU and memslots stay with the VM)
+        return kvm.run_guest_access(self.subject.vm, mapping.address, mapping.length, offset, value,
+                                    guest_memfd=self.fd)
+
+
+class KernelSubject(Subject):
+    """guest_memfd files of one fresh default VM."""
+
+    name = "kernel"
+    capabilities = frozenset({FD, MMAP, ACCESS, GUEST, ATTRIBUTES})
+
+    def __init__(self):
+        super().__init__()
+        self.kvm = kvm.Kvm()
+        try:
+            self.vm = self.kvm.create_vm(0)
+        except BaseException:
+            self.kvm.close()
+            raise
+
+    def _create(self, size, flags):
+        return KernelFile(self, size, flags, self.vm.create_guest_memfd(size, flags))
+
+    def close(self):
+        super().close()
+        self.vm.close()
+        self.kvm.close()
+
+
+# --- the in-process core -------------------------------------------------------------------------------
+class CoreMapping(Mapping):
+    """Accesses through GuestMemfd.host_read/host_write, one page at a time (a fault stops the rest)."""
+
+    def __init__(self, gm: GuestMemfd, length: int, offset: int):
+        super().__init__(0, length)
+        self.gm = gm
+        self.offset = offset
+
+    def run(self, ops):
+        results = []
+        try:
+            for op in ops:
+                results.append(self._perform(op))
+        except HostFault:
+            results.append("SIGBUS")
+        return results
+
+    def _perform(self, op):
+        kind, offset, length = op[0], self.offset + op[1], op[2]
+        chunks = []
+        for start in range(offset, offset + length, PAGE_SIZE):
+            n = min(PAGE_SIZE - start % PAGE_SIZE, offset + length - start)
+            if kind == "fill":
+                self.gm.host_write(start, bytes([op[3]]) * n)
+            else:
+                chunks.append(bytes(self.gm.host_read(start, n)))
+        return "ok" if kind == "fill" else runs(b"".join(chunks))
+
+    def madvise(self, offset, length, advice):
+        raise NotApplicable("the core has no mappings to advise")
+
+    def close(self):
+        self.length = 0
+
+
+class CoreFile(GmemFile):
+    def __init__(self, subject, gm: GuestMemfd):
+        super().__init__(subject, gm.size, gm.flags, None)
+        self.gm = gm
+
+    def fallocate(self, mode, offset, length):
+        self.gm.fallocate(mode, offset, length)
+
+    def fallocate_syscall(self, mode, offset, length):
+        raise NotApplicable("the core has no file descriptor")
+
+    def mmap(self, length=None, flags=MAP_SHARED, prot=PROT_READ | PROT_WRITE, offset=0):
+        return CoreMapping(self.gm, self.size if length is None else length, offset)
+
+    def set_memory_attributes(self, offset, size, attributes, flags=0, reserved=(0,) * 11, error_offset=0):
+        try:
+            self.gm.set_memory_attributes(offset, size, attributes, flags, reserved)
+        except GuestMemfdError as exc:
+            raise GuestMemfdError(exc.errno, exc.detail,
+                                  error_offset if exc.error_offset is None else exc.error_offset) from None
+        return error_offset
+
+    def pin(self, offset, size):
+        self.gm.pin(offset, size)
+
+    def unpin(self, offset, size):
+        self.gm.unpin(offset, size)
+
+    def close(self):
+        self.gm.close()
+
+
+class CoreSubject(Subject):
+    """The core in this process, on the anon backend (4 KiB pages, like the kernel's guest_memfd)."""
+
+    name = "core"
+    capabilities = frozenset({ACCESS, ATTRIBUTES, PIN})
+
+    def _create(self, size, flags):
+        return CoreFile(self, GuestMemfd(size, flags, backend="anon"))
+
+
+# --- a ufsgmem mount -----------------------------------------------------------------------------------
+_names = itertools.count()
+
+MAGIC = b"UGM1"
+HEADER = struct.Struct("<4sI")
+
+
+def _request(path: str, request: bytes) -> bytes:
+    """One write of a request to a control file (its errno is the result), then the reply read back."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.write(fd, request)
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+class MountFile(GmemFile):
+    def __init__(self, subject, size, flags, fd, name):
+        super().__init__(subject, size, flags, fd)
+        self.name = name
+        self.dir = os.path.join(subject.mountpoint, name)
+
+    def fallocate(self, mode, offset, length):
+        requests = {FALLOC_FL_KEEP_SIZE: "allocate", FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE: "punch_hole"}
+        if mode not in requests:
+            return libc_fallocate(self.fd, mode, offset, length)
+        _request(os.path.join(self.dir, "ctl"), f"{requests[mode]} offset={offset} size={length}".encode())
+
+    def set_memory_attributes(self, offset, size, attributes, flags=0, reserved=(0,) * 11, error_offset=0):
+        body = KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset % (1 << 64), size % (1 << 64), attributes, flags,
+                                                  error_offset, *reserved)
+        fd = os.open(os.path.join(self.dir, "ctl"), os.O_RDWR)
+        try:
+            try:
+                os.write(fd, HEADER.pack(MAGIC, KVM_SET_MEMORY_ATTRIBUTES2) + body)
+                failure = None
+            except OSError as exc:
+                failure = exc.errno
+            reply = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+        out = KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack_from(reply, HEADER.size)[4] \
+            if len(reply) >= HEADER.size + KVM_MEMORY_ATTRIBUTES2_STRUCT.size else error_offset
+        if failure is not None:
+            raise GuestMemfdError(failure, "KVM_SET_MEMORY_ATTRIBUTES2 through ctl", error_offset=out)
+        return out
+
+    def pin(self, offset, size):
+        _request(os.path.join(self.dir, "ctl"), f"pin offset={offset} size={size}".encode())
+
+    def unpin(self, offset, size):
+        _request(os.path.join(self.dir, "ctl"), f"unpin offset={offset} size={size}".encode())
+
+    def guest_access(self, mapping, offset, value):
+        # a VMM that maps mem and hands the mapping to KVM as ordinary guest memory
+        with self.subject.kvm.create_vm(0) as vm:
+            return kvm.run_guest_access(vm, mapping.address, mapping.length, offset, value)
+
+    def close(self):
+        super().close()
+        try:
+            _request(os.path.join(self.subject.mountpoint, "ctl"), f"destroy {self.name}".encode())
+        except OSError:
+            pass
+
+
+class MountSubject(Subject):
+    """Files on an existing ufsgmem mount (the caller mounts and unmounts it)."""
+
+    name = "ufsgmem"
+    capabilities = frozenset({FD, MMAP, ACCESS, GUEST, ATTRIBUTES, PIN})
+
+    def __init__(self, mountpoint: str):
+        super().__init__()
+        self.mountpoint = mountpoint
+        self.kvm = kvm.Kvm() if kvm.skip_reason() is None else None
+        if self.kvm is None:
+            self.capabilities = self.capabilities - {GUEST}
+
+    def _create(self, size, flags):
+        name = f"conformance{os.getpid()}-{next(_names)}"
+        _request(os.path.join(self.mountpoint, "ctl"), f"create {name} size={size} flags={flags:#x}".encode())
+        path = os.path.join(self.mountpoint, name, "mem").encode()
+        fd = _libc.open(path, os.O_RDWR)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"open {path.decode()}: {os.strerror(err)}")
+        return MountFile(self, size, flags, fd, name)
+
+    def close(self):
+        super().close()
+        if self.kvm is not None:
+            self.kvm.close()
