@@ -1,0 +1,158 @@
+"""The real-mount fixture for FUSE tests: a ufsgmem server in its own process, torn down whatever happens.
+
+``fuse_mount`` (module scope) mounts a fresh temporary directory with the background ``ufsgmem mount``
+path (so that path is exercised too), yields a :class:`Mount`, and at the end checks that the server is
+still alive and logged no internal error, then unmounts (SIGTERM by pid; SIGKILL and a lazy unmount if
+that fails) and removes the directory. ``gmem`` (function scope) is a factory for fresh guest_memfd files
+on that mount, destroyed after the test.
+
+Use from a test module: ``from fusefix import fuse_mount, gmem  # noqa: F401`` (fixtures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import pytest
+
+from ufsgmem.commands.mount import start_background
+from ufsgmem.commands.umount import _alive, unmount
+from ufsgmem.fuse import server as fuse_server
+
+
+def fuse_available() -> str | None:
+    """Why a real mount cannot work here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if os.geteuid() != 0 and not shutil.which("fusermount3"):
+        return "not root and no fusermount3"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"cannot open /dev/fuse: {exc}"
+    return None
+
+
+requires_fuse = pytest.mark.skipif(fuse_available() is not None, reason=f"FUSE: {fuse_available()}")
+
+
+@dataclass
+class Mount:
+    path: str
+    pid: int
+
+    def ctl(self, request: str | bytes) -> None:
+        """Write one request to MOUNTPOINT/ctl (raises OSError with the request's errno)."""
+        data = request.encode() if isinstance(request, str) else request
+        fd = os.open(os.path.join(self.path, "ctl"), os.O_WRONLY)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    @property
+    def log(self) -> str:
+        try:
+            with open(fuse_server.logfile_path(self.path)) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+@dataclass
+class Gmem:
+    """Paths of one guest_memfd on the mount."""
+
+    mount: Mount
+    name: str
+    size: int
+
+    def path(self, what: str = "mem") -> str:
+        return os.path.join(self.mount.path, self.name, what)
+
+    def request(self, text: str | bytes) -> bytes:
+        """One request on NAME/ctl; returns the read-back. Raises OSError(errno) when the write fails."""
+        fd = os.open(self.path("ctl"), os.O_RDWR)
+        try:
+            os.write(fd, text.encode() if isinstance(text, str) else text)
+            return os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+
+    def convert(self, offset: int, size: int, private: bool) -> None:
+        self.request(f"set_memory_attributes offset={offset:#x} size={size:#x} "
+                     f"attributes={'private' if private else 'shared'}")
+
+    def guest_read(self, offset: int, size: int) -> bytes:
+        fd = os.open(self.path("guest"), os.O_RDONLY)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    def guest_write(self, offset: int, data: bytes) -> None:
+        fd = os.open(self.path("guest"), os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, data, offset) == len(data)
+        finally:
+            os.close(fd)
+
+    def status(self) -> dict:
+        import json
+        with open(self.path("status")) as f:
+            return json.load(f)
+
+
+@contextlib.contextmanager
+def mounted(backend: str = "anon"):
+    """Mount in a fresh directory; always unmount and stop the server, even when the body fails."""
+    path = tempfile.mkdtemp(prefix="ufsgmem-test-")
+    pid = None
+    try:
+        pid = start_background(path, backend=backend)
+        mount = Mount(path, pid)
+        yield mount
+        assert _alive(pid), f"the server died during the tests; log:\n{mount.log}"
+        assert "Traceback" not in mount.log, f"the server logged an internal error:\n{mount.log}"
+    finally:
+        with contextlib.suppress(OSError):
+            unmount(path, timeout=10)
+        if pid is not None and _alive(pid):
+            os.kill(pid, 9)
+        with contextlib.suppress(OSError):
+            os.unlink(fuse_server.logfile_path(path))
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+@pytest.fixture(scope="module")
+def fuse_mount():
+    reason = fuse_available()
+    if reason:
+        pytest.skip(f"FUSE: {reason}")
+    with mounted() as mount:
+        yield mount
+
+
+@pytest.fixture
+def gmem(fuse_mount, request):
+    """``gmem(size, flags="mmap|init_shared", **options)`` -> Gmem; destroyed after the test."""
+    made = []
+    counter = iter(range(1 << 30))
+
+    def make(size: int, flags: str = "mmap|init_shared", **options) -> Gmem:
+        name = f"t{os.getpid()}_{request.node.name[:24]}_{next(counter)}".replace("[", "_").replace("]", "_")
+        name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in name)[:60]
+        extra = "".join(f" {k}={v}" for k, v in options.items())
+        fuse_mount.ctl(f"create {name} size={size} flags={flags}{extra}")
+        made.append(name)
+        return Gmem(fuse_mount, name, size)
+
+    yield make
+    for name in made:
+        with contextlib.suppress(OSError):
+            fuse_mount.ctl(f"destroy {name}")

@@ -1,0 +1,70 @@
+"""Unmount a ufsgmem filesystem: stop its server (SIGTERM, by the pid in /run/ufsgmem), and remove a
+mount left behind by a server that died ("Transport endpoint is not connected") with a lazy unmount.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import time
+
+HELP = "unmount a ufsgmem filesystem (also cleans up after a dead server)"
+
+
+def configure(parser) -> None:
+    parser.add_argument("mountpoint")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server to exit")
+
+
+def run(args) -> int:
+    unmount(args.mountpoint, timeout=args.timeout)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def unmount(mountpoint: str, timeout: float = 10.0) -> None:
+    """Stop the server of ``mountpoint`` and make sure nothing stays mounted there."""
+    from ..fuse import server
+
+    pid = server.read_pid(mountpoint)
+    mounted = server.mount_type(mountpoint)
+    if pid is None and mounted is None:
+        raise OSError(errno.EINVAL, f"{mountpoint} is not a ufsgmem mount")
+    if mounted is not None and mounted != server.FSTYPE:
+        raise OSError(errno.EINVAL, f"{mountpoint} is a {mounted} mount, not ufsgmem")
+    if pid is not None and _alive(pid):
+        os.kill(pid, 15)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _alive(pid):
+            os.kill(pid, 9)
+    if server.mount_type(mountpoint) == server.FSTYPE:
+        _force_unmount(mountpoint)
+    try:
+        os.unlink(server.pidfile_path(mountpoint))
+    except FileNotFoundError:
+        pass
+
+
+def _force_unmount(mountpoint: str) -> None:
+    """A dead server's mount: fusermount3 -u -z, else umount -l."""
+    for command in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
+        if shutil.which(command[0]) and subprocess.run(command, capture_output=True).returncode == 0:
+            return
+    raise OSError(errno.EBUSY, f"could not unmount {mountpoint}")

@@ -1,0 +1,210 @@
+"""What each file of the mount does, as async functions over the core. FUSE-free apart from being async.
+
+``mem``
+    FUSE READ requests of ``mem`` are page-cache fills (a fault, or readahead); they are served from
+    ``GuestMemfd.host_read`` (a zero-copy memoryview). A private page or a page past EOF anywhere in the
+    request fails the *whole* request with EIO, which the kernel turns into SIGBUS for the faulting
+    access; it then retries the faulting page alone, so shared neighbours still work. A short read would
+    be taken as end of file and shrink the file, so there are none. FUSE WRITE requests are dirty pages
+    written back from shared mappings: ``host_write``.
+
+    A read that meets a pending punch-hole is answered with zeros (what the range holds once the punch
+    commits) instead of waiting for the commit: the revocation that the punch is waiting for has to take
+    the lock of the very page being read in, so waiting would deadlock.
+
+Control files
+    One write = one request (``ufsgmem.control``); the outcome is kept per open file for the next read.
+
+Transitions (shared→private, punch-hole) follow design §3: validate (``prepare_*``), revoke the ranges in
+a worker thread while this loop keeps serving write-backs, then ``commit()``. They are serialised per
+file by ``Entry.lock``, the stand-in for the kernel's invalidate lock.
+
+``guest``
+    pread/pwrite reach every page. For coherence with host mappings of *shared* pages: before a guest
+    read, the shared part of the range is revoked so dirty host pages are written back first; a guest
+    write revokes before (so an older dirty page cannot overwrite it later) and after (so a page
+    re-faulted meanwhile cannot keep the old bytes) applying the write.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import trio
+
+from .. import control
+from ..address import Range, align_down, align_up
+from ..errors import fail
+from ..gmem import SHARED, GuestMemfd, HostFault, Transition, TransitionPending
+from ..plugins import available, BACKENDS
+from ..uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP, PAGE_SIZE
+from .inodes import Entry, Namespace
+from .revoke import Revoker
+
+
+class Files:
+    def __init__(self, namespace: Namespace, revoker: Revoker | None, *, default_backend: str = "anon",
+                 progress=None):
+        self.ns = namespace
+        self.revoker = revoker
+        self.default_backend = default_backend
+
+    # --- revocation ---------------------------------------------------------------------------------
+    async def revoke(self, entry: Entry, ranges) -> None:
+        ranges = tuple(r for r in ranges if r.size > 0)
+        if not ranges or self.revoker is None:
+            return
+        ino = entry.ino("mem")
+        await trio.to_thread.run_sync(self.revoker.revoke, ino, ranges)
+
+    async def run_transition(self, entry: Entry, transition: Transition | None) -> None:
+        if transition is None:
+            return
+        try:
+            await self.revoke(entry, transition.revoke)
+        except BaseException:
+            transition.abort()
+            raise
+        transition.commit()
+        if transition.revoke:  # the counters GuestMemfd._run keeps when it revokes in-process
+            entry.gm.counters.revocations += 1
+            entry.gm.counters.revoked_bytes += sum(r.size for r in transition.revoke)
+
+    # --- mem ----------------------------------------------------------------------------------------
+    def mem_read(self, entry: Entry, offset: int, size: int):
+        gm = entry.gm
+        size = max(0, min(size, gm.size - offset)) if offset < gm.size else size
+        try:
+            return gm.host_read(offset, size)
+        except TransitionPending as exc:
+            return self._read_around_punch(gm, exc.transition.range, offset, size)
+        except HostFault:
+            raise OSError(errno.EIO, "host access to a private page or past EOF") from None
+
+    @staticmethod
+    def _read_around_punch(gm: GuestMemfd, punched: Range, offset: int, size: int) -> bytes:
+        out = bytearray(size)
+        want = Range(offset, offset + size)
+        for part in (Range(offset, max(offset, min(want.end, punched.start))),
+                     Range(min(want.end, max(offset, punched.end)), want.end)):
+            if part.size:
+                try:
+                    out[part.start - offset:part.end - offset] = gm.host_read(part.start, part.size)
+                except (HostFault, TransitionPending):
+                    raise OSError(errno.EIO, "host access to a private page") from None
+        return bytes(out)
+
+    def mem_write(self, entry: Entry, offset: int, data) -> int:
+        try:
+            entry.gm.host_write(offset, data)
+        except HostFault:
+            raise OSError(errno.EIO, "write-back of a private page or past EOF") from None
+        return len(data)
+
+    # --- NAME/ctl -----------------------------------------------------------------------------------
+    async def file_request(self, entry: Entry, data: bytes) -> tuple[bytes, OSError | None]:
+        """Run one request; return (read-back, error or None)."""
+        request = None
+        try:
+            request = control.parse_file_request(bytes(data))
+            detail = await self._file_request(entry, request)
+        except OSError as exc:
+            return control.error_result(request, exc), exc
+        return control.ok_result(request, detail), None
+
+    async def _file_request(self, entry: Entry, req: control.FileRequest) -> str:
+        gm = entry.gm
+        if req.op == "get_attributes":
+            return control.format_runs(gm.get_attributes(req.offset, req.size))
+        if req.op in ("pin", "unpin"):
+            getattr(gm, req.op)(req.offset, req.size)
+            return ""
+        async with entry.lock:
+            if req.op == "set_memory_attributes":
+                t = gm.prepare_set_memory_attributes(req.offset, req.size, req.attributes, req.flags, req.reserved)
+            elif req.op == "allocate":
+                t = gm.prepare_fallocate(control_keep_size(), req.offset, req.size)
+            elif req.op == "punch_hole":
+                t = gm.prepare_fallocate(control_keep_size(punch=True), req.offset, req.size)
+            else:  # parse_file_request only returns known verbs
+                raise fail(errno.EINVAL, f"unknown request {req.op!r}")
+            await self.run_transition(entry, t)
+        return ""
+
+    # --- MOUNTPOINT/ctl -----------------------------------------------------------------------------
+    async def mount_request(self, data: bytes, uid_gid) -> tuple[bytes, OSError | None, str | None]:
+        """Run one create/destroy; return (read-back, error or None, name removed or None)."""
+        request = None
+        try:
+            request = control.parse_mount_request(bytes(data))
+            if isinstance(request, control.CreateRequest):
+                detail, removed = await self._create(request), None
+            else:
+                detail, removed = self._destroy(request), request.name
+        except OSError as exc:
+            return control.error_result(request, exc), exc, None
+        return control.ok_result(request, detail), None, removed
+
+    async def _create(self, req: control.CreateRequest) -> str:
+        if req.name in self.ns.by_name:
+            raise fail(errno.EEXIST, f"{req.name!r} exists")
+        backend = req.backend or self.default_backend
+        if backend not in available(BACKENDS):
+            raise fail(errno.EINVAL, f"unknown backend {backend!r}; available: {', '.join(available(BACKENDS))}")
+        # Preallocating a large hugetlb file can take a while: keep the loop serving other requests.
+        gm = await trio.to_thread.run_sync(
+            lambda: GuestMemfd(req.size, req.flags, backend=backend, page_size=req.page_size, name=req.name))
+        if req.name in self.ns.by_name:  # lost a race with another create of the same name
+            gm.close()
+            raise fail(errno.EEXIST, f"{req.name!r} exists")
+        self.ns.add(req.name, gm)
+        return control.describe_create(req, gm.folio_size)
+
+    def _destroy(self, req: control.DestroyRequest) -> str:
+        if req.name not in self.ns.by_name:
+            raise fail(errno.ENOENT, f"no guest_memfd called {req.name!r}")
+        self.ns.unlink(req.name)
+        return req.name
+
+    # --- guest --------------------------------------------------------------------------------------
+    def _shared_pages(self, gm: GuestMemfd, offset: int, size: int) -> list[Range]:
+        start, end = align_down(offset, PAGE_SIZE), align_up(min(offset + size, gm.size), PAGE_SIZE)
+        if start >= end:
+            return []
+        return [Range(o, o + s) for o, s, a in gm.get_attributes(start, end - start) if a == SHARED]
+
+    async def guest_read(self, entry: Entry, offset: int, size: int) -> bytes:
+        gm = entry.gm
+        size = max(0, min(size, gm.size - offset))
+        if size == 0:
+            return b""
+        async with entry.lock:
+            if gm.flags & GUEST_MEMFD_FLAG_MMAP:  #: host pages may be dirty in the page cache
+                await self.revoke(entry, self._shared_pages(gm, offset, size))
+            return bytes(gm.guest_read(offset, size))
+
+    async def guest_write(self, entry: Entry, offset: int, data) -> int:
+        gm = entry.gm
+        if offset >= gm.size and len(data):
+            raise fail(errno.ENOSPC, f"guest write at {offset:#x} is past the end of the file")
+        data = bytes(data[:max(0, gm.size - offset)])
+        async with entry.lock:
+            shared = self._shared_pages(gm, offset, len(data)) if gm.flags & GUEST_MEMFD_FLAG_MMAP else []
+            await self.revoke(entry, shared)
+            gm.guest_write(offset, data)
+            await self.revoke(entry, shared)
+        return len(data)
+
+    # --- status and snapshot ------------------------------------------------------------------------
+    @staticmethod
+    def status(entry: Entry) -> bytes:
+        return (json.dumps(entry.gm.status(), indent=1, sort_keys=True) + "\n").encode()
+
+    @staticmethod
+    def snapshot(entry: Entry) -> bytes:
+        return entry.gm.snapshot().to_json().encode()
+
+
+def control_keep_size(punch: bool = False) -> int:
+    return FALLOC_FL_KEEP_SIZE | (FALLOC_FL_PUNCH_HOLE if punch else 0)

@@ -1,0 +1,144 @@
+"""The mount's namespace: inode numbers, lookup counts, open handles, and when memory may be freed.
+
+Layout (design §2.2)::
+
+    /ctl                 mount control file        (inode 2)
+    /NAME/               one directory per guest_memfd
+    /NAME/mem            the guest_memfd file
+    /NAME/ctl            its control file
+    /NAME/guest          the guest's view (pread/pwrite of any page)
+    /NAME/status         JSON of GuestMemfd.status()
+    /NAME/snapshot       JSON of GuestMemfd.snapshot() (for ``ufsgmem layout``)
+
+Each guest_memfd gets a fresh block of inode numbers that is never reused, so every ``mem`` has its own
+st_ino (as every KVM_CREATE_GUEST_MEMFD makes a new inode) and a stale kernel reference can never reach a
+newer file.
+
+Lifetime mirrors the kernel: ``destroy`` only unlinks the name. The memory lives while the kernel still
+holds a lookup reference on any of the entry's inodes or any file of it is open; an mmap holds its file
+open, so FUSE sends RELEASE only after the last munmap. The entry is closed (memory freed) when both
+counts reach zero. Lookup counts are dropped in ``forget``, never at destroy (pyfuse3's gotcha).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import trio
+
+from ..gmem import GuestMemfd
+
+ROOT_INO = 1
+MOUNT_CTL_INO = 2
+FILES = ("mem", "ctl", "guest", "status", "snapshot")
+BLOCK = 8  # inode numbers per entry: the directory, then FILES in order
+
+
+@dataclass
+class Entry:
+    """One guest_memfd with its inode block and reference counts."""
+
+    name: str
+    gm: GuestMemfd
+    base: int
+    lookups: dict[int, int] = field(default_factory=dict)
+    open_handles: int = 0
+    destroyed: bool = False
+    #: Serialises transitions and guest accesses on this file (the kernel's invalidate lock).
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def dir_ino(self) -> int:
+        return self.base
+
+    def ino(self, kind: str) -> int:
+        return self.base + 1 + FILES.index(kind)
+
+    def kind(self, ino: int) -> str:
+        return "dir" if ino == self.base else FILES[ino - self.base - 1]
+
+    @property
+    def referenced(self) -> bool:
+        return self.open_handles > 0 or any(self.lookups.values())
+
+
+@dataclass
+class Handle:
+    entry: Entry | None  # None for the mount control file
+    kind: str
+    result: bytes = b""
+
+
+class Namespace:
+    """Names, inodes and handles of one mount. Not thread-safe: used from the trio loop only."""
+
+    def __init__(self):
+        self.by_name: dict[str, Entry] = {}
+        self.by_ino: dict[int, Entry] = {}
+        self.handles: dict[int, Handle] = {}
+        self._next_base = itertools.count(16, BLOCK)
+        self._next_fh = itertools.count(1)
+        self.mount_ctl_lookups = 0
+
+    # --- entries ------------------------------------------------------------------------------------
+    def add(self, name: str, gm: GuestMemfd) -> Entry:
+        entry = Entry(name, gm, next(self._next_base))
+        for ino in range(entry.base, entry.base + 1 + len(FILES)):
+            self.by_ino[ino] = entry
+        self.by_name[name] = entry
+        return entry
+
+    def unlink(self, name: str) -> Entry:
+        entry = self.by_name.pop(name)
+        entry.destroyed = True
+        self._maybe_free(entry)
+        return entry
+
+    def _maybe_free(self, entry: Entry) -> None:
+        if entry.destroyed and not entry.referenced:
+            for ino in range(entry.base, entry.base + 1 + len(FILES)):
+                self.by_ino.pop(ino, None)
+            entry.gm.close()
+
+    def entry_of(self, ino: int) -> Entry | None:
+        return self.by_ino.get(ino)
+
+    # --- kernel references --------------------------------------------------------------------------
+    def looked_up(self, ino: int) -> None:
+        if ino == MOUNT_CTL_INO:
+            self.mount_ctl_lookups += 1
+            return
+        entry = self.by_ino[ino]
+        entry.lookups[ino] = entry.lookups.get(ino, 0) + 1
+
+    def forget(self, ino: int, count: int) -> None:
+        entry = self.by_ino.get(ino)
+        if entry is None:
+            return
+        left = entry.lookups.get(ino, 0) - count
+        if left > 0:
+            entry.lookups[ino] = left
+        else:
+            entry.lookups.pop(ino, None)
+        self._maybe_free(entry)
+
+    # --- handles ------------------------------------------------------------------------------------
+    def open(self, entry: Entry | None, kind: str) -> int:
+        fh = next(self._next_fh)
+        self.handles[fh] = Handle(entry, kind)
+        if entry is not None:
+            entry.open_handles += 1
+        return fh
+
+    def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is not None and handle.entry is not None:
+            handle.entry.open_handles -= 1
+            self._maybe_free(handle.entry)
+
+    def close_all(self) -> None:
+        for entry in {id(e): e for e in self.by_ino.values()}.values():
+            entry.gm.close()
+        self.by_name.clear()
+        self.by_ino.clear()

@@ -1,0 +1,177 @@
+"""The ufsgmem FUSE server process: mount, serve on one trio loop, unmount on SIGTERM/SIGINT.
+
+``serve()`` mounts with pyfuse3, finds the connection's ``/dev/fuse`` fd for ranged revocation, writes a
+pidfile (``/run/ufsgmem/<mountpoint, %-quoted>.pid``) so ``ufsgmem umount`` and tests can end the server
+by pid, and reports readiness only once a request has gone through the mount (a stat of ``ctl`` from a
+worker thread), so a background ``ufsgmem mount`` returns when the mount is really usable.
+
+Run as ``python -m ufsgmem.fuse.server [--ready-fd N] MOUNTPOINT``; ``ufsgmem mount`` does that for the
+background mode. On SIGTERM, SIGINT or SIGHUP the loop ends, the mount is removed (libfuse detaches it
+lazily as root, so files still open elsewhere don't keep it busy), every guest_memfd is freed and the
+pidfile goes. If the process dies without that, the kernel leaves a "Transport endpoint is not
+connected" mount that ``ufsgmem umount`` removes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import sys
+import urllib.parse
+
+import pyfuse3
+import trio
+
+from .files import Files
+from .inodes import ROOT_INO, Namespace
+from .ops import Operations
+from .revoke import Revoker, find_fuse_fd
+
+log = logging.getLogger("ufsgmem.fuse")
+
+RUN_DIR = "/run/ufsgmem"
+FSNAME = "ufsgmem"
+FSTYPE = "fuse.ufsgmem"
+
+
+# --- where a mount's server is recorded -----------------------------------------------------------
+def _key(mountpoint: str) -> str:
+    return urllib.parse.quote(os.path.realpath(mountpoint), safe="")
+
+
+def pidfile_path(mountpoint: str) -> str:
+    return os.path.join(RUN_DIR, _key(mountpoint) + ".pid")
+
+
+def logfile_path(mountpoint: str) -> str:
+    return os.path.join(RUN_DIR, _key(mountpoint) + ".log")
+
+
+def read_pid(mountpoint: str) -> int | None:
+    try:
+        with open(pidfile_path(mountpoint)) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def mount_type(mountpoint: str) -> str | None:
+    """The filesystem type mounted exactly at ``mountpoint`` (from /proc/self/mounts), or None."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            path = fields[1].encode().decode("unicode_escape")  # \040 etc.
+            if path == target:
+                found = fields[2]  # the last one wins (mounts stack)
+    return found
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Refuse a missing, non-directory or busy mount point with a clear OSError."""
+    try:
+        st = os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise OSError(errno.EBUSY, f"{mountpoint} is a mount whose server died; "
+                                       f"run `ufsgmem umount {mountpoint}` first") from None
+        raise OSError(exc.errno, f"mount point {mountpoint}: {exc.strerror}") from None
+    import stat as _stat
+    if not _stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint) or mount_type(mountpoint):
+        raise OSError(errno.EBUSY, f"mount point {mountpoint} is busy: something is already mounted there")
+
+
+# --- the server -----------------------------------------------------------------------------------
+async def _main(ops: Operations, mountpoint: str, ready) -> None:
+    async with trio.open_nursery() as nursery:
+        async def serve_until_unmounted():
+            await pyfuse3.main()  # returns after terminate() or when the mount went away
+            nursery.cancel_scope.cancel()
+        nursery.start_soon(serve_until_unmounted)
+        nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, "ctl"))
+        ready()
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            scope.cancel()
+            return
+
+
+def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon", debug: bool = False) -> None:
+    """Mount at ``mountpoint`` and serve until a signal; always unmount and free everything on the way out."""
+    check_mountpoint(mountpoint)
+    namespace = Namespace()
+    files = Files(namespace, None, default_backend=default_backend)
+    ops = Operations(files, os.getuid(), os.getgid())
+    ops.on_destroy = lambda name: pyfuse3.invalidate_entry_async(ROOT_INO, os.fsencode(name),
+                                                                  ignore_enoent=True)
+    options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    if debug:
+        options.add("debug")
+    # Resolve every path before mounting: once mounted, touching the mount point from this thread
+    # before the loop runs would wait forever for ourselves.
+    mountpoint = os.path.realpath(mountpoint)
+    pidfile = pidfile_path(mountpoint)
+    os.makedirs(RUN_DIR, exist_ok=True)
+    pyfuse3.init(ops, mountpoint, options)
+    try:
+        files.revoker = Revoker(find_fuse_fd())
+        with open(pidfile, "w") as f:
+            f.write(f"{os.getpid()} {mountpoint}\n")
+        trio.run(_main, ops, mountpoint, ready)
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        finally:
+            namespace.close_all()
+            try:
+                with open(pidfile) as f:
+                    mine = int(f.read().split()[0]) == os.getpid()
+                if mine:
+                    os.unlink(pidfile)
+            except OSError:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ufsgmem.fuse.server")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--ready-fd", type=int, help="write 'ready PID' here once the mount works")
+    parser.add_argument("--backend", default="anon", help="default backend for create")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def report(message: str) -> None:
+        if args.ready_fd is not None:
+            try:
+                os.write(args.ready_fd, message.encode())
+                os.close(args.ready_fd)
+            except OSError:
+                pass
+            args.ready_fd = None
+
+    try:
+        serve(args.mountpoint, ready=lambda: report(f"ready {os.getpid()}\n"), default_backend=args.backend,
+              debug=args.debug)
+    except Exception as exc:  # noqa: BLE001 - reported to the waiting parent, then fatal
+        report(f"error {exc}\n")
+        log.exception("server failed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
