@@ -344,20 +344,25 @@ class GuestMemfd:
     def host_read(self, offset: int, size: int) -> memoryview:
         """What a host mapping of ``mem`` reads. HostFault (→ SIGBUS) on a private page or past EOF."""
         self._check_host(offset, size, writing=False)
-        self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        self._use(offset, size)
         return self.backend.view(offset, size)
 
     def host_write(self, offset: int, data) -> None:
         """What a host mapping writes (or a dirty page written back while its range is being revoked)."""
         size = len(memoryview(data).cast("B"))
         self._check_host(offset, size, writing=True)
-        self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        self._use(offset, size)
         self.backend.write(offset, data)
 
     def _check_host(self, offset: int, size: int, writing: bool) -> None:
         if not self.flags & GUEST_MEMFD_FLAG_MMAP:
             raise HostFault(offset, "the file was created without mmap")
         if offset < 0 or size < 0 or offset + size > self.size:
+            # the access faults at its first bad byte: a private page inside the file comes before EOF
+            private = (self._attrs.first(offset >> PAGE_SHIFT, self._npages, lambda v: v == PRIVATE)
+                       if 0 <= offset < self.size else None)
+            if private is not None:
+                raise HostFault(max(offset, private << PAGE_SHIFT), "the page is private")
             raise HostFault(max(offset, self.size), f"past the end of the {format_size(self.size)} file")
         if size == 0:
             return
@@ -377,13 +382,13 @@ class GuestMemfd:
     def guest_read(self, offset: int, size: int) -> memoryview:
         """A vCPU read: reaches private and shared pages alike."""
         self._check_guest(offset, size)
-        self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        self._use(offset, size)
         return self.backend.view(offset, size)
 
     def guest_write(self, offset: int, data) -> None:
         size = len(memoryview(data).cast("B"))
         self._check_guest(offset, size)
-        self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        self._use(offset, size)
         self.backend.write(offset, data)
 
     def _check_guest(self, offset: int, size: int) -> None:
@@ -402,7 +407,12 @@ class GuestMemfd:
             self._check_host(offset, size, writing=write)
         else:
             self._check_guest(offset, size)
-        self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        self._use(offset, size)
+
+    def _use(self, offset: int, size: int) -> None:
+        """First use of the bytes ``[offset, offset + size)``; an empty access uses no page."""
+        if size > 0:
+            self._touch(offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
 
     def _touch(self, first: int, last: int) -> None:
         """First use allocates (a fresh page reads as zero: zeroed once, on first use)."""
