@@ -51,7 +51,8 @@ class Model:
 
     # --- derived facts ------------------------------------------------------------------------------
     def pages(self, offset: int, length: int) -> range:
-        return range(offset // PS, -(-(offset + length) // PS))
+        """The pages an access of ``length`` bytes at ``offset`` uses (none when it is empty)."""
+        return range(offset // PS, -(-(offset + length) // PS)) if length > 0 else range(0)
 
     def touch(self, pages: range) -> None:
         """First use allocates the whole folio of every page used."""
@@ -168,15 +169,18 @@ class Model:
             self.pins[p] -= 1
         return None
 
-    def host_access(self, offset, length) -> bool:
-        """True if the host may do it (and then it counts as a use); False is SIGBUS."""
-        if not self.flags & MMAP or offset + length > self.size:
-            return False
-        pages = self.pages(offset, length)
-        if any(self.attrs[p] == PRIVATE for p in pages):
-            return False
-        self.touch(pages)
-        return True
+    def host_fault(self, offset, length) -> int | None:
+        """Where the host access faults (SIGBUS at its first bad byte), or None: then it is a use."""
+        if not self.flags & MMAP:
+            return offset
+        inside = self.pages(offset, min(offset + length, self.size) - offset) if offset < self.size else ()
+        private = next((p for p in inside if self.attrs[p] == PRIVATE), None)
+        if private is not None:
+            return max(offset, private * PS)
+        if offset + length > self.size:
+            return max(offset, self.size)
+        self.touch(self.pages(offset, length))
+        return None
 
     def guest_access(self, offset, length) -> bool:
         if offset + length > self.size:
@@ -309,28 +313,32 @@ class CoreMachine(RuleBasedStateMachine):
     def _span(self, data):
         page = data.draw(self.page_index())
         offset = page * PS + data.draw(st.sampled_from([0, 0, 1, PS - 3, PS // 2]))
-        length = data.draw(st.sampled_from([1, 8, PS, PS + 5, 2 * PS]))
+        length = data.draw(st.sampled_from([0, 1, 8, PS, PS + 5, 2 * PS, 3 * PS]))
         return offset, length
 
     @rule(data=st.data(), seed=st.integers(0, 254))
     def host_write(self, data, seed):
         offset, length = self._span(data)
         blob = payload(seed, length)
-        if self.m.host_access(offset, length):
+        fault = self.m.host_fault(offset, length)
+        if fault is None:
             self.g.host_write(offset, blob)
             self.m.data[offset:offset + length] = blob
         else:
-            with pytest.raises(HostFault):
+            with pytest.raises(HostFault) as info:
                 self.g.host_write(offset, blob)
+            assert info.value.offset == fault, "SIGBUS at the first byte the host may not touch"
 
     @rule(data=st.data())
     def host_read(self, data):
         offset, length = self._span(data)
-        if self.m.host_access(offset, length):
+        fault = self.m.host_fault(offset, length)
+        if fault is None:
             assert bytes(self.g.host_read(offset, length)) == self.m.data[offset:offset + length]
         else:
-            with pytest.raises(HostFault):
+            with pytest.raises(HostFault) as info:
                 self.g.host_read(offset, length)
+            assert info.value.offset == fault, "SIGBUS at the first byte the host may not touch"
 
     @rule(data=st.data(), seed=st.integers(0, 254))
     def guest_write(self, data, seed):

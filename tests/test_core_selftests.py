@@ -346,6 +346,28 @@ def test_fault_overflow(env, gmem):
     assert is_filled(gmem, 0, size, 0xAA, host=True), "bytes inside the file keep their value"
 
 
+@flagsets("mmap", "mmap+shared")
+def test_host_fault_at_first_bad_byte(env, gmem, flags):
+    """An access faults at its first byte the host may not touch: a private page inside the file comes
+    before EOF. An empty access touches nothing: no fault inside the file, no page allocated."""
+    g = gmem
+    if not flags & INIT_SHARED:
+        g.set_memory_attributes(0, g.size, SHARED)
+    convert(g, 2, PRIVATE)
+    for call in (g.host_read, lambda off, n: g.host_write(off, bytes(n))):
+        with pytest.raises(HostFault) as info:
+            call(PS + 5, g.size)  # shared page 1, private page 2, ..., past EOF
+        assert info.value.offset == 2 * PS
+        with pytest.raises(HostFault) as info:
+            call(3 * PS, g.size)  # shared up to EOF, then past it
+        assert info.value.offset == g.size
+    allocated = g.status()["allocated_bytes"]
+    g.host_write(2 * PS + 1, b"")
+    assert bytes(g.host_read(2 * PS + 7, 0)) == b""
+    g.guest_write(3 * PS + 3, b"")
+    assert g.status()["allocated_bytes"] == allocated, "an empty access uses no page"
+
+
 @flagsets("mmap")
 def test_fault_private(env, gmem):
     """fault_private: with MMAP but not INIT_SHARED every host access faults, the first byte already."""
