@@ -68,6 +68,7 @@ class Handle:
     entry: Entry | None  # None for the mount control file
     kind: str
     result: bytes = b""
+    read_pos: int = 0
 
 
 class Namespace:

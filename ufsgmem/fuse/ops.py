@@ -234,7 +234,13 @@ class Operations(pyfuse3.Operations):
             return self.files.mem_read(handle.entry, off, size)
         if handle.kind == "guest":
             return await self.files.guest_read(handle.entry, off, size)
-        return handle.result[off:off + size]  # ctl: last result; status/snapshot: content at open
+        if handle.kind == "ctl":
+            # The result is read from its start after every request, whatever the file position (a
+            # write moved it); successive reads continue, so `cat` sees EOF.
+            chunk = handle.result[handle.read_pos:handle.read_pos + size]
+            handle.read_pos += len(chunk)
+            return chunk
+        return handle.result[off:off + size]  # status/snapshot: the content at open
 
     @fuse_errors
     async def write(self, fh, off, buf):
@@ -253,6 +259,7 @@ class Operations(pyfuse3.Operations):
                 self.on_destroy(removed)
         else:
             handle.result, error = await self.files.file_request(handle.entry, buf)
+        handle.read_pos = 0
         if error is not None:
             raise pyfuse3.FUSEError(error.errno or errno.EIO)
         return len(buf)
