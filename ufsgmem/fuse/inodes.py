@@ -14,10 +14,12 @@ Each guest_memfd gets a fresh block of inode numbers that is never reused, so ev
 st_ino (as every KVM_CREATE_GUEST_MEMFD makes a new inode) and a stale kernel reference can never reach a
 newer file.
 
-Lifetime mirrors the kernel: ``destroy`` only unlinks the name. The memory lives while the kernel still
-holds a lookup reference on any of the entry's inodes or any file of it is open; an mmap holds its file
-open, so FUSE sends RELEASE only after the last munmap. The entry is closed (memory freed) when both
-counts reach zero. Lookup counts are dropped in ``forget``, never at destroy (pyfuse3's gotcha).
+Lifetime mirrors the kernel: ``destroy`` only unlinks the name. The memory lives while any file of the
+entry is open; an mmap holds its file open, so FUSE sends RELEASE only after the last munmap. The entry is
+closed (memory freed) when a destroyed entry's last handle is released. Lookup counts are tracked (and
+dropped in ``forget``, never at destroy: pyfuse3's gotcha) but do not keep the memory: the kernel may
+keep a destroyed file's dentry cached indefinitely and never send FORGET, while a guest_memfd's memory
+goes with its last file reference. An inode of a freed entry answers ENOENT.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class Entry:
 
     @property
     def referenced(self) -> bool:
-        return self.open_handles > 0 or any(self.lookups.values())
+        return self.open_handles > 0
 
 
 @dataclass
