@@ -284,6 +284,16 @@ def test_create_invalid_sizes(env, flags):
         expect_error(errno.EINVAL, env.create, flags, size)
 
 
+@flagsets("mmap+shared")
+def test_guest_memfd_guest(env, gmem):
+    """guest_memfd_guest: host and guest see the same page: the host writes 0xaa, the guest reads it and
+    writes 0xff, the host (through a fresh read, the new mapping) sees 0xff."""
+    fill(gmem, 0, PS, 0xAA, host=True)
+    assert is_filled(gmem, 0, PS, 0xAA, host=False)
+    fill(gmem, 0, PS, 0xFF, host=False)
+    assert is_filled(gmem, 0, PS, 0xFF, host=True)
+
+
 @flagsets("none")
 def test_host_access_without_mmap_faults(env, gmem):
     """file_read_write / mmap_not_supported: without MMAP the host never reaches the memory, even shared."""
