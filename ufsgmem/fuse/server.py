@@ -83,8 +83,17 @@ def check_mountpoint(mountpoint: str) -> None:
     import stat as _stat
     if not _stat.S_ISDIR(st.st_mode):
         raise OSError(errno.ENOTDIR, f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint) or mount_type(mountpoint):
-        raise OSError(errno.EBUSY, f"mount point {mountpoint} is busy: something is already mounted there")
+    mounted = mount_type(mountpoint)
+    if mounted == FSTYPE:
+        try:
+            os.listdir(mountpoint)  # the root's attributes may be cached; listing asks the server
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise OSError(errno.EBUSY, f"{mountpoint} is a ufsgmem mount whose server died; "
+                                           f"run `ufsgmem umount {mountpoint}` first") from None
+    if mounted or os.path.ismount(mountpoint):
+        raise OSError(errno.EBUSY, f"mount point {mountpoint} is busy: {mounted or 'something'} is "
+                                   "already mounted there")
 
 
 # --- the server -----------------------------------------------------------------------------------

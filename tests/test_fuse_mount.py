@@ -1,0 +1,105 @@
+"""``ufsgmem mount`` / ``umount``: readiness, clean unmount on signals, clear errors, dead-server cleanup."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from fusefix import fuse_mount, requires_fuse  # noqa: F401 (fixtures)
+from ufsgmem.commands.umount import _alive
+from ufsgmem.fuse import server
+
+pytestmark = [requires_fuse, pytest.mark.fuse]
+
+
+def cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ufsgmem", *args], capture_output=True, text=True,
+                          timeout=60, **kwargs)
+
+
+@pytest.fixture
+def mountdir():
+    path = tempfile.mkdtemp(prefix="ufsgmem-mnt-")
+    yield path
+    if server.mount_type(path):
+        subprocess.run(["umount", "-l", path], check=False)
+    pid = server.read_pid(path)
+    if pid and _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    for leftover in (server.pidfile_path(path), server.logfile_path(path)):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+    os.rmdir(path)
+
+
+def test_background_mount_is_usable_when_the_command_returns(mountdir):
+    result = cli("mount", mountdir)
+    assert result.returncode == 0, result.stderr
+    pid = server.read_pid(mountdir)
+    assert pid and _alive(pid)
+    assert server.mount_type(mountdir) == server.FSTYPE
+    assert os.listdir(mountdir) == ["ctl"]
+    result = cli("umount", mountdir)
+    assert result.returncode == 0, result.stderr
+    assert server.mount_type(mountdir) is None and not _alive(pid)
+    assert not os.path.exists(server.pidfile_path(mountdir))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_unmount_cleanly(mountdir, signum):
+    proc = subprocess.Popen([sys.executable, "-m", "ufsgmem", "mount", "--foreground", mountdir],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "mounted" in line, line + proc.stderr.read()
+        with open(os.path.join(mountdir, "ctl"), "w") as f:
+            f.write("create vm size=1M flags=mmap|init_shared")
+        assert os.listdir(mountdir) == ["ctl", "vm"]
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert server.mount_type(mountdir) is None
+    assert not os.path.exists(server.pidfile_path(mountdir))
+
+
+def test_missing_mountpoint_is_a_clear_error():
+    result = cli("mount", "/nonexistent/ufsgmem-mnt")
+    assert result.returncode == 1 and "No such file or directory" in result.stderr
+    assert "/nonexistent/ufsgmem-mnt" in result.stderr
+
+
+def test_busy_mountpoint_is_a_clear_error(fuse_mount):
+    result = cli("mount", fuse_mount.path)
+    assert result.returncode == 1 and "busy" in result.stderr
+    assert os.listdir(fuse_mount.path)[:1] == ["ctl"], "the existing mount is untouched"
+
+
+def test_a_dead_server_is_cleaned_up_by_umount(mountdir):
+    assert cli("mount", mountdir).returncode == 0
+    pid = server.read_pid(mountdir)
+    os.kill(pid, signal.SIGKILL)
+    while _alive(pid):  # SIGKILL is delivered; the pid goes once the kernel has reaped it
+        os.sched_yield()
+    with pytest.raises(OSError) as info:
+        os.listdir(mountdir)
+    assert info.value.errno == errno.ENOTCONN
+    result = cli("mount", mountdir)
+    assert result.returncode == 1 and "umount" in result.stderr, "mounting over a dead mount says what to do"
+    result = cli("umount", mountdir)
+    assert result.returncode == 0, result.stderr
+    assert server.mount_type(mountdir) is None
+    assert os.listdir(mountdir) == []
+
+
+def test_umount_of_something_else_is_refused(mountdir):
+    result = cli("umount", mountdir)
+    assert result.returncode == 1 and "not a ufsgmem mount" in result.stderr
