@@ -10,24 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import subprocess
 import sys
-import tempfile
 
 from .. import kvm
 from . import report, runner
-from .subjects import CoreSubject, KernelSubject, MountSubject
-
-
-@contextlib.contextmanager
-def temporary_mount():
-    """A ufsgmem mount on a fresh directory, through the CLI as a user would; always unmounted."""
-    with tempfile.TemporaryDirectory(prefix="ufsgmem-conformance-") as mountpoint:
-        subprocess.run([sys.executable, "-m", "ufsgmem", "mount", mountpoint], check=True)
-        try:
-            yield mountpoint
-        finally:
-            subprocess.run([sys.executable, "-m", "ufsgmem", "umount", mountpoint], check=True)
+from .subjects import CoreSubject, KernelSubject, MountSubject, temporary_mount
 
 
 def run(subject: str, mountpoint: str | None) -> list[runner.Verdict]:

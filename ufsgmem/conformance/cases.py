@@ -169,6 +169,30 @@ def st_blocks(s, flags):
     return {"fresh": str(before), "allocated": str(os.fstat(f.fd).st_blocks)}
 
 
+@case("§2.1", "other ways in: fsync/fdatasync, sendfile and copy_file_range from the file, fadvise, "
+      "flock", needs={FD}, flagsets=SHARED_ONLY)
+def file_other_io(s, flags):
+    import tempfile
+    f = s.create(4 * PS, flags)
+    with tempfile.TemporaryFile() as out:
+        return {"fsync": attempt(os.fsync, f.fd), "fdatasync": attempt(os.fdatasync, f.fd),
+                "sendfile": attempt(os.sendfile, out.fileno(), f.fd, 0, PS),
+                "copy_file_range": attempt(os.copy_file_range, f.fd, out.fileno(), PS, 0, 0),
+                "fadvise DONTNEED": attempt(os.posix_fadvise, f.fd, 0, 0, os.POSIX_FADV_DONTNEED),
+                "flock": attempt(fcntl.flock, f.fd, fcntl.LOCK_EX)}
+
+
+@case("§1.4", "reopening the file through /proc/self/fd (an anonymous inode cannot be reopened)",
+      needs={FD})
+def reopen_via_proc(s, _):
+    f = s.create(PS, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    try:
+        os.close(os.open(f"/proc/self/fd/{f.fd}", os.O_RDWR))
+    except OSError as exc:
+        return {"open": name(exc.errno)}
+    return {"open": "ok"}
+
+
 @case("§2.6, §6.3", "setattr is EINVAL: ftruncate to any size, fchmod, fchown, utimes", needs={FD},
       flagsets=ALL)
 def setattr_einval(s, flags):
@@ -212,6 +236,14 @@ def ioctl_enotty(s, flags):
 def mmap_not_supported(s, flags):
     f = s.create(4 * PS, flags)
     return {"one page": attempt(f.mmap, PS), "whole file": attempt(f.mmap, 4 * PS)}
+
+
+@case("§1.4, §2.2", "PROT_READ alone maps; PROT_EXEC is EPERM (the guest_memfd mount is noexec)",
+      needs={MMAP}, flagsets=SHARED_ONLY)
+def mmap_prot(s, flags):
+    f = s.create(4 * PS, flags)
+    return {"PROT_READ": attempt(f.mmap, PS, MAP_SHARED, 0x1),
+            "PROT_READ|PROT_EXEC": attempt(f.mmap, PS, MAP_SHARED, 0x5)}
 
 
 @case("§6.1 mmap_cow, §2.2", "MAP_PRIVATE fails (EINVAL)", needs={MMAP}, flagsets=MAPPABLE)

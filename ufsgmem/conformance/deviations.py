@@ -27,7 +27,43 @@ CORE: dict[str, Deviation] = {
     "create_huge_sizes": HUGE_SIZES,
 }
 
-#: Deviations of a ufsgmem mount (filled from what the FUSE layer can and cannot do).
-MOUNT: dict[str, Deviation] = {}
+READ_FILL = (
+    "FUSE cannot tell a read(2) from a page-fault fill of a mapping (both are the same FUSE READ, and pages "
+    "already cached never reach the server), so read(2) of shared pages succeeds and of private pages fails "
+    "with EIO; private bytes are never returned")
+FALLOCATE_VIA_CTL = (
+    "before FUSE forwards a fallocate (pyfuse3 has no handler for it anyway) the VFS asks the server to strip "
+    "the security.capability xattr, which ufsgmem refuses with EINVAL, the refusal that makes write(2) "
+    "EINVAL. Allocate and punch hole are served by the NAME/ctl requests `allocate` and `punch_hole`, which "
+    "agree with the kernel case for case")
+
+#: Deviations of a ufsgmem mount: what FUSE cannot express, each with the mechanism that prevents it.
+MOUNT: dict[str, Deviation] = {
+    "create_huge_sizes": HUGE_SIZES,
+    "file_read_write[mmap]": Deviation(READ_FILL, keys=("read",)),
+    "file_read_write[mmap|init_shared]": Deviation(READ_FILL, keys=("read",)),
+    "file_other_io[mmap|init_shared]": Deviation(
+        "pyfuse3 answers FUSE_FSYNC with ENOSYS, which the kernel turns into success for every later fsync; "
+        "guest_memfd has no fsync method (EINVAL)", keys=("fsync", "fdatasync")),
+    "reopen_via_proc": Deviation(
+        "mem is a real file with a path: /proc/self/fd/N reopens it, where the kernel's anonymous inode "
+        "cannot be reopened (ENXIO)"),
+    "fstatfs_type": Deviation(
+        "a FUSE mount reports FUSE_SUPER_MAGIC; guest_memfd lives on the anon_inode filesystem "
+        "(ANON_INODE_FS_MAGIC 0x09041934 on 6.18, not GUEST_MEMFD_MAGIC as the reference guessed)"),
+    "mmap_prot[mmap|init_shared]": Deviation(
+        "the guest_memfd mount is noexec, so PROT_EXEC is EPERM; the ufsgmem mount is not mounted noexec",
+        keys=("PROT_READ|PROT_EXEC",)),
+    "mmap_cow[mmap]": Deviation(
+        "FUSE never sees mmap(2), so MAP_PRIVATE cannot be refused; a private mapping's page fills obey the "
+        "same attribute checks (SIGBUS on private pages)"),
+    "mmap_cow[mmap|init_shared]": Deviation(
+        "FUSE never sees mmap(2), so MAP_PRIVATE cannot be refused; a private mapping's page fills obey the "
+        "same attribute checks (SIGBUS on private pages)"),
+    **{f"fallocate_modes[{key}]": Deviation(
+        "fallocate(2) modes that FUSE forwards (0, ZERO_RANGE) are EINVAL, not EOPNOTSUPP: " + FALLOCATE_VIA_CTL,
+        keys=("0", "ZERO_RANGE", "KEEP|ZERO_RANGE")) for key in ("0", "mmap", "mmap|init_shared")},
+    "fallocate_syscall[mmap|init_shared]": Deviation("fallocate(2) on mem is EINVAL: " + FALLOCATE_VIA_CTL),
+}
 
 BY_SUBJECT = {"core": CORE, "ufsgmem": MOUNT}

@@ -64,11 +64,14 @@ def render(verdicts: list[Verdict], other_name: str = "ufsgmem") -> str:
     lines.append("## Summary\n")
     lines.append(f"{len(verdicts)} cases: " + ", ".join(f"{counts[k]} {k}" for k in
                                                           ("agree", "deviation", "v8", "n/a", "FAIL") if counts[k]) + ".\n")
-    deviations = [v for v in verdicts if v.verdict == "deviation"]
-    if deviations:
-        lines.append("Deviations:\n")
-        for v in deviations:
-            lines.append(f"- `{v.case.name}`: {v.why}")
+    reasons: dict[str, list[str]] = {}
+    for v in verdicts:
+        if v.verdict == "deviation":
+            reasons.setdefault(v.why, []).append(v.case.name)
+    if reasons:
+        lines.append("Deviations, by reason:\n")
+        for why, names in reasons.items():
+            lines.append(f"- {', '.join(f'`{n}`' for n in names)}: {why}.")
         lines.append("")
     lines.append("## Cases\n")
     lines.append(f"| case | rule | kernel | {other_name} | verdict |")

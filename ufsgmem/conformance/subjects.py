@@ -19,11 +19,14 @@ reported "n/a" for that case rather than forced through a path it does not have.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import errno
 import itertools
 import os
 import struct
+import subprocess
+import sys
+import tempfile
 
 from .. import kvm
 from ..errors import GuestMemfdError
@@ -345,3 +348,16 @@ class MountSubject(Subject):
         super().close()
         if self.kvm is not None:
             self.kvm.close()
+
+
+@contextlib.contextmanager
+def temporary_mount():
+    """A ufsgmem mount on a fresh directory, made with the CLI as a user would; always unmounted."""
+    with tempfile.TemporaryDirectory(prefix="ufsgmem-conformance-") as mountpoint:
+        subprocess.run([sys.executable, "-m", "ufsgmem", "mount", mountpoint], check=True,
+                       stdout=subprocess.DEVNULL)
+        try:
+            yield mountpoint
+        finally:
+            subprocess.run([sys.executable, "-m", "ufsgmem", "umount", mountpoint], check=True,
+                           stdout=subprocess.DEVNULL)
