@@ -4,7 +4,7 @@ Each case must agree with the kernel, be a documented deviation (``ufsgmem/confo
 or, for the v8 conversion rules this kernel cannot run, match the reference's expected results. Nothing
 else may differ, and a listed deviation that agrees fails too. Two implementations are compared:
 
-* a real ufsgmem mount (the ``gmem_mount`` fixture), the product;
+* a real ufsgmem mount (the ``fuse_mount`` fixture of ``fusefix``), the product;
 * the in-process core, which runs everywhere and covers the rules it models (no file: n/a otherwise).
 
 ``docs/compat.md`` is generated from the mount run; the last test regenerates it and fails if the
@@ -21,7 +21,9 @@ from ufsgmem import kvm
 from ufsgmem.conformance import report, runner
 from ufsgmem.conformance.cases import CASES, Case, by_name
 from ufsgmem.conformance.deviations import Deviation
-from ufsgmem.conformance.subjects import CoreSubject, KernelSubject, MountSubject, temporary_mount
+from ufsgmem.conformance.subjects import CoreSubject, KernelSubject, MountSubject
+
+from fusefix import fuse_mount, requires_fuse  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(kvm.skip_reason() is not None,
                                                    reason=f"no kernel reference: {kvm.skip_reason()}")]
@@ -40,12 +42,10 @@ def core_verdicts():
 
 
 @pytest.fixture(scope="module")
-def mount_verdicts():
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is absent: no FUSE mount possible")
-    with temporary_mount() as mountpoint:
-        verdicts = runner.run(lambda: MountSubject(mountpoint), "ufsgmem", KernelSubject)
-        leftovers = sorted(set(os.listdir(mountpoint)) - {"ctl"})
+def mount_verdicts(fuse_mount):
+    # the fixture also checks, at the end of the module, that the server lived and logged no traceback
+    verdicts = runner.run(lambda: MountSubject(fuse_mount.path), "ufsgmem", KernelSubject)
+    leftovers = sorted(set(os.listdir(fuse_mount.path)) - {"ctl"})
     assert not leftovers, f"cases left files behind on the mount: {leftovers}"
     return verdicts
 
@@ -57,6 +57,7 @@ def test_core_matches_kernel(core_verdicts, name):
 
 
 @pytest.mark.fuse
+@requires_fuse
 @pytest.mark.parametrize("name", IDS)
 def test_mount_matches_kernel(mount_verdicts, name):
     v = {v.case.name: v for v in mount_verdicts}[name]
@@ -65,6 +66,7 @@ def test_mount_matches_kernel(mount_verdicts, name):
 
 
 @pytest.mark.fuse
+@requires_fuse
 def test_compat_md_is_a_fresh_run(mount_verdicts):
     with open(COMPAT_MD) as f:
         committed = f.read()
