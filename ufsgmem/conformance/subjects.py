@@ -261,12 +261,11 @@ MAGIC = b"UGM1"
 HEADER = struct.Struct("<4sI")
 
 
-def _request(path: str, request: bytes) -> bytes:
-    """One write of a request to a control file (its errno is the result), then the reply read back."""
-    fd = os.open(path, os.O_RDWR)
+def _request(path: str, request: bytes) -> None:
+    """One write of a request to a control file: the write's errno is the request's result."""
+    fd = os.open(path, os.O_WRONLY)
     try:
         os.write(fd, request)
-        return os.read(fd, 1 << 16)
     finally:
         os.close(fd)
 
@@ -330,13 +329,16 @@ class MountSubject(Subject):
     def __init__(self, mountpoint: str):
         super().__init__()
         self.mountpoint = mountpoint
+        self._ctl: int | None = None
         self.kvm = kvm.Kvm() if kvm.skip_reason() is None else None
         if self.kvm is None:
             self.capabilities = self.capabilities - {GUEST}
 
     def _create(self, size, flags):
         name = f"conformance{os.getpid()}-{next(_names)}"
-        _request(os.path.join(self.mountpoint, "ctl"), f"create {name} size={size} flags={flags:#x}".encode())
+        if self._ctl is None:  # one open ctl for all creations: each write is one request
+            self._ctl = os.open(os.path.join(self.mountpoint, "ctl"), os.O_WRONLY)
+        os.write(self._ctl, f"create {name} size={size} flags={flags:#x}".encode())
         path = os.path.join(self.mountpoint, name, "mem").encode()
         fd = _libc.open(path, os.O_RDWR)
         if fd < 0:
@@ -346,6 +348,9 @@ class MountSubject(Subject):
 
     def close(self):
         super().close()
+        if self._ctl is not None:
+            os.close(self._ctl)
+            self._ctl = None
         if self.kvm is not None:
             self.kvm.close()
 
