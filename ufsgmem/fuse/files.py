@@ -49,6 +49,7 @@ class Files:
         self.ns = namespace
         self.revoker = revoker
         self.default_backend = default_backend
+        self.mountpoint: str | None = None  # set once mounted: lets revocations write back in bulk
 
     # --- revocation ---------------------------------------------------------------------------------
     async def revoke(self, entry: Entry, ranges) -> None:
@@ -56,7 +57,10 @@ class Files:
         if not ranges or self.revoker is None:
             return
         ino = entry.ino("mem")
-        await trio.to_thread.run_sync(self.revoker.revoke, ino, ranges)
+        path = None
+        if self.mountpoint is not None and not entry.destroyed and entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
+            path = f"{self.mountpoint}/{entry.name}/mem"
+        await trio.to_thread.run_sync(self.revoker.revoke, ino, ranges, path)
 
     async def run_transition(self, entry: Entry, transition: Transition | None) -> None:
         if transition is None:

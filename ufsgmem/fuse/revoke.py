@@ -13,12 +13,19 @@ revocation to finish (see ``ops.py``).
 
 ENOENT means the kernel has no inode cached for that number: nothing can be mapped, nothing to revoke.
 
+Write-back first, in bulk: the invalidation writes each dirty page back on its own (``launder_folio``,
+one 4 KiB FUSE WRITE per page: ~13 ms for 2 MiB through Python). So when the file can be opened by path,
+the range is first written back with ``sync_file_range`` on a descriptor of our own, which sends large
+batched writes (``writepages``); the invalidation that follows finds the pages clean and only unmaps.
+A page dirtied again in between is still laundered, so the order stays correct either way.
+
 Caveat: the fd is found by scanning ``/proc/self/fd`` for ``/dev/fuse`` after ``pyfuse3.init``; pyfuse3
 does not expose libfuse's session fd. One filesystem per process (a pyfuse3 rule) keeps this unambiguous.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import struct
@@ -28,6 +35,27 @@ from ..address import Range
 FUSE_NOTIFY_INVAL_INODE = 2
 _OUT_HEADER = struct.Struct("<IiQ")  # len, error (= notify code), unique (= 0)
 _INVAL_INODE = struct.Struct("<Qqq")  # ino, off, len
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
+
+
+def write_back(path: str, ranges) -> bool:
+    """Write the dirty pages of ``ranges`` of ``path`` back now, in large requests. False if unreachable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+        for rng in ranges:
+            if _libc.sync_file_range(fd, rng.start, rng.size, flags) != 0:
+                return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def find_fuse_fd() -> int:
@@ -56,8 +84,13 @@ class Revoker:
         self.fd = fd
         self.sent = 0
 
-    def revoke(self, ino: int, ranges: tuple[Range, ...] | list[Range]) -> None:
-        """Unmap ``ranges`` of inode ``ino`` from every process and write back their dirty pages."""
+    def revoke(self, ino: int, ranges: tuple[Range, ...] | list[Range], path: str | None = None) -> None:
+        """Unmap ``ranges`` of inode ``ino`` from every process and write back their dirty pages.
+
+        ``path`` (the file inside the mount, if it still has a name) lets the write-back go in bulk first.
+        """
+        if path is not None:
+            write_back(path, ranges)
         for rng in ranges:
             if rng.size <= 0:
                 continue

@@ -104,8 +104,27 @@ async def _main(ops: Operations, mountpoint: str, ready) -> None:
             nursery.cancel_scope.cancel()
         nursery.start_soon(serve_until_unmounted)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
-        await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, "ctl"))
+        st = await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, "ctl"))
+        tune_bdi(st.st_dev)
         ready()
+
+
+#: Tuning of the mount's bdi (measured here, 1 GiB first touch through a mapping):
+#: * read_ahead_kb: each first touch faults a read-around window in through FUSE READ; the default 128 KiB
+#:   means one Python request per 32 pages. 4 MiB measured best (256 MiB: 0.41 -> 0.84 GB/s).
+#: * max_ratio: FUSE limits a mount to 1% of the dirty threshold, so a writer dirtying a large mapping is
+#:   throttled hard; 100 lets it use the global limit like any file (1 GiB: 0.24 -> 0.45 GB/s).
+BDI_TUNING = {"read_ahead_kb": 4096, "max_ratio": 100}
+
+
+def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
+    for knob, value in settings.items():
+        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/{knob}"
+        try:
+            with open(path, "w") as f:
+                f.write(str(value))
+        except OSError as exc:  # not root, or no sysfs: keep the default
+            log.info("cannot set %s: %s", path, exc)
 
 
 async def _watch_signals(scope: trio.CancelScope) -> None:
@@ -136,6 +155,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     pyfuse3.init(ops, mountpoint, options)
     try:
         files.revoker = Revoker(find_fuse_fd())
+        files.mountpoint = mountpoint
         with open(pidfile, "w") as f:
             f.write(f"{os.getpid()} {mountpoint}\n")
         trio.run(_main, ops, mountpoint, ready)
