@@ -269,3 +269,27 @@ def test_dirty_data_survives_conversion_while_still_mapped(gmem):
     assert g.guest_read(0, g.size) == pattern
     g.convert(PS, 100 * PS, private=False)
     assert m[:] == pattern
+
+
+@pytest.mark.hugetlb
+def test_hugetlb_file_through_the_mount(fuse_mount, hugepages):
+    """A 2 MiB HugeTLB file: starts private, a 4 KiB conversion splits its folio, converting back merges."""
+    SZ_2M = 2 << 20
+    with hugepages(SZ_2M, 2):
+        fuse_mount.ctl(f"create huge size=4M flags=mmap backend=hugetlb page_size=2M")
+        try:
+            from fusefix import Gmem
+            g = Gmem(fuse_mount, "huge", 4 << 20)
+            assert os.stat(g.path()).st_blksize == SZ_2M
+            assert g.status()["huge_folios"] == {"whole": 2, "split": 0}
+            g.convert(SZ_2M + PS, PS, private=False)
+            assert g.status()["huge_folios"] == {"whole": 1, "split": 1}
+            m = map_mem(g)
+            m[SZ_2M + PS:SZ_2M + 2 * PS] = b"\x77" * PS
+            assert in_child(lambda: m[SZ_2M]) == -signal.SIGBUS, "the rest of the folio stays private"
+            g.convert(SZ_2M + PS, PS, private=True)
+            assert g.status()["huge_folios"] == {"whole": 2, "split": 0}
+            assert g.guest_read(SZ_2M + PS, PS) == b"\x77" * PS
+            m.close()
+        finally:
+            fuse_mount.ctl("destroy huge")
