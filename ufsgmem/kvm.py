@@ -59,6 +59,8 @@ assert KVM_USERSPACE_MEMORY_REGION2.size == 160
 
 KVM_EXIT_IO = 2
 KVM_EXIT_HLT = 5
+KVM_EXIT_NAMES = {2: "IO", 5: "HLT", 6: "MMIO", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 17: "INTERNAL_ERROR",
+                  39: "MEMORY_FAULT"}
 KVM_RUN_EXIT_REASON = struct.Struct("<I")  # at offset 8 of struct kvm_run
 KVM_RUN_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset; at offset 32
 KVM_REGS_RIP, KVM_REGS_RFLAGS = 128, 136  # byte offsets in struct kvm_regs
@@ -69,6 +71,15 @@ GUEST_DATA_GPA = 0x10000  # where the mapping under test appears to the guest
 GUEST_REPORT_PORT = 0x10
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class GuestExit(OSError):
+    """The vCPU stopped for a reason the tiny guest did not ask for (e.g. MMIO: no memory at that address)."""
+
+    def __init__(self, reason: int):
+        self.exit_reason = reason
+        self.exit_name = KVM_EXIT_NAMES.get(reason, str(reason))
+        super().__init__(errno.EIO, f"unexpected KVM exit {self.exit_name} ({reason})")
 
 
 def _ioctl(fd: int, request: int, arg=0, what: str = "") -> int:
@@ -220,7 +231,7 @@ def run_guest_access(vm: Vm, mapping_address: int, mapping_size: int, offset: in
             if reason == KVM_EXIT_HLT:
                 break
             if reason != KVM_EXIT_IO:
-                raise OSError(errno.EIO, f"unexpected KVM exit reason {reason}")
+                raise GuestExit(reason)
             _direction, _size, port, _count, data_offset = KVM_RUN_IO.unpack_from(run, 32)
             if port == GUEST_REPORT_PORT:
                 read = run[data_offset]

@@ -99,9 +99,9 @@ def compress(results: dict[int, str]) -> str:
     return " ".join(parts)
 
 
-def created(subject, size: int, flags: int) -> str:
+def created(subject, size: int, flags: int, reserved=None) -> str:
     try:
-        subject.create(size, flags)
+        subject.create(size, flags, reserved)
     except OSError as exc:
         return name(exc.errno)
     return "ok"
@@ -128,6 +128,13 @@ def create_guest_memfd_invalid_sizes(s, flags):
     sizes = list(range(PS + 1)) + [PS + 1, 2 * PS - 1]
     return {"sizes": compress({size: created(s, size, flags) for size in sizes}),
             "size 1<<63 (negative loff_t)": created(s, 1 << 63, flags)}
+
+
+@case("§1.1", "the six reserved words of kvm_create_guest_memfd are never checked (mainline)")
+def create_reserved_words(s, _):
+    zero = (0,) * 6
+    return {"all 0": created(s, PS, 0, zero), "reserved[0]=1": created(s, PS, 0, (1,) + zero[1:]),
+            "reserved[5]=1": created(s, PS, 0, zero[:5] + (1,))}
 
 
 @case("§1.3", "no upper bound and no allocation at creation: 1 TiB, 2^62 and LOFF_MAX rounded down")
@@ -355,6 +362,21 @@ def guest_memfd_guest(s, flags):
     seen = f.guest_access(m, PS + 1, 0xFF)
     fresh = f.mmap(4 * PS)
     return {"guest read": f"{seen:02x}", "host (new mapping)": ",".join(fresh.run([("read", 0, 4 * PS)]))}
+
+
+@case("§2.2, §6.2 (guest side)", "a vCPU touching a page the host may not map (no INIT_SHARED)",
+      needs={GUEST, ACCESS}, flagsets=("mmap",))
+def guest_private(s, flags):
+    from ..kvm import GuestExit
+    f = s.create(4 * PS, flags)
+    m = f.mmap(4 * PS)
+    try:
+        seen = f"read {f.guest_access(m, PS, 0xFF):02x}"
+    except GuestExit as exc:
+        seen = f"KVM exit {exc.exit_name}"
+    except OSError as exc:
+        seen = f"KVM_RUN {name(exc.errno)}"
+    return {"guest access": seen, "host read": ",".join(m.run([("read", PS, 1)]))}
 
 
 # --- fallocate (§2.3) ------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ FALLOCATE_VIA_CTL = (
 #: Deviations of a ufsgmem mount: what FUSE cannot express, each with the mechanism that prevents it.
 MOUNT: dict[str, Deviation] = {
     "create_huge_sizes": HUGE_SIZES,
+    "create_reserved_words": Deviation(
+        "the binary create request gives reserved[0] the HugeTLB work's meaning (page_order: 0, 9 or 18) and "
+        "refuses other reserved words that are not 0, so a future field cannot be silently ignored; "
+        "mainline 6.18 never reads them", keys=("reserved[0]=1", "reserved[5]=1")),
     "file_read_write[mmap]": Deviation(READ_FILL, keys=("read",)),
     "file_read_write[mmap|init_shared]": Deviation(READ_FILL, keys=("read",)),
     "file_other_io[mmap|init_shared]": Deviation(

@@ -32,8 +32,8 @@ from .. import kvm
 from ..errors import GuestMemfdError
 from ..gmem import GuestMemfd, HostFault
 from ..uapi import (
-    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2,
-    PAGE_SIZE,
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_CREATE_GUEST_MEMFD, KVM_CREATE_GUEST_MEMFD_STRUCT,
+    KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SIZE,
 )
 from .mapping import MAP_SHARED, PROT_READ, PROT_WRITE, Mapping, mmap_fd, runs
 
@@ -124,12 +124,13 @@ class Subject:
     def __init__(self):
         self._files: list[GmemFile] = []
 
-    def create(self, size: int, flags: int = 0) -> GmemFile:
-        file = self._create(size, flags)
+    def create(self, size: int, flags: int = 0, reserved: tuple[int, ...] | None = None) -> GmemFile:
+        """KVM_CREATE_GUEST_MEMFD; ``reserved`` sets the struct's six reserved words (default all 0)."""
+        file = self._create(size, flags, reserved)
         self._files.append(file)
         return file
 
-    def _create(self, size: int, flags: int) -> GmemFile:
+    def _create(self, size: int, flags: int, reserved: tuple[int, ...] | None) -> GmemFile:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -167,8 +168,8 @@ class KernelSubject(Subject):
             self.kvm.close()
             raise
 
-    def _create(self, size, flags):
-        return KernelFile(self, size, flags, self.vm.create_guest_memfd(size, flags))
+    def _create(self, size, flags, reserved):
+        return KernelFile(self, size, flags, self.vm.create_guest_memfd(size, flags, reserved or (0,) * 6))
 
     def close(self):
         super().close()
@@ -250,7 +251,9 @@ class CoreSubject(Subject):
     name = "core"
     capabilities = frozenset({ACCESS, ATTRIBUTES, PIN})
 
-    def _create(self, size, flags):
+    def _create(self, size, flags, reserved):
+        if reserved is not None:
+            raise NotApplicable("the core has no creation struct")
         return CoreFile(self, GuestMemfd(size, flags, backend="anon"))
 
 
@@ -334,11 +337,16 @@ class MountSubject(Subject):
         if self.kvm is None:
             self.capabilities = self.capabilities - {GUEST}
 
-    def _create(self, size, flags):
+    def _create(self, size, flags, reserved):
         name = f"conformance{os.getpid()}-{next(_names)}"
         if self._ctl is None:  # one open ctl for all creations: each write is one request
             self._ctl = os.open(os.path.join(self.mountpoint, "ctl"), os.O_WRONLY)
-        os.write(self._ctl, f"create {name} size={size} flags={flags:#x}".encode())
+        if reserved is None:
+            os.write(self._ctl, f"create {name} size={size} flags={flags:#x}".encode())
+        else:  # only the binary form carries the struct's reserved words
+            os.write(self._ctl, HEADER.pack(MAGIC, KVM_CREATE_GUEST_MEMFD)
+                     + KVM_CREATE_GUEST_MEMFD_STRUCT.pack(size, flags, *reserved)
+                     + name.encode().ljust(64, b"\0") + bytes(32))
         path = os.path.join(self.mountpoint, name, "mem").encode()
         fd = _libc.open(path, os.O_RDWR)
         if fd < 0:
