@@ -353,6 +353,17 @@ def collapse(s, flags):
             "re-read": ",".join(m.run([("read", 0, SZ_2M)]))}
 
 
+@case("§2.1", "msync of a dirty shared mapping: MS_ASYNC, and MS_SYNC (guest_memfd has no fsync method)",
+      needs={MMAP, ACCESS}, flagsets=SHARED_ONLY)
+def msync(s, flags):
+    from .mapping import MS_ASYNC, MS_SYNC
+    f = s.create(4 * PS, flags)
+    m = f.mmap(4 * PS)
+    m.run([("fill", 0, 4 * PS, 0x3C)])
+    return {"MS_ASYNC": m.msync(0, 4 * PS, MS_ASYNC), "MS_SYNC": m.msync(0, 4 * PS, MS_SYNC),
+            "content": ",".join(m.run([("read", 0, 4 * PS)]))}
+
+
 @case("§6.1 guest_memfd_guest", "host writes 0xaa, a real vCPU reads it and writes 0xff, the host sees 0xff "
       "through a new mapping", needs={GUEST, ACCESS}, flagsets=SHARED_ONLY)
 def guest_memfd_guest(s, flags):

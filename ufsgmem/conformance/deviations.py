@@ -37,6 +37,10 @@ FALLOCATE_VIA_CTL = (
     "EINVAL. Allocate and punch hole are served by the NAME/ctl requests `allocate` and `punch_hole`, which "
     "agree with the kernel case for case")
 
+FSYNC = (
+    "guest_memfd has no fsync method (EINVAL); ufsgmem serves no FUSE_FSYNC, so pyfuse3 answers ENOSYS, "
+    "which the kernel turns into success for that and every later fsync of the mount")
+
 #: Deviations of a ufsgmem mount: what FUSE cannot express, each with the mechanism that prevents it.
 MOUNT: dict[str, Deviation] = {
     "create_huge_sizes": HUGE_SIZES,
@@ -46,9 +50,8 @@ MOUNT: dict[str, Deviation] = {
         "mainline 6.18 never reads them", keys=("reserved[0]=1", "reserved[5]=1")),
     "file_read_write[mmap]": Deviation(READ_FILL, keys=("read",)),
     "file_read_write[mmap|init_shared]": Deviation(READ_FILL, keys=("read",)),
-    "file_other_io[mmap|init_shared]": Deviation(
-        "pyfuse3 answers FUSE_FSYNC with ENOSYS, which the kernel turns into success for every later fsync; "
-        "guest_memfd has no fsync method (EINVAL)", keys=("fsync", "fdatasync")),
+    "file_other_io[mmap|init_shared]": Deviation(FSYNC, keys=("fsync", "fdatasync")),
+    "msync[mmap|init_shared]": Deviation(FSYNC, keys=("MS_SYNC",)),
     "reopen_via_proc": Deviation(
         "mem is a real file with a path: /proc/self/fd/N reopens it, where the kernel's anonymous inode "
         "cannot be reopened (ENXIO)"),

@@ -34,6 +34,8 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MS_ASYNC, MS_INVALIDATE, MS_SYNC = 1, 2, 4
 
 
 def runs(data: bytes) -> str:
@@ -100,6 +102,12 @@ class Mapping:
     def madvise(self, offset: int, length: int, advice: int) -> str:
         """``ok`` or the errno name (advice that could fault belongs in a child; these do not)."""
         if _libc.madvise(self.address + offset, length, advice) != 0:
+            return errname(ctypes.get_errno())
+        return "ok"
+
+    def msync(self, offset: int, length: int, flags: int) -> str:
+        """``ok`` or the errno name of msync(2) on part of the mapping."""
+        if _libc.msync(self.address + offset, length, flags) != 0:
             return errname(ctypes.get_errno())
         return "ok"
 

@@ -209,6 +209,9 @@ class CoreMapping(Mapping):
     def madvise(self, offset, length, advice):
         raise NotApplicable("the core has no mappings to advise")
 
+    def msync(self, offset, length, flags):
+        raise NotApplicable("the core has no mappings to sync")
+
     def close(self):
         self.length = 0
 
