@@ -364,6 +364,24 @@ def msync(s, flags):
             "content": ",".join(m.run([("read", 0, 4 * PS)]))}
 
 
+@case("§6.1 mbind, §2.2", "NUMA policy on the mapping (node 0 only: this machine has one node): BIND, "
+      "INTERLEAVE and DEFAULT round-trip through get_mempolicy; what a second mapping of the file reports; "
+      "mode 999 is EINVAL",
+      needs={MMAP}, flagsets=MAPPABLE)
+def mbind(s, flags):
+    from .mapping import MPOL_BIND, MPOL_DEFAULT, MPOL_INTERLEAVE
+    f = s.create(4 * PS, flags)
+    m = f.mmap(4 * PS)
+    other = f.mmap(4 * PS)
+    r = {}
+    for label, mode in (("BIND", MPOL_BIND), ("INTERLEAVE", MPOL_INTERLEAVE), ("DEFAULT", MPOL_DEFAULT)):
+        r[label] = m.mbind(0, 4 * PS, mode, 0 if mode == MPOL_DEFAULT else 1)
+        r[f"{label} read back"] = m.get_mempolicy(0)
+        r[f"{label} seen by another mapping"] = other.get_mempolicy(0)
+    r["mode 999"] = m.mbind(0, 4 * PS, 999, 1)
+    return r
+
+
 @case("§6.1 guest_memfd_guest", "host writes 0xaa, a real vCPU reads it and writes 0xff, the host sees 0xff "
       "through a new mapping", needs={GUEST, ACCESS}, flagsets=SHARED_ONLY)
 def guest_memfd_guest(s, flags):

@@ -36,6 +36,9 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 MS_ASYNC, MS_INVALIDATE, MS_SYNC = 1, 2, 4
+SYS_MBIND, SYS_GET_MEMPOLICY = 237, 239  # x86-64
+MPOL_DEFAULT, MPOL_BIND, MPOL_INTERLEAVE = 0, 2, 3
+MPOL_F_ADDR = 2
 
 
 def runs(data: bytes) -> str:
@@ -110,6 +113,22 @@ class Mapping:
         if _libc.msync(self.address + offset, length, flags) != 0:
             return errname(ctypes.get_errno())
         return "ok"
+
+    def mbind(self, offset: int, length: int, mode: int, nodemask: int) -> str:
+        """mbind(2) (no libc wrapper: the raw syscall); ``ok`` or the errno name."""
+        mask = ctypes.c_ulong(nodemask)
+        if _libc.syscall(SYS_MBIND, ctypes.c_void_p(self.address + offset), ctypes.c_ulong(length),
+                         ctypes.c_int(mode), ctypes.byref(mask), ctypes.c_ulong(64), ctypes.c_uint(0)) != 0:
+            return errname(ctypes.get_errno())
+        return "ok"
+
+    def get_mempolicy(self, offset: int) -> str:
+        """The policy mode at ``address + offset`` (get_mempolicy with MPOL_F_ADDR), or the errno name."""
+        mode, mask = ctypes.c_int(-1), ctypes.c_ulong(0)
+        if _libc.syscall(SYS_GET_MEMPOLICY, ctypes.byref(mode), ctypes.byref(mask), ctypes.c_ulong(64),
+                         ctypes.c_void_p(self.address + offset), ctypes.c_ulong(MPOL_F_ADDR)) != 0:
+            return errname(ctypes.get_errno())
+        return f"mode {mode.value} nodes {mask.value:#x}"
 
     def close(self) -> None:
         if self.length:

@@ -212,6 +212,9 @@ class CoreMapping(Mapping):
     def msync(self, offset, length, flags):
         raise NotApplicable("the core has no mappings to sync")
 
+    def mbind(self, offset, length, mode, nodemask):
+        raise NotApplicable("the core has no mappings to bind")
+
     def close(self):
         self.length = 0
 
