@@ -38,7 +38,7 @@ from ..address import Range, align_down, align_up
 from ..errors import fail
 from ..gmem import SHARED, GuestMemfd, HostFault, Transition, TransitionPending
 from ..plugins import available, BACKENDS
-from ..uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP, PAGE_SIZE
+from ..uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT, PAGE_SIZE
 from .inodes import Entry, Namespace
 from .revoke import Revoker
 
@@ -53,7 +53,7 @@ class Files:
 
     # --- revocation ---------------------------------------------------------------------------------
     async def revoke(self, entry: Entry, ranges) -> None:
-        ranges = tuple(r for r in ranges if r.size > 0)
+        ranges = self._cached_parts(entry, ranges)
         if not ranges or self.revoker is None:
             return
         ino = entry.ino("mem")
@@ -61,6 +61,17 @@ class Files:
         if self.mountpoint is not None and not entry.destroyed and entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
             path = f"{self.mountpoint}/{entry.name}/mem"
         await trio.to_thread.run_sync(self.revoker.revoke, ino, ranges, path)
+
+    @staticmethod
+    def _cached_parts(entry: Entry, ranges) -> tuple[Range, ...]:
+        """The parts of ``ranges`` that may be cached, marked uncached *before* revoking them: a page read
+        while the revocation runs is marked again and so included in the next one."""
+        parts = []
+        for rng in ranges:
+            first, last = rng.start >> PAGE_SHIFT, -(-rng.end // PAGE_SIZE)
+            parts += [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for s, e, v in entry.cached.runs(first, last) if v]
+            entry.cached.set(first, last, 0)
+        return tuple(parts)
 
     async def run_transition(self, entry: Entry, transition: Transition | None) -> None:
         if transition is None:
@@ -80,11 +91,13 @@ class Files:
         gm = entry.gm
         size = max(0, min(size, gm.size - offset)) if offset < gm.size else size
         try:
-            return gm.host_read(offset, size)
+            data = gm.host_read(offset, size)
         except TransitionPending as exc:
-            return self._read_around_punch(gm, exc.transition.range, offset, size)
+            data = self._read_around_punch(gm, exc.transition.range, offset, size)
         except HostFault:
             raise OSError(errno.EIO, "host access to a private page or past EOF") from None
+        entry.cached.set(offset >> PAGE_SHIFT, -(-(offset + len(data)) // PAGE_SIZE), 1)
+        return data
 
     @staticmethod
     def _read_around_punch(gm: GuestMemfd, punched: Range, offset: int, size: int) -> bytes:

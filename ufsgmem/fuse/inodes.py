@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import trio
 
 from ..gmem import GuestMemfd
+from ..runmap import RunMap
+from ..uapi import PAGE_SHIFT
 
 ROOT_INO = 1
 MOUNT_CTL_INO = 2
@@ -49,6 +51,13 @@ class Entry:
     destroyed: bool = False
     #: Serialises transitions and guest accesses on this file (the kernel's invalidate lock).
     lock: trio.Lock = field(default_factory=trio.Lock)
+    #: Pages that may sit in the kernel's page cache of ``mem`` (1) or surely do not (0). A page can only
+    #: get there through a FUSE READ we answered (write(2) is refused before it touches the cache, and
+    #: nothing else fills it), so revocation can skip ranges never read since they were last revoked.
+    cached: RunMap | None = None
+
+    def __post_init__(self) -> None:
+        self.cached = RunMap(self.gm.size >> PAGE_SHIFT, 0)
 
     @property
     def dir_ino(self) -> int:

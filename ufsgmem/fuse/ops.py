@@ -256,7 +256,7 @@ class Operations(pyfuse3.Operations):
         if handle.entry is None:
             handle.result, error, removed = await self.files.mount_request(buf, (self.uid, self.gid))
             if removed is not None and self.on_destroy is not None:
-                self.on_destroy(removed)
+                await self.on_destroy(removed)
         else:
             handle.result, error = await self.files.file_request(handle.entry, buf)
         handle.read_pos = 0

@@ -76,7 +76,7 @@ def check_mountpoint(mountpoint: str) -> None:
     try:
         st = os.stat(mountpoint)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             raise OSError(errno.EBUSY, f"{mountpoint} is a mount whose server died; "
                                        f"run `ufsgmem umount {mountpoint}` first") from None
         raise OSError(exc.errno, f"mount point {mountpoint}: {exc.strerror}") from None
@@ -88,7 +88,7 @@ def check_mountpoint(mountpoint: str) -> None:
         try:
             os.listdir(mountpoint)  # the root's attributes may be cached; listing asks the server
         except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
                 raise OSError(errno.EBUSY, f"{mountpoint} is a ufsgmem mount whose server died; "
                                            f"run `ufsgmem umount {mountpoint}` first") from None
     if mounted or os.path.ismount(mountpoint):
@@ -136,14 +136,25 @@ async def _watch_signals(scope: trio.CancelScope) -> None:
             return
 
 
+async def forget_name(name: str) -> None:
+    """Drop a destroyed name from the kernel's dentry cache before ``destroy`` returns (a worker thread:
+    the notification blocks until the kernel is done with the directory)."""
+    def invalidate() -> None:
+        try:
+            pyfuse3.invalidate_entry(ROOT_INO, os.fsencode(name))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # not cached: nothing to drop
+                raise
+    await trio.to_thread.run_sync(invalidate)
+
+
 def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon", debug: bool = False) -> None:
     """Mount at ``mountpoint`` and serve until a signal; always unmount and free everything on the way out."""
     check_mountpoint(mountpoint)
     namespace = Namespace()
     files = Files(namespace, None, default_backend=default_backend)
     ops = Operations(files, os.getuid(), os.getgid())
-    ops.on_destroy = lambda name: pyfuse3.invalidate_entry_async(ROOT_INO, os.fsencode(name),
-                                                                  ignore_enoent=True)
+    ops.on_destroy = forget_name
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
     if debug:
         options.add("debug")
