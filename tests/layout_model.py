@@ -112,3 +112,18 @@ class Model:
                 continue
             best[a] = min(1 + best[a + s] for s in self.arch.sizes if a + s <= hi and self.allowed(a, s))
         return best[lo]
+
+
+def tib_snapshot(holes: int = 100_000, seed: int = 1) -> Snapshot:
+    """1 TiB, one physically contiguous extent at 4 TiB, ``holes`` distinct 4 KiB shared pages, 1G folios."""
+    size, rng = 1 << 40, np.random.default_rng(seed)
+    pages = np.sort(rng.choice(size // PAGE // 2, holes, replace=False)) * 2 * PAGE  # never adjacent
+    starts = np.empty(2 * holes + 1, dtype=np.int64)
+    starts[0], starts[1::2], starts[2::2] = 0, pages, pages + PAGE
+    private = np.ones(len(starts), dtype=bool)
+    private[1::2] = False
+    if starts[-1] == size:
+        starts, private = starts[:-1], private[:-1]
+    return Snapshot.build(size=size, flags=0, backend="sim", folio_size=1 << 30, attr_starts=starts,
+                          attr_private=private, extents=[(0, 1 << 42, size)],
+                          split_folios=np.unique(pages >> 30) << 30, pins=[(int(pages[0]), PAGE, 1)])

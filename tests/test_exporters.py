@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from layout_model import PAGE, Model, Pages
+from layout_model import PAGE, Model, Pages, tib_snapshot
 from ufsgmem.errors import GuestMemfdError, PluginError
 from ufsgmem.exporter import export
 from ufsgmem.layout import VIEWS, compute_layout
@@ -100,21 +100,6 @@ def test_png_at_1tib_with_100k_holes_aggregates():
     s = strips(layout, snap)
     assert s["shared"].sum() * (1 << 40) / len(s["shared"]) == pytest.approx(100_000 * PAGE)
     assert (s["split"] > 0).all() and s["leaf"].shape[1] == len(s["shared"])
-
-
-def tib_snapshot(holes: int = 100_000, seed: int = 1) -> Snapshot:
-    """1 TiB, one physically contiguous extent at 4 TiB, ``holes`` distinct 4 KiB shared pages, 1G folios."""
-    size, rng = 1 << 40, np.random.default_rng(seed)
-    pages = np.sort(rng.choice(size // PAGE // 2, holes, replace=False)) * 2 * PAGE  # never adjacent
-    starts = np.empty(2 * holes + 1, dtype=np.int64)
-    starts[0], starts[1::2], starts[2::2] = 0, pages, pages + PAGE
-    private = np.ones(len(starts), dtype=bool)
-    private[1::2] = False
-    if starts[-1] == size:
-        starts, private = starts[:-1], private[:-1]
-    return Snapshot.build(size=size, flags=0, backend="sim", folio_size=1 << 30, attr_starts=starts,
-                          attr_private=private, extents=[(0, 1 << 42, size)],
-                          split_folios=np.unique(pages >> 30) << 30, pins=[(int(pages[0]), PAGE, 1)])
 
 
 def test_bad_view_and_arch_are_einval():

@@ -133,3 +133,7 @@ def build_tables(layout, blob_base: int = 0) -> bytes:
     header = HEADER.pack(MAGIC, 1, HEADER_SIZE, granule, start, 4 - start, ipa_bits, 0, blob_base,
                          blob_base + granule, total, 0, len(addr))
     return header.ljust(granule, b"\0") + tables.astype("<u8").tobytes()
+
+
+#: The plugin object the entry point names (an instance, so `load_exporter(...).export(...)` just works).
+EXPORTER = Arm64TablesExporter()

@@ -37,3 +37,7 @@ class JsonExporter(LayoutExporter):
                    [attrs[a] for a in layout.attribute.tolist()], [perms[p] for p in layout.perms.tolist()])
         body = ",\n".join(map(_ROW.__mod__, rows))
         return (head[:-1] + ',"mappings":[\n' + body + "\n]}\n").encode()
+
+
+#: The plugin object the entry point names (an instance, so `load_exporter(...).export(...)` just works).
+EXPORTER = JsonExporter()

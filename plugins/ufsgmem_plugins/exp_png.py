@@ -174,3 +174,7 @@ class PngExporter(LayoutExporter):
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         return buf.getvalue()
+
+
+#: The plugin object the entry point names (an instance, so `load_exporter(...).export(...)` just works).
+EXPORTER = PngExporter()

@@ -57,3 +57,7 @@ class TextExporter(LayoutExporter):
                    [ATTRIBUTE_NAMES[a] for a in layout.attribute.tolist()],
                    [perms[p] for p in layout.perms.tolist()])
         return ("\n".join(lines) + "\n" + "\n".join(map(_ROW.__mod__, rows)) + "\n").encode()
+
+
+#: The plugin object the entry point names (an instance, so `load_exporter(...).export(...)` just works).
+EXPORTER = TextExporter()
