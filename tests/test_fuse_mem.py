@@ -176,3 +176,42 @@ def test_map_private_deviation_never_reads_private_bytes(gmem):
     m = map_mem(g, flags=mmap.MAP_PRIVATE)
     assert in_child(lambda: m[PS]) == -signal.SIGBUS
     m.close()
+
+
+def test_no_path_reads_private_bytes(gmem):
+    """Design §6: read, splice, sendfile, copy_file_range, status: none returns a private byte."""
+    g = gmem(2 * PS)
+    g.convert(0, PS, private=True)
+    g.guest_write(0, b"SECRET" * 600)
+    fd = os.open(g.path("mem"), os.O_RDONLY)
+    out_r, out_w = os.pipe()
+    sink = os.open("/dev/null", os.O_WRONLY)
+    try:
+        attempts = {
+            "read": lambda: os.read(fd, PS),
+            "splice": lambda: os.splice(fd, out_w, PS),
+            "sendfile": lambda: os.sendfile(sink, fd, None, PS),
+            "sendfile at 0": lambda: os.sendfile(sink, fd, 0, PS),
+            "copy_file_range": lambda: os.copy_file_range(fd, sink, PS, 0, 0),
+        }
+        for name, attempt in attempts.items():
+            assert errno_of(attempt) is not None, f"{name} of a private page succeeded"
+    finally:
+        for f in (fd, out_r, out_w, sink):
+            os.close(f)
+    with open(g.path("status"), "rb") as f:
+        assert b"SECRET" not in f.read()
+
+
+def test_fallocate_deviation(gmem):
+    """Deviation (documented): fallocate(2) on mem is EINVAL for every mode (the write(2) trap fires in
+    the VFS first; pyfuse3 has no fallocate handler anyway). allocate/punch_hole go through ctl."""
+    g = gmem(2 * PS)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    try:
+        for mode in (0, 1, 3):
+            assert libc.fallocate(fd, mode, 0, PS) == -1 and ctypes.get_errno() == errno.EINVAL
+    finally:
+        os.close(fd)

@@ -21,6 +21,10 @@ How ``mem`` keeps guest_memfd's file rules under FUSE (the mechanisms, each test
   straight to us and fail with EINVAL.
 * **MAP_PRIVATE — deviation**: FUSE never sees mmap(2); a private mapping of an MMAP file succeeds, and
   its page fills obey the same attribute checks (SIGBUS on private pages).
+* **fallocate(2) — deviation**: EINVAL for every mode. FUSE strips privileges (the trap above) before it
+  sends FUSE_FALLOCATE, and pyfuse3 has no fallocate handler anyway (the kernel would say EOPNOTSUPP).
+  ``allocate``/``punch_hole`` on NAME/ctl provide it.
+* splice/sendfile/copy_file_range of ``mem`` never return private bytes (EIO, EINVAL, EXDEV here).
 * ``keep_cache`` on every open: otherwise each open() would drop the whole file's page cache, revoking
   every mapping in every process.
 """
