@@ -17,10 +17,12 @@ Two kinds of case:
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import os
 import stat
-import fcntl
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,10 +32,12 @@ from ..uapi import (
     FALLOC_FL_UNSHARE_RANGE, FALLOC_FL_ZERO_RANGE, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
     KVM_MEMORY_ATTRIBUTE_PRIVATE, MADV_COLLAPSE, MADV_DONTNEED, MADV_HUGEPAGE, PAGE_SIZE, SZ_2M,
 )
-from .mapping import MAP_PRIVATE, MAP_SHARED
+from ..kvm import GuestExit
+from .mapping import MAP_PRIVATE, MAP_SHARED, MPOL_BIND, MPOL_DEFAULT, MPOL_INTERLEAVE, MS_ASYNC, MS_SYNC
 from .subjects import ACCESS, ATTRIBUTES, FD, GUEST, MMAP, PIN, NotApplicable
 
 PS = PAGE_SIZE
+_libc = ctypes.CDLL(None, use_errno=True)
 KEEP, PUNCH = FALLOC_FL_KEEP_SIZE, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
 FLAGSETS = {"0": 0, "mmap": GUEST_MEMFD_FLAG_MMAP,
@@ -179,7 +183,6 @@ def st_blocks(s, flags):
 @case("§2.1", "other ways in: fsync/fdatasync, sendfile and copy_file_range from the file, fadvise, "
       "flock", needs={FD}, flagsets=SHARED_ONLY)
 def file_other_io(s, flags):
-    import tempfile
     f = s.create(4 * PS, flags)
     with tempfile.TemporaryFile() as out:
         return {"fsync": attempt(os.fsync, f.fd), "fdatasync": attempt(os.fdatasync, f.fd),
@@ -221,10 +224,8 @@ def fd_flags(s, _):
 
 @case("§1.4", "fstatfs f_type of the file's filesystem", needs={FD})
 def fstatfs_type(s, _):
-    import ctypes
-    buf = (ctypes.c_long * 16)()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.fstatfs(s.create(PS, 0).fd, buf) != 0:
+    buf = (ctypes.c_long * 16)()  # struct statfs: f_type first
+    if _libc.fstatfs(s.create(PS, 0).fd, buf) != 0:
         return {"f_type": name(ctypes.get_errno())}
     return {"f_type": hex(buf[0] & 0xFFFFFFFF)}
 
@@ -356,7 +357,6 @@ def collapse(s, flags):
 @case("§2.1", "msync of a dirty shared mapping: MS_ASYNC, and MS_SYNC (guest_memfd has no fsync method)",
       needs={MMAP, ACCESS}, flagsets=SHARED_ONLY)
 def msync(s, flags):
-    from .mapping import MS_ASYNC, MS_SYNC
     f = s.create(4 * PS, flags)
     m = f.mmap(4 * PS)
     m.run([("fill", 0, 4 * PS, 0x3C)])
@@ -369,7 +369,6 @@ def msync(s, flags):
       "mode 999 is EINVAL",
       needs={MMAP}, flagsets=MAPPABLE)
 def mbind(s, flags):
-    from .mapping import MPOL_BIND, MPOL_DEFAULT, MPOL_INTERLEAVE
     f = s.create(4 * PS, flags)
     m = f.mmap(4 * PS)
     other = f.mmap(4 * PS)
@@ -396,7 +395,6 @@ def guest_memfd_guest(s, flags):
 @case("§2.2, §6.2 (guest side)", "a vCPU touching a page the host may not map (no INIT_SHARED)",
       needs={GUEST, ACCESS}, flagsets=("mmap",))
 def guest_private(s, flags):
-    from ..kvm import GuestExit
     f = s.create(4 * PS, flags)
     m = f.mmap(4 * PS)
     try:

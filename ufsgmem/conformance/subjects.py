@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import itertools
 import os
 import struct
@@ -87,7 +88,6 @@ class GmemFile:
     def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0,
                               reserved: tuple[int, ...] = (0,) * 11, error_offset: int = 0) -> int:
         """KVM_SET_MEMORY_ATTRIBUTES2; returns error_offset as the call left it (raises OSError)."""
-        import fcntl
         arg = bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, error_offset,
                                                            *reserved))
         try:
