@@ -209,8 +209,9 @@ def run_guest_access(vm: Vm, mapping_address: int, mapping_size: int, offset: in
     written ``value`` there.
 
     The mapping becomes memslot 1 at guest physical 0x10000 (bound to ``guest_memfd`` if given, the way a
-    VMM binds a gmem-only slot); guest code lives in its own anonymous page in memslot 0. Raises the
-    kernel's OSError when KVM_RUN fails (EFAULT when the host mapping cannot supply the page).
+    VMM binds a gmem-only slot); guest code lives in its own anonymous page in memslot 0. Once per VM: the
+    vCPU and both memslots stay with it. Raises :class:`GuestExit` when the vCPU stops for another reason
+    (an MMIO exit: KVM could not get the page from the mapping), the kernel's OSError when KVM_RUN fails.
     """
     if GUEST_DATA_GPA + mapping_size > 1 << 20 or not 0 <= offset < mapping_size:
         raise ValueError("the real-mode guest reaches 1 MiB: map at most 960 KiB and access inside it")
