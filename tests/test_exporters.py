@@ -108,3 +108,21 @@ def test_bad_view_and_arch_are_einval():
         export("json", snap, view="host")
     with pytest.raises(GuestMemfdError, match="unknown arch 'riscv'.*x86_64"):
         export("text", snap, arch="riscv")
+
+
+def test_the_documented_example_plugin(tmp_path):
+    """docs/plugins-exporters.md's minimal plugin, registered without installing, works end to end."""
+    import pathlib
+    import re
+    from ufsgmem.plugins import register, unregister
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "plugins-exporters.md").read_text()
+    code = re.search(r"```python\n(# my_exporters/csv_exporter.py\n.*?)```", doc, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "csv_exporter.py", "exec"), namespace)
+    register(EXPORTERS, "csv", namespace["EXPORTER"])
+    try:
+        out = export("csv", pages_with_holes().snapshot(), view="shared").decode().splitlines()
+    finally:
+        unregister(EXPORTERS, "csv")
+    assert out == ["guest,phys,block,count,level,attribute", f"{M + PAGE:#x},{(1 << 33) + M + PAGE:#x},4096,1,1,shared",
+                   f"{5 * M:#x},{(1 << 33) + 5 * M:#x},4096,16,1,shared"]
