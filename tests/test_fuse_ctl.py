@@ -12,8 +12,6 @@ import subprocess
 import pytest
 
 from fusefix import fuse_mount, gmem, requires_fuse  # noqa: F401 (fixtures)
-from test_fuse_mem import map_mem
-from ufsgmem import control
 from ufsgmem.uapi import (
     KVM_CREATE_GUEST_MEMFD, KVM_CREATE_GUEST_MEMFD_STRUCT, KVM_MEMORY_ATTRIBUTES2_STRUCT,
     KVM_SET_MEMORY_ATTRIBUTES2,

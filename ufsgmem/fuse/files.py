@@ -44,8 +44,7 @@ from .revoke import Revoker
 
 
 class Files:
-    def __init__(self, namespace: Namespace, revoker: Revoker | None, *, default_backend: str = "anon",
-                 progress=None):
+    def __init__(self, namespace: Namespace, revoker: Revoker | None, *, default_backend: str = "anon"):
         self.ns = namespace
         self.revoker = revoker
         self.default_backend = default_backend
@@ -150,7 +149,7 @@ class Files:
         return ""
 
     # --- MOUNTPOINT/ctl -----------------------------------------------------------------------------
-    async def mount_request(self, data: bytes, uid_gid) -> tuple[bytes, OSError | None, str | None]:
+    async def mount_request(self, data: bytes) -> tuple[bytes, OSError | None, str | None]:
         """Run one create/destroy; return (read-back, error or None, name removed or None)."""
         request = None
         try:

@@ -258,7 +258,7 @@ class Operations(pyfuse3.Operations):
         if handle.kind != "ctl":
             raise pyfuse3.FUSEError(errno.EBADF)
         if handle.entry is None:
-            handle.result, error, removed = await self.files.mount_request(buf, (self.uid, self.gid))
+            handle.result, error, removed = await self.files.mount_request(buf)
             if removed is not None and self.on_destroy is not None:
                 await self.on_destroy(removed)
         else:
