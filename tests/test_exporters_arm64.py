@@ -148,3 +148,13 @@ def test_x86_is_refused():
     pages = random_pages(4, 64, 4096)
     with pytest.raises(GuestMemfdError, match="arm64 arch"):
         export("arm64-tables", pages.snapshot(), view="guest", arch="x86_64")
+
+
+def test_too_many_descriptors_is_efbig_not_an_oom():
+    import errno as _errno
+    from layout_model import tib_snapshot
+    with pytest.raises(GuestMemfdError) as exc:
+        export("arm64-tables", tib_snapshot(), view="kvm", arch="arm64-4k")
+    assert exc.value.errno == _errno.EFBIG and "smaller memslot" in str(exc.value)
+    blob = export("arm64-tables", tib_snapshot(), view="guest", arch="arm64-4k")
+    assert struct.unpack_from("<Q", blob, 44)[0] == 1024, "the guest view is 1024 1G blocks"

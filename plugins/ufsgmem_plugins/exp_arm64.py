@@ -32,6 +32,8 @@ MAGIC = b"UFSGS2T\0"
 HEADER = struct.Struct("<8sHHIBBBBQQIIQ")
 HEADER_SIZE = 64
 MAX_IPA_BITS = 48
+#: The image is built in memory: refuse layouts whose leaf tables alone would pass 256 MiB.
+MAX_DESCRIPTORS = 1 << 25
 
 DESC_VALID, DESC_TABLE, DESC_PAGE, DESC_BLOCK = 1, 3, 3, 1
 ATTR_MEMATTR_WB = 0xF << 2
@@ -96,6 +98,11 @@ def build_tables(layout, blob_base: int = 0) -> bytes:
     granule = layout.arch.granule
     _, bits = geometry(granule)
     entries = 1 << bits
+    span = {leaf.size: leaf.span for leaf in layout.arch.leaves}
+    wanted = int(sum(c * span[s] for s, c in layout.counts_by_size().items()))
+    if wanted > MAX_DESCRIPTORS:
+        raise fail(errno.EFBIG, f"{wanted} descriptors would make tables over "
+                                f"{MAX_DESCRIPTORS * 8 >> 20} MiB; export a smaller memslot")
     addr, out, level, attrs = _descriptors(layout)
     end = int(layout.meta["memslot"]["guest_base"] + layout.meta["memslot"]["size"])
     ipa_bits = max(32, (max(end, 1) - 1).bit_length())

@@ -62,6 +62,17 @@ class GuestSpace:
         return np.append(self.attr_start[1:], self.end)
 
 
+def merge_sorted(arrays: list[np.ndarray]) -> np.ndarray:
+    """The distinct values of already-sorted arrays, in order. A stable sort is timsort, which merges the
+    sorted runs it finds, so this costs O(n log k) for k inputs: linear for the handful we pass."""
+    merged = np.sort(np.concatenate(arrays), kind="stable")
+    if len(merged) < 2:
+        return merged
+    keep = np.ones(len(merged), dtype=bool)
+    keep[1:] = merged[1:] != merged[:-1]
+    return merged[keep]
+
+
 def group_edges(new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """First and last index of each group, where ``new[i]`` marks the first element of a group."""
     first = np.flatnonzero(new)
@@ -152,7 +163,7 @@ def segments(snapshot, space: GuestSpace, view: str, arch: Arch) -> Segments:
         points.append(space.attr_start)
     if view == "kvm":
         points += [space.split_start, space.split_end]
-    cuts = np.unique(np.concatenate(points))
+    cuts = merge_sorted(points)
     start, end = cuts[:-1], cuts[1:]
 
     e = np.searchsorted(space.ext_start, start, side="right") - 1

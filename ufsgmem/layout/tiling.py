@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arch import Arch
-from .segments import MIXED, PRIVATE, SHARED, GuestSpace, Segments
+from .segments import MIXED, PRIVATE, SHARED, GuestSpace, Segments, merge_sorted
 
 
 def _align_up(x: np.ndarray, b: int) -> np.ndarray:
@@ -87,7 +87,7 @@ def label_by_attribute(runs: dict[str, np.ndarray], space: GuestSpace) -> dict[s
     bounds, r = bounds[inside], r[inside]
     lo = g[r] + (bounds - g[r]) // b[r] * b[r]
     hi = g[r] + -(-(bounds - g[r]) // b[r]) * b[r]
-    points = np.unique(np.concatenate([g, lo, hi[hi < end[r]]]))
+    points = merge_sorted([g, lo, hi[hi < end[r]]])
     rr = np.searchsorted(g, points, side="right") - 1
     piece_end = np.minimum(np.append(points[1:], np.iinfo(np.int64).max), end[rr])
 
