@@ -2,7 +2,7 @@
 
 Four strips over the memslot's guest address range, top to bottom: the memory attribute (private blue,
 shared orange, unallocated grey), the leaf size the view uses (one colour per size, white = not mapped),
-split huge folios (red) and pinned pages (purple); under them, the number of leaves of each size.
+memory in split huge folios (red) and pinned pages (purple); under them, the number of leaves of each size.
 
 Aggregation keeps it readable at any scale: the address range is cut into a fixed number of bins and each
 bin shows byte fractions computed from the runs (cumulative sums, linear in runs), never per page. Any bin
@@ -26,7 +26,7 @@ SHARED_RGB = np.array([0.96, 0.47, 0.00])
 EMPTY_RGB = np.array([0.85, 0.85, 0.85])
 SPLIT_RGB = np.array([0.80, 0.00, 0.00])
 PIN_RGB = np.array([0.46, 0.31, 0.48])
-MIN_TINT = 0.45
+MIN_TINT = 0.6
 
 
 def covered(starts: np.ndarray, ends: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -98,9 +98,10 @@ def strips(layout, snapshot, bins: int = BINS) -> dict[str, np.ndarray]:
     split_count = np.histogram(split_starts, bins=edges)[0]
     pins = np.asarray(snapshot.pins, dtype=np.int64).reshape(-1, 3)
     pinned = covered(pins[:, 0] + space.shift, pins[:, 0] + pins[:, 1] + space.shift, edges) / width
-    split_rgb = _tint(np.ones((bins, 3)), SPLIT_RGB, np.minimum(split_count, 1.0))
+    in_split = covered(space.split_start, space.split_end, edges) / width
+    split_rgb = _tint(np.ones((bins, 3)), SPLIT_RGB, in_split)
     pin_rgb = _tint(np.ones((bins, 3)), PIN_RGB, pinned)
-    return {"edges": edges, "shared": shared, "allocated": allocated, "by_size": by_size, "split": split_count,
+    return {"edges": edges, "shared": shared, "allocated": allocated, "by_size": by_size, "split": split_count, "in_split": in_split,
             "pinned": pinned, "attribute": attribute, "leaf": leaf, "split_rgb": split_rgb[None],
             "pin_rgb": pin_rgb[None]}
 
