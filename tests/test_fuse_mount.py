@@ -103,3 +103,26 @@ def test_a_dead_server_is_cleaned_up_by_umount(mountdir):
 def test_umount_of_something_else_is_refused(mountdir):
     result = cli("umount", mountdir)
     assert result.returncode == 1 and "not a ufsgmem mount" in result.stderr
+
+
+def test_sigterm_with_a_live_mapping_unmounts_and_the_mapping_fails_cleanly(mountdir):
+    """The server ends while a process still maps a file: the mount goes (lazily), nothing hangs, and an
+    access the server would have to serve is SIGBUS, never a hang."""
+    import mmap
+
+    from test_fuse_mem import in_child
+    assert cli("mount", mountdir).returncode == 0
+    pid = server.read_pid(mountdir)
+    with open(os.path.join(mountdir, "ctl"), "w") as f:
+        f.write("create vm size=8M flags=mmap|init_shared")
+    fd = os.open(os.path.join(mountdir, "vm", "mem"), os.O_RDWR)
+    m = mmap.mmap(fd, 8 << 20, mmap.MAP_SHARED)
+    os.close(fd)
+    m[:5] = b"hello"
+    os.kill(pid, signal.SIGTERM)
+    while _alive(pid):
+        os.sched_yield()
+    assert server.mount_type(mountdir) is None
+    assert m[:5] == b"hello", "pages already in the page cache stay readable"
+    assert in_child(lambda: m[7 << 20]) == -signal.SIGBUS, "a page the dead server would fill: SIGBUS"
+    m.close()
