@@ -293,3 +293,17 @@ def test_hugetlb_file_through_the_mount(fuse_mount, hugepages):
             m.close()
         finally:
             fuse_mount.ctl("destroy huge")
+
+
+def test_guest_and_host_writes_to_one_shared_page_both_survive(gmem):
+    """A dirty host page is written back before a guest write to the same page, and the existing mapping
+    then sees the guest's bytes next to its own."""
+    g = gmem(2 * PS)
+    m = map_mem(g)
+    m[0:4] = b"host"  # dirty in the page cache, not written back yet
+    g.guest_write(100, b"guest")
+    assert m[0:4] == b"host" and m[100:105] == b"guest"
+    m[200:204] = b"more"
+    assert g.guest_read(0, 4) == b"host" and g.guest_read(200, 4) == b"more"
+    assert g.guest_read(100, 5) == b"guest"
+    m.close()
