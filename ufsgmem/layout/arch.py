@@ -18,9 +18,11 @@ The granule (the smallest leaf) of arm64-16k and arm64-64k is larger than ufsgme
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from ..address import format_size
+from ..errors import fail
 
 SZ_4K, SZ_16K, SZ_64K = 4 << 10, 16 << 10, 64 << 10
 SZ_2M, SZ_32M, SZ_512M = 2 << 20, 32 << 20, 512 << 20
@@ -116,10 +118,10 @@ ARCHES: dict[str, Arch] = {
 
 
 def get_arch(arch: "str | Arch") -> Arch:
-    """The :class:`Arch` named ``arch`` (or ``arch`` itself); ValueError listing the names otherwise."""
+    """The :class:`Arch` named ``arch`` (or ``arch`` itself); EINVAL listing the names otherwise."""
     if isinstance(arch, Arch):
         return arch
     try:
         return ARCHES[arch]
-    except KeyError:
-        raise ValueError(f"unknown arch {arch!r}; available: {', '.join(ARCHES)}") from None
+    except (KeyError, TypeError):
+        raise fail(errno.EINVAL, f"unknown arch {arch!r}; available: {', '.join(ARCHES)}") from None

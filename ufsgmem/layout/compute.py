@@ -17,8 +17,7 @@ from .tiling import label_by_attribute, merge_runs, tile
 def compute_layout(snapshot, view: str = "guest", arch: "str | Arch" = "x86_64") -> Layout:
     """The stage-2 layout of ``snapshot`` for ``view`` (guest|shared|kvm) on ``arch``.
 
-    Raises OSError(EINVAL) for an unknown view or a memslot outside the file, ValueError for an unknown
-    arch name.
+    Raises OSError(EINVAL) for an unknown view or arch, or a memslot outside the file.
     """
     arch = get_arch(arch)
     space = guest_space(snapshot)
