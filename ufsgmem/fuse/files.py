@@ -21,9 +21,14 @@ file by ``Entry.lock``, the stand-in for the kernel's invalidate lock.
 
 ``guest``
     pread/pwrite reach every page. For coherence with host mappings of *shared* pages: before a guest
-    read, the shared part of the range is revoked so dirty host pages are written back first; a guest
-    write revokes before (so an older dirty page cannot overwrite it later) and after (so a page
-    re-faulted meanwhile cannot keep the old bytes) applying the write.
+    read, dirty host pages of the range are written back (mappings stay); a guest write first writes
+    dirty host pages back (so an older dirty page cannot overwrite the guest's bytes later), then
+    applies the write, then revokes the range so every mapping faults the new bytes in. A host write to
+    the same page racing the guest write may still win with its whole page (the kernel would order the
+    two; FUSE gives us no page lock to do that).
+
+Only pages some FUSE READ filled since their last revocation are revoked or written back
+(``Entry.cached``): revoking a range nobody mapped costs nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from ..gmem import SHARED, GuestMemfd, HostFault, Transition, TransitionPending
 from ..plugins import available, BACKENDS
 from ..uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT, PAGE_SIZE
 from .inodes import Entry, Namespace
-from .revoke import Revoker
+from .revoke import Revoker, write_back
 
 
 class Files:
@@ -55,11 +60,23 @@ class Files:
         ranges = self._cached_parts(entry, ranges)
         if not ranges or self.revoker is None:
             return
-        ino = entry.ino("mem")
-        path = None
-        if self.mountpoint is not None and not entry.destroyed and entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
-            path = f"{self.mountpoint}/{entry.name}/mem"
-        await trio.to_thread.run_sync(self.revoker.revoke, ino, ranges, path)
+        await trio.to_thread.run_sync(self.revoker.revoke, entry.ino("mem"), ranges, self._path(entry))
+
+    async def write_back(self, entry: Entry, ranges) -> None:
+        """Make the backend hold what host mappings wrote, without unmapping (enough before a guest read).
+        Falls back to a revocation when the file has no name any more."""
+        parts = [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for r in ranges
+                 for s, e, v in entry.cached.runs(r.start >> PAGE_SHIFT, -(-r.end // PAGE_SIZE)) if v]
+        if not parts or self.revoker is None:
+            return
+        path = self._path(entry)
+        if path is None or not await trio.to_thread.run_sync(write_back, path, parts):
+            await self.revoke(entry, parts)
+
+    def _path(self, entry: Entry) -> str | None:
+        if self.mountpoint is None or entry.destroyed or not entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
+            return None
+        return f"{self.mountpoint}/{entry.name}/mem"
 
     @staticmethod
     def _cached_parts(entry: Entry, ranges) -> tuple[Range, ...]:
@@ -196,8 +213,8 @@ class Files:
         if size == 0:
             return b""
         async with entry.lock:
-            if gm.flags & GUEST_MEMFD_FLAG_MMAP:  #: host pages may be dirty in the page cache
-                await self.revoke(entry, self._shared_pages(gm, offset, size))
+            if gm.flags & GUEST_MEMFD_FLAG_MMAP:  # host pages may be dirty in the page cache
+                await self.write_back(entry, self._shared_pages(gm, offset, size))
             return bytes(gm.guest_read(offset, size))
 
     async def guest_write(self, entry: Entry, offset: int, data) -> int:
@@ -207,7 +224,7 @@ class Files:
         data = bytes(data[:max(0, gm.size - offset)])
         async with entry.lock:
             shared = self._shared_pages(gm, offset, len(data)) if gm.flags & GUEST_MEMFD_FLAG_MMAP else []
-            await self.revoke(entry, shared)
+            await self.write_back(entry, shared)
             gm.guest_write(offset, data)
             await self.revoke(entry, shared)
         return len(data)
