@@ -105,31 +105,34 @@ def page_order(page_size: int | str | None) -> int:
 
 @dataclass(frozen=True)
 class Result:
-    """A parsed text result: ``ok key=value ... [message]`` or ``error ERRNAME key=value ... message``."""
+    """A parsed text result: ``ok [words]`` or ``error ERRNAME [error_offset=0x...] -- message``.
+
+    Everything after `` -- `` is a message for people; ``key=value`` words before it are fields.
+    """
 
     ok: bool
     fields: dict[str, str]
+    words: list[str]
     message: str
     text: str
 
     @classmethod
     def parse(cls, text: str) -> "Result":
-        words = text.strip().split()
+        head, _, message = text.strip().partition(" -- ")
+        words = head.split()
         ok = bool(words) and words[0] == "ok"
-        rest = words[1:] if words else []
+        rest = words[1:]
+        fields: dict[str, str] = {}
         if not ok and rest and rest[0] in _ERRNOS:
-            fields = {"errno": rest[0]}
-            rest = rest[1:]
-        else:
-            fields = {}
-        message: list[str] = []
+            fields["errno"] = rest.pop(0)
+        plain = []
         for word in rest:
             key, sep, value = word.partition("=")
-            if sep and key.isidentifier() and not message:
+            if sep and key.isidentifier():
                 fields[key] = value
             else:
-                message.append(word)
-        return cls(ok, fields, " ".join(message), text.strip())
+                plain.append(word)
+        return cls(ok, fields, plain, message.strip(), text.strip())
 
     def int(self, key: str) -> int | None:
         value = self.fields.get(key)
@@ -175,8 +178,8 @@ def text_request(fd: int, request: str, what: str | None = None) -> Result:
 
 def _cstr(text: str, length: int, what: str) -> bytes:
     raw = text.encode()
-    if len(raw) >= length or b"\0" in raw:
-        raise GuestMemfdError(errno.EINVAL, f"{what} {text!r} must be under {length} bytes, without NUL")
+    if len(raw) > length or b"\0" in raw:
+        raise GuestMemfdError(errno.EINVAL, f"{what} {text!r} must be at most {length} bytes, without NUL")
     return raw.ljust(length, b"\0")
 
 
@@ -354,21 +357,22 @@ class GmemFile:
         return os.stat(os.path.join(self.path, "mem")).st_size
 
     def snapshot(self):
-        """A :class:`~ufsgmem.snapshot.Snapshot` of the attributes and status, for exporters.
+        """A :class:`~ufsgmem.snapshot.Snapshot` of the file's state (``NAME/snapshot``), for exporters.
 
-        Built from what the mount shows (``get_attributes`` and ``status``): physical extents and split
-        folios are included only when the status file reports them.
+        Servers without a ``snapshot`` file get one built from ``get_attributes`` and ``status``
+        (attributes only: no physical extents, split folios or pins).
         """
         from .snapshot import Snapshot
-        status = self.status()
-        runs = self.get_attributes()
-        info = status.get("snapshot", {})
+        try:
+            with open(os.path.join(self.path, "snapshot"), "rb") as f:
+                return Snapshot.from_json(f.read().decode())
+        except FileNotFoundError:
+            pass
+        status, runs = self.status(), self.get_attributes()
         return Snapshot.build(
             size=status["size"], flags=status["flags"], backend=status["backend"],
             folio_size=status["page_size"], attr_starts=[r[0] for r in runs],
-            attr_private=[r[2] == KVM_MEMORY_ATTRIBUTE_PRIVATE for r in runs],
-            extents=info.get("extents", ()), split_folios=info.get("split_folios", ()),
-            pins=info.get("pins", ()), meta={"name": self.name},
+            attr_private=[r[2] == KVM_MEMORY_ATTRIBUTE_PRIVATE for r in runs], meta={"name": self.name},
         )
 
     # --- guest accesses (vCPU stand-in) -------------------------------------------------------------
@@ -407,18 +411,14 @@ class GmemFile:
 
 
 def parse_runs(text: str) -> list[tuple[int, int, int]]:
-    """Runs from a get_attributes result: every ``[offset=]O[,/ ]size=S attributes=A`` triple, or
-    ``OFFSET+SIZE:ATTR`` / ``[start,end):attr`` words."""
-    runs: list[tuple[int, int, int]] = []
-    pending: dict[str, str] = {}
-    for word in text.replace(",", " ").split():
-        key, sep, value = word.partition("=")
-        if sep and key in ("offset", "size", "attributes"):
-            pending[key] = value
-            if len(pending) == 3:
-                runs.append((int(pending["offset"], 0), int(pending["size"], 0),
-                             parse_attributes(pending["attributes"])))
-                pending = {}
+    """Runs of a get_attributes result: ``ok 0x0+0x1000=shared 0x1000+0x3000=private ...``."""
+    runs = []
+    for word in Result.parse(text).text.partition(" -- ")[0].split()[1:]:
+        span, sep, attribute = word.partition("=")
+        offset, plus, size = span.partition("+")
+        if not (sep and plus):
+            raise GuestMemfdError(errno.EPROTO, f"get_attributes: cannot read run {word!r} in {text!r}")
+        runs.append((int(offset, 0), int(size, 0), parse_attributes(attribute)))
     return runs
 
 
