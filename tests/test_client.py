@@ -213,3 +213,58 @@ def test_snapshot_follows_the_attributes(gmem):
     snap = gmem.snapshot()
     assert isinstance(snap, Snapshot) and snap.size == 16 * PAGE
     assert list(snap.attr_runs()) == [(0, 4 * PAGE, False), (4 * PAGE, 8 * PAGE, True), (8 * PAGE, 16 * PAGE, False)]
+
+
+# --- binary create and huge pages -----------------------------------------------------------------------
+def test_binary_create_request_and_read_back(mount):
+    import os
+    from ufsgmem.client import create_request
+    raw = create_request("bin0", 8 * PAGE, MMAP_SHARED, "anon", 0)
+    assert len(raw) == 168 and raw[:4] == b"UGM1"
+    fd = os.open(f"{mount.path}/ctl", os.O_RDWR)
+    try:
+        assert os.write(fd, raw) == len(raw), "one write is one request"
+        assert os.read(fd, 4096) == raw, "the read-back of a create is the request, byte for byte"
+        with pytest.raises(OSError) as exc:
+            os.write(fd, raw)
+        assert exc.value.errno == errno.EEXIST
+    finally:
+        os.close(fd)
+    f = mount.open("bin0")
+    assert (f.status()["size"], f.status()["flags"]) == (8 * PAGE, MMAP_SHARED)
+    f.close()
+    mount.destroy("bin0")
+
+
+def test_unknown_backend_message_lists_the_available_ones(mount):
+    with pytest.raises(GuestMemfdError) as exc:
+        mount.create("nb", PAGE, 0, backend="nope")
+    assert exc.value.errno == errno.EINVAL and "available:" in str(exc.value) and "anon" in str(exc.value)
+
+
+def test_hugetlb_file_through_the_client(mount, hugepages):
+    SZ_2M = 2 << 20
+    with pytest.raises(GuestMemfdError) as exc:
+        mount.create("huge", 4 * SZ_2M, MMAP_SHARED, backend="hugetlb", page_size="2M")
+    assert exc.value.errno == errno.EINVAL, "huge-page files start private: init_shared is refused"
+    with hugepages(SZ_2M, 4):
+        f = mount.create("huge", 4 * SZ_2M, GUEST_MEMFD_FLAG_MMAP, backend="hugetlb", page_size="2M")
+        try:
+            st = f.status()
+            assert (st["backend"], st["page_size"], st["private_bytes"]) == ("hugetlb", SZ_2M, 4 * SZ_2M)
+            f.convert(0, SZ_2M + PAGE, to="shared")
+            with f.map(0, 2 * SZ_2M) as m:
+                a = m.array()
+                a[:SZ_2M + PAGE] = 9
+                assert child_touch(a, SZ_2M + PAGE) == signal.SIGBUS
+                del a
+            assert f.status()["huge_folios"] == {"whole": 2, "split": 2}
+        finally:
+            f.close()
+            mount.destroy("huge")
+
+
+def test_hugetlb_pool_too_small_is_enomem_naming_the_shortfall(mount):
+    with pytest.raises(GuestMemfdError) as exc:
+        mount.create("toobig", 1 << 40, GUEST_MEMFD_FLAG_MMAP, backend="hugetlb", page_size="1G")
+    assert exc.value.errno == errno.ENOMEM and "short by" in str(exc.value)

@@ -12,10 +12,10 @@ Nothing here talks to the server any other way than an unmodified program would:
         f.convert(0, 4096, to="private")        # revokes the page from every process
         assert f.guest_read(0, 1) == b"\\x07"   # the guest still sees it
 
-Requests use the binary protocol where it has a form (``KVM_SET_MEMORY_ATTRIBUTES2``,
-``KVM_CREATE_GUEST_MEMFD``): one ``write()`` of the kernel's struct, whose errno *is* the result, then a
-``read()`` for ``error_offset``. Everything else (destroy, allocate, punch_hole, pin, unpin,
-get_attributes) uses the text form. A failed request raises :class:`~ufsgmem.errors.GuestMemfdError`:
+Conversions use the binary protocol (``KVM_SET_MEMORY_ATTRIBUTES2``): one ``write()`` of the kernel's
+struct, whose errno *is* the result, then a ``read()`` for ``error_offset``. Everything else uses the text
+form, create included: its result carries the server's message (e.g. a hugetlb pool's shortfall), which the
+binary read-back has no room for (``create_request()`` builds the binary form for those who want it). A failed request raises :class:`~ufsgmem.errors.GuestMemfdError`:
 an ``OSError`` with the kernel's errno and, where the kernel defines one, ``error_offset``.
 
 Caveats:
@@ -171,8 +171,9 @@ def text_request(fd: int, request: str, what: str | None = None) -> Result:
             raise
         result = Result(False, {}, "", "")
     if err is not None:
-        detail = result.message or os.strerror(err.errno)
-        raise GuestMemfdError(err.errno, f"{what or request}: {detail}", result.int("error_offset"))
+        what = what or request
+        raise GuestMemfdError(err.errno, f"{what}: {result.message}" if result.message else what,
+                              result.int("error_offset"))
     return result
 
 
@@ -225,30 +226,18 @@ class Mount:
         """
         size, flags = parse_size(size), parse_flags(flags)
         _check_u64(size=size, flags=flags)
-        if page_size is not None and parse_size(page_size) == PAGE_SIZE:
-            # page_order 0 means "backend default" in the binary form, so an explicit 4K goes as text
-            request = f"create {name} size={size:#x} flags={flags:#x} page_size=4K"
-            if backend:
-                request += f" backend={backend}"
-            text_request(self._ctl_fd(), request, f"create {name}")
-        else:
-            order = page_order(page_size)
-            err = _write_request(self._ctl_fd(), create_request(name, size, flags, backend or "", order))
-            if err is not None:
-                raise GuestMemfdError(err.errno, f"create {name} ({format_size(size)}, flags {flags:#x}"
-                                      f"{', backend ' + backend if backend else ''}): {self._why(err)}")
+        _cstr(name, NAME_LEN, "name")
+        # The text form, not the binary one: its result carries the server's message (a hugetlb shortfall,
+        # the backends available), which the binary read-back has no room for. create_request() builds
+        # the binary form for callers that want it.
+        request = f"create {name} size={size:#x} flags={flags:#x}"
+        if backend:
+            request += f" backend={backend}"
+        if page_size is not None:
+            request += f" page_size={format_size(parse_size(page_size))}"
+        text_request(self._ctl_fd(), request, f"create {name} ({format_size(size)}, flags {flags:#x}"
+                                              f"{', backend ' + backend if backend else ''})")
         return self.open(name)
-
-    def _why(self, err: OSError) -> str:
-        """The server's message for the last request, when it gives one in the text result."""
-        try:
-            raw = _read_result(self._ctl_fd())
-        except OSError:
-            raw = b""
-        if raw[:4] == MAGIC or not raw:
-            return os.strerror(err.errno)
-        result = Result.parse(raw.decode(errors="replace"))
-        return result.message or os.strerror(err.errno)
 
     def destroy(self, name: str) -> None:
         """Remove ``MOUNT/NAME``; its memory goes with the last open file and mapping (ENOENT if absent)."""
@@ -309,8 +298,8 @@ class GmemFile:
         to = "private" if attributes == KVM_MEMORY_ATTRIBUTE_PRIVATE else f"attributes {attributes:#x}" \
             if attributes else "shared"
         where = f" (error_offset {error_offset:#x})" if error_offset is not None else ""
-        raise GuestMemfdError(err.errno, f"convert [{offset:#x}, {offset + size:#x}) of {self.name} to {to}: "
-                              f"{os.strerror(err.errno)}{where}", error_offset)
+        raise GuestMemfdError(err.errno, f"convert [{offset:#x}, {offset + size:#x}) of {self.name} to {to}{where}",
+                              error_offset)
 
     def convert(self, offset: int | str, size: int | str, to: str | int) -> None:
         """Convert ``[offset, offset + size)`` to ``"private"`` or ``"shared"`` (content is preserved)."""

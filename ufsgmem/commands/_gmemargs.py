@@ -34,6 +34,9 @@ def report(command: str, run: Callable[[], int]) -> int:
     """Run ``run``; print a failed request as ``ufsgmem CMD: ERRNAME: message`` and return 1."""
     try:
         return run()
+    except BrokenPipeError:  # `ufsgmem status ... | head`: the reader left; not an error worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ValueError as exc:
         print(f"ufsgmem {command}: EINVAL: {exc}", file=sys.stderr)
         return 1

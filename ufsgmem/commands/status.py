@@ -29,8 +29,13 @@ def configure(parser) -> None:
 
 
 def _bytes(n: int, total: int) -> str:
-    share = f" ({100 * n / total:.1f}%)" if total else ""
-    return f"{format_size(n)}{share}"
+    if not total:
+        return format_size(n)
+    percent = 100 * n / total
+    # never round a part up to "100.0%" or down to "0.0%": those claim all or nothing
+    percent = min(percent, 99.9) if n < total else percent
+    percent = max(percent, 0.1) if n > 0 else percent
+    return f"{format_size(n)} ({percent:.1f}%)"
 
 
 def summary(status: dict, runs: list[tuple[int, int, int]] | None = None) -> str:
@@ -57,9 +62,12 @@ def summary(status: dict, runs: list[tuple[int, int, int]] | None = None) -> str
                  f" unmapped), punches: {status.get('punches', 0)}")
     if runs is not None:
         lines.append(f"  attribute runs: {len(runs)}")
-        for offset, length, attributes in runs[:RUNS_SHOWN]:
+        shown = runs[:RUNS_SHOWN]
+        spans = [f"[{offset:#x}, {offset + length:#x})" for offset, length, _ in shown]
+        width = max(map(len, spans), default=0)
+        for span, (offset, length, attributes) in zip(spans, shown):
             what = "private" if attributes == KVM_MEMORY_ATTRIBUTE_PRIVATE else "shared"
-            lines.append(f"    [{offset:#x}, {offset + length:#x}) {format_size(length):>6} {what}")
+            lines.append(f"    {span:<{width}}  {format_size(length):>7}  {what}")
         if len(runs) > RUNS_SHOWN:
             lines.append(f"    ... {len(runs) - RUNS_SHOWN} more")
     elif "attribute_runs" in status:
