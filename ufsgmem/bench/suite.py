@@ -1,0 +1,333 @@
+"""``ufsgmem bench``: every figure of design §5 measured in one run, beside its reference, with the ratio.
+
+Targets (design §5):
+
+====  ==========================================================================  ==========================
+P1    first-touch write throughput of a 1 GiB ``mem`` mapping vs kernel guest_memfd  ≥ 1.5× kernel, ≥ 0.8× shmem
+P2    2 MiB shared→private→shared, mapped and dirty in another process, vs the       ≤ 0.2×
+      kernel's discard model (punch-hole + refault of 2 MiB)
+P3    4 KiB round trip through ``ctl``                                                ≤ 150 µs median
+P4    4 KiB conversion latency, 1 GiB vs 64 GiB file                                  ≤ 1.25×
+P5    layout export of a 1 TiB guest with 100 000 shared holes; metadata per run      ≤ 2 s; ≤ 128 B/run
+P6    backend bytes of a preallocated hugetlb file after 10 000 conversions           = file size
+====  ==========================================================================  ==========================
+
+Besides the targets it reports the context a reader needs: read throughput, 4 KiB and 1 GiB round trips,
+conversions per second over a 1 GiB file, and the page-cache bytes the FUSE mount holds for shared
+mappings (a real cost of the design: mapped pages live in the FUSE page cache *and* in the backend).
+
+Every figure is the median of several repetitions, with min..max and the raw values in the JSON. Both
+sides of a ratio are measured in the same run, interleaved, so machine load hits both alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+
+from .. import __version__, hugepages
+from ..client import GmemFile, Mount
+from ..uapi import SZ_1G, SZ_2M, SZ_4K
+from . import memory
+from .dirtier import Dirtier
+from .stats import Figure, Series, fmt, timed
+
+GiB = 1 << 30
+
+
+@dataclass
+class Config:
+    size: int = GiB          # the mapping size for P1/P2 (≥ 1 GiB for the real run)
+    reps: int = 5            # repetitions of each throughput figure
+    latency_reps: int = 200  # repetitions of each latency figure
+    stream: int = 2000       # conversions in the scattered stream
+    p4_large: int = 64 * GiB
+    p5_size: int = 1 << 40
+    p5_holes: int = 100_000
+    p6_conversions: int = 10_000
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls) -> "Config":
+        return cls(size=64 << 20, reps=2, latency_reps=20, stream=200, p4_large=4 * GiB,
+                   p5_size=1 << 40, p5_holes=5_000, p6_conversions=500, quick=True)
+
+
+class Progress:
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.monotonic()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total} {time.monotonic() - self.start:6.1f}s] {what}",
+              file=sys.stderr, flush=True)
+
+
+# --- mount ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def mounted():
+    """A fresh ufsgmem mount in a temporary directory, unmounted at the end whatever happens."""
+    mountpoint = tempfile.mkdtemp(prefix="ufsgmem-bench-")
+    cli = [sys.executable, "-m", "ufsgmem"]
+    subprocess.run([*cli, "mount", mountpoint], check=True)
+    try:
+        with Mount(mountpoint) as mount:
+            yield mount
+    finally:
+        subprocess.run([*cli, "umount", mountpoint], check=False)
+        with contextlib.suppress(OSError):
+            os.rmdir(mountpoint)
+
+
+@contextlib.contextmanager
+def created(mount: Mount, name: str, size: int, flags: str = "mmap|init_shared", **kwargs):
+    f = mount.create(name, size, flags, **kwargs)
+    try:
+        yield f
+    finally:
+        f.close()
+        mount.destroy(name)
+
+
+# --- P1: first touch --------------------------------------------------------------------------------
+def p1_first_touch(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
+    size = cfg.size
+    targets: dict[str, Callable] = {
+        "kernel guest_memfd": memory.kernel_gmem_mapping,
+        "shmem memfd": memory.shmem_mapping,
+        "anonymous": memory.anon_mapping,
+    }
+    backends = ["anon", "thp"]
+    pool = contextlib.ExitStack()
+    if hugepages.unavailable_reason(SZ_2M) is None and pool.enter_context(
+            hugepages.reserved(SZ_2M, size // SZ_2M)) == size // SZ_2M:
+        backends.append("hugetlb")
+    with pool:
+        for backend in backends:
+            targets[f"ufsgmem mem ({backend})"] = _ufsgmem_target(mount, backend)
+        write = {name: Series(name, "GB/s") for name in targets}
+        read = {name: Series(name, "GB/s") for name in targets}
+        for rep in range(cfg.reps):
+            for name, target in targets.items():  # interleaved: load hits every target alike
+                for series, is_write in ((write, True), (read, False)):
+                    with target(size) as m:
+                        series[name].values.append(size / memory.first_touch(m, is_write) / 1e9)
+            progress.step(f"P1 first touch, repetition {rep + 1}/{cfg.reps}")
+    best = max((n for n in targets if n.startswith("ufsgmem")), key=lambda n: write[n].median)
+    kernel, shmem = write["kernel guest_memfd"], write["shmem memfd"]
+    fig = Figure("P1", f"first-touch write of a {fmt(size, 'B')} mapping, {best} vs kernel guest_memfd",
+                 write[best], kernel, "≥ 1.5× kernel and ≥ 0.8× shmem memfd", better="higher")
+    vs_shmem = write[best].median / shmem.median
+    fig.met = bool(fig.ratio is not None and fig.ratio >= 1.5 and vs_shmem >= 0.8)
+    fig.note = f"vs shmem memfd {vs_shmem:.2f}×"
+    extra = [Figure(f"P1.write.{n}", f"first-touch write, {n}", s, kernel, "context", better="higher")
+             for n, s in write.items()]
+    extra += [Figure(f"P1.read.{n}", f"first-touch read, {n}", s, read["kernel guest_memfd"], "context",
+                     better="higher") for n, s in read.items()]
+    return [fig, *extra]
+
+
+def _ufsgmem_target(mount: Mount, backend: str):
+    @contextlib.contextmanager
+    def target(size: int):
+        page = {"hugetlb": "2M"}.get(backend)
+        flags = "mmap" if backend == "hugetlb" else "mmap|init_shared"
+        name = f"bench-{backend}"
+        with created(mount, name, size, flags, backend=backend, page_size=page) as f:
+            if backend == "hugetlb":  # huge-page files start private (HugeTLB rule)
+                f.convert(0, size, to="shared")
+            with memory.path_mapping(os.path.join(f.path, "mem"), size) as m:
+                yield m
+    return target
+
+
+# --- P2/P3: round trips -----------------------------------------------------------------------------
+def round_trip(f: GmemFile, offset: int, size: int) -> float:
+    start = time.perf_counter()
+    f.convert(offset, size, to="private")
+    f.convert(offset, size, to="shared")
+    return time.perf_counter() - start
+
+
+def p2_p3_round_trips(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
+    size = cfg.size
+    figures = []
+    with created(mount, "bench-rt", size) as f, Dirtier(os.path.join(f.path, "mem"), size) as dirtier, \
+            memory.kernel_gmem_file(size) as kernel:
+        for label, length, reps in (("4 KiB", SZ_4K, cfg.latency_reps), ("2 MiB", SZ_2M, max(cfg.reps * 4, 10)),
+                                    ("1 GiB", size, cfg.reps)):
+            ours, ref = Series(f"ufsgmem {label} round trip", "s"), Series(f"kernel punch+refault {label}", "s")
+            for rep in range(reps):
+                offset = (rep * length) % size
+                dirtier.dirty(offset, length)  # mapped and dirty in another process
+                ours.values.append(round_trip(f, offset, length))
+                ref.values.append(kernel.punch_and_refault(offset, length))
+            progress.step(f"round trips {label}")
+            figures.append((label, ours, ref))
+    out = []
+    for label, ours, ref in figures:
+        if label == "2 MiB":
+            fig = Figure("P2", "2 MiB shared→private→shared, dirty in another process, vs kernel punch+refault",
+                         ours, ref, "≤ 0.2×")
+            fig.met = fig.ratio is not None and fig.ratio <= 0.2
+        elif label == "4 KiB":
+            fig = Figure("P3", "4 KiB round trip through ctl", ours, ref, "≤ 150 µs median")
+            fig.met = ours.median <= 150e-6
+        else:
+            fig = Figure("RT.1G", f"{label} round trip, dirty in another process", ours, ref, "context")
+        out.append(fig)
+    return out
+
+
+def conversion_stream(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
+    size = cfg.size
+    rng = random.Random(1)
+    pages = rng.sample(range(size // SZ_4K), cfg.stream)
+    with created(mount, "bench-stream", size) as f:
+        rate = Series("ufsgmem 4 KiB conversions per second", "conv/s")
+        for _ in range(max(cfg.reps // 2, 1)):
+            elapsed = timed(lambda: [f.convert(p * SZ_4K, SZ_4K, to="private") for p in pages]) + \
+                timed(lambda: [f.convert(p * SZ_4K, SZ_4K, to="shared") for p in pages])
+            rate.values.append(2 * len(pages) / elapsed)
+    progress.step("conversion stream")
+    return [Figure("STREAM", f"4 KiB conversions scattered over {fmt(size, 'B')}", rate, None, "context",
+                   better="higher")]
+
+
+# --- P4: cost follows the range, not the file -------------------------------------------------------
+def p4_file_size(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
+    series = {}
+    for size in (GiB, cfg.p4_large):
+        s = Series(f"4 KiB conversion latency, {fmt(size, 'B')} sim file", "s")
+        with created(mount, "bench-p4", size, backend="sim") as f:
+            for rep in range(cfg.latency_reps):
+                offset = (rep * 7919 * SZ_4K) % size
+                s.values.append(timed(lambda: f.convert(offset, SZ_4K, to="private")))
+                f.convert(offset, SZ_4K, to="shared")
+        series[size] = s
+    progress.step("P4 file-size independence")
+    fig = Figure("P4", f"4 KiB conversion, {fmt(cfg.p4_large, 'B')} file vs 1 GiB file",
+                 series[cfg.p4_large], series[GiB], "≤ 1.25×")
+    fig.met = fig.ratio is not None and fig.ratio <= 1.25
+    return [fig]
+
+
+# --- P5: layout export at 1 TiB ---------------------------------------------------------------------
+def p5_layout(cfg: Config, progress: Progress) -> list[Figure]:
+    """Snapshot + json export of all three views of a 1 TiB sim guest (1 GiB folios) with N shared holes."""
+    from ..exporter import export
+    from ..gmem import SHARED, GuestMemfd
+
+    with GuestMemfd(cfg.p5_size, 0, backend="sim", page_size=SZ_1G) as gmem:
+        stride = (cfg.p5_size // cfg.p5_holes) & ~(SZ_4K - 1)
+        for i in range(cfg.p5_holes):
+            gmem.set_memory_attributes(i * stride + SZ_2M + SZ_4K, SZ_4K, SHARED)
+        runs = len(gmem.get_attributes())
+        per_run = gmem.metadata_bytes() / runs
+        export_time = Series("snapshot + json export of guest, shared and kvm views", "s")
+        for _ in range(cfg.reps):
+            export_time.values.append(timed(
+                lambda: [export("json", snap, view=view, arch="x86_64")
+                         for snap in [gmem.snapshot()] for view in ("guest", "shared", "kvm")]))
+    progress.step("P5 layout export at 1 TiB")
+    fig = Figure("P5", f"layout export, {fmt(cfg.p5_size, 'B')} with {cfg.p5_holes} shared holes (3 views)",
+                 export_time, None, "≤ 2 s; ≤ 128 B per run")
+    fig.met = export_time.median <= 2.0 and per_run <= 128
+    fig.note = f"metadata {per_run:.1f} B per attribute run ({runs} runs)"
+    meta = Series("core metadata bytes per attribute run", "B", [per_run])
+    return [fig, Figure("P5.meta", "metadata per attribute run", meta, None, "≤ 128 B")]
+
+
+# --- P6: no per-conversion allocation ---------------------------------------------------------------
+def p6_hugetlb_bytes(cfg: Config, progress: Progress) -> list[Figure]:
+    from ..gmem import PRIVATE, SHARED, GuestMemfd
+
+    size = 256 << 20
+    reason = hugepages.unavailable_reason(SZ_2M)
+    if reason:
+        return [Figure("P6", f"hugetlb backend bytes (skipped: {reason})", Series("bytes", "B"), None, "= size")]
+    with hugepages.reserved(SZ_2M, size // SZ_2M) as got:
+        if got < size // SZ_2M:
+            return [Figure("P6", "hugetlb backend bytes (skipped: pool could not grow)", Series("bytes", "B"),
+                           None, "= size")]
+        with GuestMemfd(size, 1, backend="hugetlb", page_size=SZ_2M) as gmem:
+            rng = random.Random(6)
+            for i in range(cfg.p6_conversions // 2):
+                offset = rng.randrange(size // SZ_4K) * SZ_4K
+                gmem.set_memory_attributes(offset, SZ_4K, SHARED)
+                gmem.host_write(offset, b"x")
+                gmem.set_memory_attributes(offset, SZ_4K, PRIVATE)
+            held = gmem.backend.backend_bytes()
+    progress.step("P6 hugetlb bytes after conversions")
+    fig = Figure("P6", f"hugetlb backend bytes after {cfg.p6_conversions} conversions of a {fmt(size, 'B')} file",
+                 Series("backend bytes", "B", [held]), Series("file size", "B", [size]), "= file size (ratio 1)")
+    fig.met = held == size
+    return [fig]
+
+
+# --- page cache cost --------------------------------------------------------------------------------
+def page_cache_cost(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
+    size = cfg.size
+    with created(mount, "bench-cache", size) as f, memory.path_mapping(os.path.join(f.path, "mem"), size) as m:
+        memory.first_touch(m, True)
+        cached = memory.resident_bytes(m)
+        backend = f.status()["backend_bytes"]
+    progress.step("page-cache cost")
+    fig = Figure("CACHE", "FUSE page-cache bytes held for a fully touched shared mapping, vs backend bytes",
+                 Series("page cache bytes", "B", [cached]), Series("backend bytes", "B", [backend]),
+                 "context (the FUSE page cache duplicates mapped memory)")
+    return [fig]
+
+
+# --- driver -----------------------------------------------------------------------------------------
+def machine() -> dict:
+    import numpy
+    import pyfuse3
+    import trio
+    return {
+        "kernel": platform.release(), "python": platform.python_version(), "cpus": os.cpu_count(),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "ufsgmem": __version__, "pyfuse3": pyfuse3.__version__, "trio": trio.__version__,
+        "numpy": numpy.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run(cfg: Config) -> dict:
+    steps = 10
+    progress = Progress(steps)
+    figures: list[Figure] = []
+    with mounted() as mount:
+        figures += p1_first_touch(cfg, mount, progress)
+        figures += p2_p3_round_trips(cfg, mount, progress)
+        figures += conversion_stream(cfg, mount, progress)
+        figures += p4_file_size(cfg, mount, progress)
+        figures += page_cache_cost(cfg, mount, progress)
+    figures += p5_layout(cfg, progress)
+    figures += p6_hugetlb_bytes(cfg, progress)
+    return {"machine": machine(), "config": cfg.__dict__, "figures": figures}
+
+
+def report(result: dict) -> str:
+    lines = [f"{'id':<8} {'value':>12} {'reference':>12} {'ratio':>8}  target / figure"]
+    for fig in result["figures"]:
+        ref = fmt(fig.reference.median, fig.reference.unit) if fig.reference else "-"
+        ratio = f"{fig.ratio:.3f}" if fig.ratio is not None else "-"
+        mark = {True: "MET ", False: "MISS", None: "    "}[fig.met]
+        lines.append(f"{fig.id:<8} {fmt(fig.value.median, fig.value.unit):>12} {ref:>12} {ratio:>8}  "
+                     f"{mark} {fig.target} — {fig.title}{' (' + fig.note + ')' if fig.note else ''}")
+    return "\n".join(lines)
+
+
+def to_json(result: dict) -> dict:
+    targets = {f.id: f.as_dict() for f in result["figures"] if f.id in ("P1", "P2", "P3", "P4", "P5", "P6")}
+    context = {f.id: f.as_dict() for f in result["figures"] if f.id not in targets}
+    return {**targets, "context": context, "machine": result["machine"], "config": result["config"]}
