@@ -94,9 +94,14 @@ struct ufsgmem_attributes2_request {
 	struct kvm_memory_attributes2 attr;
 };
 
-_Static_assert(sizeof(struct kvm_create_guest_memfd) == 64, "kvm_create_guest_memfd is 64 bytes");
-_Static_assert(sizeof(struct kvm_memory_attributes2) == 128, "kvm_memory_attributes2 is 128 bytes");
-_Static_assert(sizeof(struct ufsgmem_create_request) == 8 + 64 + 64 + 32, "create request layout");
-_Static_assert(sizeof(struct ufsgmem_attributes2_request) == 8 + 128, "attributes2 request layout");
+#ifdef __cplusplus
+#define UFSGMEM_STATIC_ASSERT static_assert
+#else
+#define UFSGMEM_STATIC_ASSERT _Static_assert
+#endif
+UFSGMEM_STATIC_ASSERT(sizeof(struct kvm_create_guest_memfd) == 64, "kvm_create_guest_memfd is 64 bytes");
+UFSGMEM_STATIC_ASSERT(sizeof(struct kvm_memory_attributes2) == 128, "kvm_memory_attributes2 is 128 bytes");
+UFSGMEM_STATIC_ASSERT(sizeof(struct ufsgmem_create_request) == 8 + 64 + 64 + 32, "create request layout");
+UFSGMEM_STATIC_ASSERT(sizeof(struct ufsgmem_attributes2_request) == 8 + 128, "attributes2 request layout");
 
 #endif /* UFSGMEM_H */

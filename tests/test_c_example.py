@@ -44,3 +44,39 @@ def test_convert_demo_runs_against_a_mount(convert_demo, tmp_path):
         assert "raised SIGBUS" in done.stdout and "error_offset 0x3000" in done.stdout
         assert "all checks passed" in done.stdout
         assert not os.path.exists(os.path.join(mnt, "cdemo")), "the demo destroys its file"
+
+
+def test_header_layout_matches_the_python_client(tmp_path):
+    """The same requests built in C with ufsgmem.h and in Python with ufsgmem.client are byte-identical."""
+    from ufsgmem.client import attributes2_request, create_request
+    src = tmp_path / "layout.c"
+    src.write_text(r'''
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include "ufsgmem.h"
+int main(void)
+{
+	struct ufsgmem_create_request c;
+	struct ufsgmem_attributes2_request a;
+	memset(&c, 0, sizeof(c));
+	memset(&a, 0, sizeof(a));
+	memcpy(c.magic, UFSGMEM_MAGIC, UFSGMEM_MAGIC_LEN);
+	c.cmd = KVM_CREATE_GUEST_MEMFD;
+	c.gmem.size = 0x40000000;
+	c.gmem.flags = GUEST_MEMFD_FLAG_MMAP;
+	c.gmem.reserved[0] = UFSGMEM_PAGE_ORDER_2M;
+	strcpy(c.name, "vm0");
+	strcpy(c.backend, "hugetlb");
+	memcpy(a.magic, UFSGMEM_MAGIC, UFSGMEM_MAGIC_LEN);
+	a.cmd = KVM_SET_MEMORY_ATTRIBUTES2;
+	a.attr.offset = 0x200000;
+	a.attr.size = 0x1000;
+	a.attr.attributes = KVM_MEMORY_ATTRIBUTE_PRIVATE;
+	return write(1, &c, sizeof(c)) != sizeof(c) || write(1, &a, sizeof(a)) != sizeof(a);
+}
+''')
+    subprocess.run(["gcc", "-Wall", "-Werror", f"-I{EXAMPLES}", "-o", str(tmp_path / "layout"), str(src)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(tmp_path / "layout")], check=True, capture_output=True).stdout
+    assert out == create_request("vm0", 1 << 30, 1, "hugetlb", 9) + attributes2_request(0x200000, 0x1000, 8)
