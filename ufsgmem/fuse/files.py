@@ -78,6 +78,13 @@ class Files:
             return None
         return f"{self.mountpoint}/{entry.name}/mem"
 
+    async def drop_cache(self, entry: Entry) -> None:
+        """After a destroyed file's last release: its cached pages are clean (FUSE writes dirty pages back
+        when the last mapping goes), so invalidating them only gives the memory back early."""
+        if self.revoker is not None and entry.cached.count(1):
+            whole = (Range(0, entry.gm.size),)
+            await trio.to_thread.run_sync(self.revoker.revoke, entry.ino("mem"), whole, None)
+
     @staticmethod
     def _cached_parts(entry: Entry, ranges) -> tuple[Range, ...]:
         """The parts of ``ranges`` that may be cached, marked uncached *before* revoking them: a page read

@@ -24,6 +24,7 @@ goes with its last file reference. An inode of a freed entry answers ENOENT.
 
 from __future__ import annotations
 
+import errno
 import itertools
 from dataclasses import dataclass, field
 
@@ -107,11 +108,14 @@ class Namespace:
         self._maybe_free(entry)
         return entry
 
-    def _maybe_free(self, entry: Entry) -> None:
-        if entry.destroyed and not entry.referenced:
+    def _maybe_free(self, entry: Entry) -> bool:
+        """Free a destroyed, unreferenced entry; True when this call freed it."""
+        if entry.destroyed and not entry.referenced and not entry.gm.closed:
             for ino in range(entry.base, entry.base + 1 + len(FILES)):
                 self.by_ino.pop(ino, None)
             entry.gm.close()
+            return True
+        return False
 
     def entry_of(self, ino: int) -> Entry | None:
         return self.by_ino.get(ino)
@@ -143,11 +147,20 @@ class Namespace:
             entry.open_handles += 1
         return fh
 
-    def release(self, fh: int) -> None:
+    def release(self, fh: int) -> Entry | None:
+        """Drop a handle; return its entry if that freed it (so the caller can drop its page cache)."""
         handle = self.handles.pop(fh, None)
         if handle is not None and handle.entry is not None:
             handle.entry.open_handles -= 1
-            self._maybe_free(handle.entry)
+            if self._maybe_free(handle.entry):
+                return handle.entry
+        return None
+
+    def handle(self, fh: int) -> Handle:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, f"no open file {fh}")
+        return handle
 
     def close_all(self) -> None:
         for entry in {id(e): e for e in self.by_ino.values()}.values():

@@ -225,13 +225,13 @@ class Operations(pyfuse3.Operations):
             mappable = bool(entry.gm.flags & GUEST_MEMFD_FLAG_MMAP)
             return pyfuse3.FileInfo(fh=fh, keep_cache=True, nonseekable=True, direct_io=not mappable)
         if kind in ("status", "snapshot"):
-            handle = self.ns.handles[fh]
+            handle = self.ns.handle(fh)
             handle.result = self.files.status(entry) if kind == "status" else self.files.snapshot(entry)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=kind == "ctl")
 
     @fuse_errors
     async def read(self, fh, off, size):
-        handle = self.ns.handles[fh]
+        handle = self.ns.handle(fh)
         if handle.kind == "mem":
             if not handle.entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
                 raise pyfuse3.FUSEError(errno.EINVAL)
@@ -248,7 +248,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh, off, buf):
-        handle = self.ns.handles[fh]
+        handle = self.ns.handle(fh)
         if handle.kind == "mem":
             if not handle.entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
                 raise pyfuse3.FUSEError(errno.EINVAL)
@@ -272,4 +272,9 @@ class Operations(pyfuse3.Operations):
         pass
 
     async def release(self, fh):
-        self.ns.release(fh)
+        freed = self.ns.release(fh)
+        if freed is not None:  # the memory is gone: drop the (clean) pages the kernel still caches of it
+            try:
+                await self.files.drop_cache(freed)
+            except OSError:
+                log.exception("dropping the page cache of %s", freed.name)
