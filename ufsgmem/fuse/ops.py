@@ -15,7 +15,10 @@ How ``mem`` keeps guest_memfd's file rules under FUSE (the mechanisms, each test
 * **read() — deviation**: a read(2) fill and a page-fault fill are the same FUSE READ (pyfuse3 passes
   neither the read flags nor the file handle of the GETATTR that read(2) sends first), and pages already
   cached never reach the server. So read(2) of shared pages succeeds; of private pages it fails with EIO.
-  Private bytes are never returned.
+  Private bytes are never returned. (Untried idea for a lower-level binding: with auto_inval_data and
+  attr_timeout 0 the kernel sends read(2) a GETATTR carrying FUSE_GETATTR_FH, which neither stat(2) nor
+  a page fault sends; failing exactly that GETATTR with EINVAL should make read(2) EINVAL. pyfuse3 drops
+  the file info of GETATTR, so it cannot be done here.)
 * **no MMAP flag → ENODEV**: such a ``mem`` is opened with direct_io, and the kernel refuses a shared
   mapping of a direct_io file with ENODEV (no FUSE_DIRECT_IO_ALLOW_MMAP is negotiated). Its read/write go
   straight to us and fail with EINVAL.
