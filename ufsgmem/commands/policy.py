@@ -158,6 +158,9 @@ def _run(args) -> int:
         get_arch(args.arch)
     except ImportError:
         pass  # the report says the S2 counts are missing, and why
+    except OSError as exc:  # an unknown arch is a usage error, refused before any replay
+        print(f"ufsgmem policy run: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"ufsgmem policy run: {exc}", file=sys.stderr)
         return 2
