@@ -302,8 +302,7 @@ def machine() -> dict:
 
 
 def run(cfg: Config) -> dict:
-    steps = 10
-    progress = Progress(steps)
+    progress = Progress(cfg.reps + 9)
     figures: list[Figure] = []
     with mounted() as mount:
         figures += p1_first_touch(cfg, mount, progress)
