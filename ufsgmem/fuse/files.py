@@ -45,7 +45,7 @@ from ..gmem import SHARED, GuestMemfd, HostFault, Transition, TransitionPending
 from ..plugins import available, BACKENDS
 from ..uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT, PAGE_SIZE
 from .inodes import Entry, Namespace
-from .revoke import Revoker, write_back
+from .revoke import Revoker, WriteBackFiles, write_back
 
 
 class Files:
@@ -54,13 +54,14 @@ class Files:
         self.revoker = revoker
         self.default_backend = default_backend
         self.mountpoint: str | None = None  # set once mounted: lets revocations write back in bulk
+        self.write_back_files = WriteBackFiles()  # our own descriptor of each mem, for bulk write-back
 
     # --- revocation ---------------------------------------------------------------------------------
     async def revoke(self, entry: Entry, ranges) -> None:
         ranges = self._cached_parts(entry, ranges)
         if not ranges or self.revoker is None:
             return
-        await trio.to_thread.run_sync(self.revoker.revoke, entry.ino("mem"), ranges, self._path(entry))
+        await trio.to_thread.run_sync(lambda: self.revoker.revoke(entry.ino("mem"), ranges, self._fd(entry)))
 
     async def write_back(self, entry: Entry, ranges) -> None:
         """Make the backend hold what host mappings wrote, without unmapping (enough before a guest read).
@@ -69,14 +70,21 @@ class Files:
                  for s, e, v in entry.cached.runs(r.start >> PAGE_SHIFT, -(-r.end // PAGE_SIZE)) if v]
         if not parts or self.revoker is None:
             return
-        path = self._path(entry)
-        if path is None or not await trio.to_thread.run_sync(write_back, path, parts):
+        if not await trio.to_thread.run_sync(lambda: write_back(self._fd(entry), parts)):
             await self.revoke(entry, parts)
 
-    def _path(self, entry: Entry) -> str | None:
-        if self.mountpoint is None or entry.destroyed or not entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
+    def _fd(self, entry: Entry) -> int | None:
+        """Our descriptor of ``entry``'s mem (opened on first use). Worker thread only, entry.lock held."""
+        if entry.destroyed or not entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
             return None
-        return f"{self.mountpoint}/{entry.name}/mem"
+        path = None if self.mountpoint is None else f"{self.mountpoint}/{entry.name}/mem"
+        return self.write_back_files.get(entry.dir_ino, path)
+
+    async def close_write_back(self, entry: Entry) -> None:
+        """At destroy: close our descriptor (its FLUSH must be served by this loop, hence the thread)."""
+        if entry.dir_ino in self.write_back_files:
+            async with entry.lock:
+                await trio.to_thread.run_sync(self.write_back_files.close, entry.dir_ino)
 
     async def drop_cache(self, entry: Entry) -> None:
         """After a destroyed file's last release: its cached pages are clean (FUSE writes dirty pages back
@@ -181,7 +189,9 @@ class Files:
             if isinstance(request, control.CreateRequest):
                 detail, removed = await self._create(request), None
             else:
+                entry = self.ns.by_name.get(request.name)
                 detail, removed = self._destroy(request), request.name
+                await self.close_write_back(entry)
         except OSError as exc:
             return control.error_result(request, exc), exc, None
         return control.ok_result(request, detail), None, removed
