@@ -11,31 +11,17 @@ from __future__ import annotations
 import contextlib
 import time
 
+from ufsgmem import hugepages
 from ufsgmem.gmem import GuestMemfd
 from ufsgmem.plugins import load_backend
 from ufsgmem.uapi import SZ_1G, SZ_2M, SZ_4K
 
-POOL = "/sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages"
-
-
 @contextlib.contextmanager
 def reserved(size: int, count: int):
-    path = POOL.format(kb=size >> 10)
-    with open(path) as f:
-        before = int(f.read())
-    with open(path, "w") as f:
-        f.write(str(before + count))
-    with open(path) as f:
-        got = int(f.read()) - before
-    try:
+    with hugepages.reserved(size, count) as got:
         if got < count:
             raise SystemExit(f"only {got} of {count} {size >> 20}M pages could be reserved")
         yield
-    finally:
-        with open(path) as f:
-            now = int(f.read())
-        with open(path, "w") as f:
-            f.write(str(max(0, now - got)))
 
 
 def timed(fn):

@@ -36,12 +36,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from . import hugepages
 from .address import format_size
 from .client import GmemFile, Mount
 from .errors import errname
 from .uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, SZ_2M, SZ_4K
 
-HUGEPAGES_2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 DEFAULT_SIZE = 64 << 20
 NAME = "guest0"
 #: KVM's rule (a block only where attributes agree and the folio is whole) shows what conversions cost
@@ -55,42 +55,20 @@ def _say(text: str) -> None:
 # --- huge pages -------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def hugepages_2m(count: int):
-    """Grow the 2 MiB pool by ``count`` pages for the block; yield how many were added (0 = none).
+    """Grow the 2 MiB pool by ``count`` pages for the block; yield ``count``, or 0 if it could not grow.
 
-    Gives back exactly what it added (by decrement, so a concurrent reservation is not disturbed).
+    Gives back exactly what it added (see :mod:`ufsgmem.hugepages`).
     """
-    got = 0
-    try:
-        with open(HUGEPAGES_2M) as f:
-            before = int(f.read())
-        with open(HUGEPAGES_2M, "w") as f:
-            f.write(str(before + count))
-        with open(HUGEPAGES_2M) as f:
-            got = int(f.read()) - before
-    except OSError:
-        got = 0
-    try:
-        if got < count:
-            _release_hugepages(got)
-            got = 0
-        yield got
-    finally:
-        _release_hugepages(got)
-        got = 0
-
-
-def _release_hugepages(count: int) -> None:
     if count <= 0:
+        yield 0
         return
-    with open(HUGEPAGES_2M) as f:
-        now = int(f.read())
-    with open(HUGEPAGES_2M, "w") as f:
-        f.write(str(max(0, now - count)))
+    with hugepages.reserved(SZ_2M, count) as got:
+        yield count if got == count else 0
 
 
 def hugetlb_available() -> bool:
     from .plugins import BACKENDS, available
-    return "hugetlb" in available(BACKENDS) and os.path.exists(HUGEPAGES_2M) and os.geteuid() == 0
+    return "hugetlb" in available(BACKENDS) and hugepages.unavailable_reason(SZ_2M) is None
 
 
 # --- the mount --------------------------------------------------------------------------------------------

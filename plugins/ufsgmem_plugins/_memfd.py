@@ -14,8 +14,7 @@ Without PFNs (no CAP_SYS_ADMIN: the kernel reports PFN 0) a backend falls back t
 per folio, with the *virtual* address as a stand-in, so folio-internal contiguity is right and nothing
 is claimed across folios. ``info()["phys_source"]`` says which one is in use.
 
-Caveats: ``fallocate(2)`` with a mode is not in the standard library (``os.posix_fallocate`` takes none),
-so it goes through libc via ctypes. ``close()`` cannot unmap while a caller still holds a view (Python
+Caveats: ``close()`` cannot unmap while a caller still holds a view (Python
 refuses to); it then drops its own references and the mapping goes when the last view does.
 """
 
@@ -30,20 +29,15 @@ import numpy as np
 
 from ufsgmem.backend import Backend, PhysExtent
 from ufsgmem.errors import fail
+from ufsgmem.syscalls import fallocate
 from ufsgmem.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MADV_POPULATE_READ, MADV_POPULATE_WRITE, \
     PAGE_SHIFT, PAGE_SIZE
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 PM_PRESENT = 1 << 63
 PM_PFN_MASK = (1 << 55) - 1
 
 
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"fallocate(mode={mode:#x}, {offset:#x}, {length:#x}): {os.strerror(err)}")
 
 
 def read_pagemap(address: int, size: int) -> np.ndarray | None:

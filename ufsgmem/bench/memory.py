@@ -44,16 +44,8 @@ def anon_mapping(size: int):
 
 @contextlib.contextmanager
 def kernel_gmem_mapping(size: int):
-    from ..kvm import Kvm  # only when /dev/kvm is wanted
-    from ..uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
-
-    with Kvm() as kvm, kvm.create_vm() as vm:
-        fd = vm.create_guest_memfd(size, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
-        try:
-            with _mapped(fd, size) as m:
-                yield m
-        finally:
-            os.close(fd)
+    with kernel_gmem_file(size) as kernel:
+        yield kernel.mapping
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ import tempfile
 
 from .. import kvm
 from ..errors import GuestMemfdError
+from ..syscalls import fallocate
 from ..gmem import GuestMemfd, HostFault
 from ..uapi import (
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_CREATE_GUEST_MEMFD, KVM_CREATE_GUEST_MEMFD_STRUCT,
@@ -47,18 +48,11 @@ ATTRIBUTES = "attributes"  # KVM_SET_MEMORY_ATTRIBUTES2 on the file (v8)
 PIN = "pin"  # an emulated long-term pin
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _libc.open.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 class NotApplicable(Exception):
     """The subject has no way to do this (reported as n/a, never as a result)."""
-
-
-def libc_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"fallocate(mode={mode:#x}, {offset:#x}, {length:#x}): {os.strerror(err)}")
 
 
 class GmemFile:
@@ -73,11 +67,11 @@ class GmemFile:
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """The subject's way to fallocate (the kernel: fallocate(2))."""
-        libc_fallocate(self.fd, mode, offset, length)
+        fallocate(self.fd, mode, offset, length)
 
     def fallocate_syscall(self, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on the fd, whatever the subject's usual way is."""
-        libc_fallocate(self.fd, mode, offset, length)
+        fallocate(self.fd, mode, offset, length)
 
     def mmap(self, length: int | None = None, flags: int = MAP_SHARED, prot: int = PROT_READ | PROT_WRITE,
              offset: int = 0) -> Mapping:
@@ -288,7 +282,7 @@ class MountFile(GmemFile):
     def fallocate(self, mode, offset, length):
         requests = {FALLOC_FL_KEEP_SIZE: "allocate", FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE: "punch_hole"}
         if mode not in requests:
-            return libc_fallocate(self.fd, mode, offset, length)
+            return fallocate(self.fd, mode, offset, length)
         _request(os.path.join(self.dir, "ctl"), f"{requests[mode]} offset={offset} size={length}".encode())
 
     def set_memory_attributes(self, offset, size, attributes, flags=0, reserved=(0,) * 11, error_offset=0):
