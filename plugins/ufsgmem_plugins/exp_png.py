@@ -83,8 +83,10 @@ def strips(layout, snapshot, bins: int = BINS) -> dict[str, np.ndarray]:
     unallocated = np.where(unallocated > 1e-9, unallocated, 0)
     base = np.tile(PRIVATE_RGB, (bins, 1))
     # top row: honest byte fractions; bottom row: where any shared (or unallocated) memory is at all
-    honest = base * (1 - shared - unallocated)[:, None] + SHARED_RGB * shared[:, None] \
-        + EMPTY_RGB * unallocated[:, None]
+    # shared and unallocated bytes may overlap (a shared page never touched): count it once, as shared
+    unshared_empty = np.minimum(unallocated, 1 - shared)
+    honest = base * (1 - shared - unshared_empty)[:, None] + SHARED_RGB * shared[:, None] \
+        + EMPTY_RGB * unshared_empty[:, None]
     where = _tint(_tint(base, EMPTY_RGB, unallocated), SHARED_RGB, shared)
     attribute = np.stack([honest, where])
 
