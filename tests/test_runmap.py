@@ -202,3 +202,160 @@ def test_runmap_matches_list_model(case, data):
         assert rm.count(v, a, b) == model[a:b].count(v)
         expected_first = next((p for p in range(a, b) if model[p] >= v), None)
         assert rm.first(a, b, lambda x: x >= v) == expected_first
+
+
+# --- chunk edges -------------------------------------------------------------------------------------
+# RunMap keeps its runs in chunks of at most CHUNK_RUNS runs (512); these subclasses shrink the chunks so
+# that a few dozen pages cross many chunk edges, and every test above runs against the same list model.
+
+class TinyRunMap(RunMap):
+    __slots__ = ()
+    CHUNK_RUNS = 4
+
+
+class SmallRunMap(RunMap):
+    __slots__ = ()
+    CHUNK_RUNS = 8
+
+
+def alternating(cls, npages: int, width: int = 1) -> tuple[RunMap, list[int]]:
+    """A map (and its model) whose value flips every ``width`` pages: npages / width runs."""
+    rm, model = cls(npages, 0), [0] * npages
+    for start in range(width, npages, 2 * width):
+        end = min(start + width, npages)
+        rm.set(start, end, 1)
+        model[start:end] = [1] * (end - start)
+    return rm, model
+
+
+def chunks(rm: RunMap) -> int:
+    return len(rm._cs)
+
+
+def apply(rm: RunMap, model: list[int], op: str, start: int, end: int, value: int) -> None:
+    if op == "set":
+        rm.set(start, end, value)
+        model[start:end] = [value] * (end - start)
+    else:
+        rm.add(start, end, value)
+        for p in range(start, end):
+            model[p] += value
+    assert_matches(rm, model)
+    assert rm.as_arrays()[0].tolist() == [s for s, _, _ in model_runs(model)]
+    for v in set(model) | {value, -7}:
+        assert rm.count(v) == model.count(v), "whole-map count comes from the kept page counts"
+
+
+@pytest.mark.parametrize("cls", [TinyRunMap, SmallRunMap])
+def test_many_runs_split_chunks_within_bounds(cls):
+    rm, model = alternating(cls, 300)
+    assert_matches(rm, model)
+    assert len(rm) == 300
+    assert chunks(rm) >= 300 // cls.CHUNK_RUNS, "300 runs cannot fit in fewer chunks"
+    assert all(cls.CHUNK_RUNS // 4 <= len(c) <= cls.CHUNK_RUNS for c in rm._cs)
+
+
+@pytest.mark.parametrize("cls", [TinyRunMap, SmallRunMap])
+@pytest.mark.parametrize("start, end", [(3, 97), (0, 50), (50, 100), (17, 18), (16, 24), (1, 99)])
+def test_set_spanning_several_chunks(cls, start, end):
+    for value in (0, 1, 2):
+        rm, model = alternating(cls, 100)
+        apply(rm, model, "set", start, end, value)
+
+
+@pytest.mark.parametrize("cls", [TinyRunMap, SmallRunMap])
+def test_add_spanning_several_chunks_and_back(cls):
+    rm, model = alternating(cls, 120, width=3)
+    apply(rm, model, "add", 6, 108, 2)
+    assert len(rm) == 120 // 3, "adding to whole runs keeps them distinct, no split, no merge"
+    apply(rm, model, "add", 5, 110, 3)
+    assert len(rm) == 120 // 3 + 2, "a range inside two runs splits each of them once"
+    apply(rm, model, "add", 5, 110, -3)
+    apply(rm, model, "add", 6, 108, -2)
+    apply(rm, model, "add", 0, 120, 1)
+    apply(rm, model, "add", 0, 120, -1)
+    assert rm.as_arrays() == alternating(cls, 120, width=3)[0].as_arrays()
+
+
+@pytest.mark.parametrize("cls", [TinyRunMap, SmallRunMap])
+def test_merges_across_chunk_edges(cls):
+    rm, model = alternating(cls, 80)
+    c = 1
+    while c < chunks(rm):  # the first run of each chunk merges with the last run of the chunk before
+        edge = rm._firsts[c]
+        apply(rm, model, "set", edge, edge + 1, rm.value_at(edge - 1))
+        c += 1
+    rm, model = alternating(cls, 80)
+    while chunks(rm) > 1:  # fill the run just before the second chunk's edge: three runs become one
+        edge = rm._firsts[1]
+        apply(rm, model, "set", edge - 1, edge, rm.value_at(edge))
+    assert len(rm) <= cls.CHUNK_RUNS
+
+
+@pytest.mark.parametrize("cls", [TinyRunMap, SmallRunMap])
+def test_deleting_down_to_one_run(cls):
+    rm, model = alternating(cls, 200)
+    for start in range(0, 200, 10):  # chip away chunk by chunk, from the front
+        apply(rm, model, "set", 0, start + 10, 0)
+    assert list(rm.runs()) == [(0, 200, 0)] and chunks(rm) == 1
+    rm, model = alternating(cls, 200)
+    apply(rm, model, "set", 0, 200, 5)  # all at once
+    assert list(rm.runs()) == [(0, 200, 5)] and chunks(rm) == 1
+    assert rm.count(5) == 200 and rm.count(0) == 0 and rm.count(1) == 0
+    rm, model = alternating(cls, 200)
+    for start in range(190, -10, -10):  # from the back
+        apply(rm, model, "set", start, 200, 1)
+    assert list(rm.runs()) == [(0, 200, 1)] and chunks(rm) == 1
+
+
+@pytest.mark.parametrize("cls", [TinyRunMap, SmallRunMap])
+def test_queries_across_chunk_edges(cls):
+    rm, model = alternating(cls, 90, width=2)
+    for a in range(0, 91, 7):
+        for b in range(a, 91, 11):
+            assert list(rm.runs(a, b)) == model_runs(model, a, b)
+            assert rm.count(1, a, b) == model[a:b].count(1)
+            assert rm.is_uniform(a, b, 1) == all(x == 1 for x in model[a:b])
+            assert rm.first(a, b, lambda v: v == 1) == next((p for p in range(a, b) if model[p] == 1), None)
+
+
+def test_check_catches_broken_chunks():
+    rm, _ = alternating(TinyRunMap, 40)
+    rm._values[17] = rm._values[16]  # equal neighbours deep inside the chunks
+    with pytest.raises(AssertionError):
+        rm.check()
+    rm, _ = alternating(TinyRunMap, 40)
+    rm._firsts[2] += 1  # the chunk index no longer matches the chunk
+    with pytest.raises(AssertionError):
+        rm.check()
+    rm, _ = alternating(TinyRunMap, 40)
+    rm._counts[1] += 1  # a page count out of step with the runs
+    with pytest.raises(AssertionError):
+        rm.check()
+
+
+def test_footprint_stays_near_the_payload():
+    """The honest memory figure, array headers and index included, at 20 000 runs of default chunks."""
+    rm = RunMap(20_000 * 13_000, 0)  # about the page count of a 1 TiB file
+    for start in range(13_000, 20_000 * 13_000, 26_000):
+        rm.set(start, start + 13_000, 1)
+    rm.check()
+    assert len(rm) == 20_000
+    assert rm.metadata_bytes() == 16 * 20_000
+    assert rm.metadata_bytes() <= rm.footprint_bytes() <= 24 * len(rm), "well under 128 bytes per run"
+
+
+@settings(max_examples=300, deadline=None)
+@given(operations(), st.data(), st.sampled_from([TinyRunMap, SmallRunMap]))
+def test_chunked_runmap_matches_list_model(case, data, cls):
+    npages, _, ops = case
+    rm, model = alternating(cls, npages, width=data.draw(st.integers(1, 4)))
+    for op, start, end, value in ops:
+        apply(rm, model, op, start, end, value)
+    for _ in range(5):
+        a = data.draw(st.integers(0, npages))
+        b = data.draw(st.integers(a, npages))
+        v = data.draw(st.integers(-2, 5))
+        assert list(rm.runs(a, b)) == model_runs(model, a, b)
+        assert rm.is_uniform(a, b, v) == all(x == v for x in model[a:b])
+        assert rm.count(v, a, b) == model[a:b].count(v)
