@@ -188,6 +188,8 @@ BAD_MOUNT_REQUESTS = [
     (create_bin(b"vm", PS, reserved=(0, 0, 0, 0, 1)), errno.EINVAL),
     (create_bin(b"vm\0junk", PS), errno.EINVAL),
     (create_bin(b"", PS), errno.EINVAL),
+    (b"create " + b"n" * 64 + b" size=4K", errno.EINVAL),  # 63 bytes at most: the binary field keeps its NUL
+    (create_bin(b"n" * 64, PS), errno.EINVAL),
     (create_bin(b"vm", PS)[:-1], errno.EINVAL),
     (create_bin(b"vm", PS)[:8] + b"\0" * 10, errno.EINVAL),
     (b"UGM1" + struct.pack("<I", 0xC080AED2) + bytes(128), errno.ENOTTY),  # a file request on the mount ctl
@@ -202,6 +204,16 @@ def test_bad_mount_requests_change_nothing(fuse_mount, gmem):
         err, _ = write_read(ctl, data)
         assert err == expected, f"{data[:80]!r}: errno {err}, want {expected}"
         assert sorted(os.listdir(fuse_mount.path)) == before, f"{data[:80]!r} changed the mount"
+
+
+def test_a_63_byte_name_works(fuse_mount):
+    name = "n" * 63
+    fuse_mount.ctl(f"create {name} size=4K flags=mmap|init_shared")
+    try:
+        assert os.stat(os.path.join(fuse_mount.path, name, "mem")).st_size == PS
+        assert os.statvfs(fuse_mount.path).f_namemax == 63
+    finally:
+        fuse_mount.ctl(f"destroy {name}")
 
 
 def test_duplicate_name_is_eexist(gmem, fuse_mount):

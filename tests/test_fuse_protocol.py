@@ -58,3 +58,20 @@ def test_malformed_text_is_einval(data):
     with pytest.raises(OSError) as info:
         control.parse_mount_request(data)
     assert info.value.errno == errno.EINVAL
+
+
+def test_names_are_capped_at_63_bytes_in_both_forms():
+    """The binary name field is 64 NUL-padded bytes, so a name keeps room for its NUL: 63 bytes at most."""
+    from ufsgmem import client
+    name = "n" * 63
+    assert control.parse_mount_request(f"create {name} size=4K".encode()).name == name
+    assert control.parse_mount_request(client.create_request(name, 4096)).name == name
+    too_long = name + "n"
+    raw = client.create_request(name, 4096).replace(name.encode() + b"\0", too_long.encode())
+    for data in (f"create {too_long} size=4K".encode(), f"destroy {too_long}".encode(), raw):
+        with pytest.raises(OSError) as info:
+            control.parse_mount_request(data)
+        assert info.value.errno == errno.EINVAL and "longer than 63" in str(info.value), data[:80]
+    with pytest.raises(OSError) as info:
+        client.create_request(too_long, 4096)
+    assert info.value.errno == errno.EINVAL

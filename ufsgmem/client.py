@@ -187,7 +187,8 @@ def _cstr(text: str, length: int, what: str) -> bytes:
 def create_request(name: str, size: int, flags: int = 0, backend: str = "", order: int = 0) -> bytes:
     """The binary KVM_CREATE_GUEST_MEMFD request for ``MOUNT/ctl`` (see examples/ufsgmem.h)."""
     body = KVM_CREATE_GUEST_MEMFD_STRUCT.pack(size, flags, order, 0, 0, 0, 0, 0)
-    return (HEADER.pack(MAGIC, KVM_CREATE_GUEST_MEMFD) + body + _cstr(name, NAME_LEN, "name")
+    name_field = _cstr(name, NAME_LEN - 1, "name").ljust(NAME_LEN, b"\0")  # at most 63 bytes + NUL
+    return (HEADER.pack(MAGIC, KVM_CREATE_GUEST_MEMFD) + body + name_field
             + _cstr(backend, BACKEND_LEN, "backend name"))
 
 
@@ -226,7 +227,7 @@ class Mount:
         """
         size, flags = parse_size(size), parse_flags(flags)
         _check_u64(size=size, flags=flags)
-        _cstr(name, NAME_LEN, "name")
+        _cstr(name, NAME_LEN - 1, "name")  # the server keeps room for the NUL: at most 63 bytes
         # The text form, not the binary one: its result carries the server's message (a hugetlb shortfall,
         # the backends available), which the binary read-back has no room for. create_request() builds
         # the binary form for callers that want it.

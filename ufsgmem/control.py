@@ -29,7 +29,7 @@ struct byte for byte:
 * ``KVM_SET_MEMORY_ATTRIBUTES2`` (0xC080AED2) + the 128-byte ``kvm_memory_attributes2`` (NAME/ctl);
   the read-back is the same 136 bytes with ``error_offset`` filled in on failure.
 * ``KVM_CREATE_GUEST_MEMFD`` (0xC040AED4) + the 64-byte ``kvm_create_guest_memfd`` + a NUL-padded 64-byte
-  name + a NUL-padded 32-byte backend name (MOUNTPOINT/ctl). ``reserved[0]`` carries the HugeTLB
+  name (at most 63 bytes: the field keeps its NUL) + a NUL-padded 32-byte backend name (MOUNTPOINT/ctl). ``reserved[0]`` carries the HugeTLB
   ``page_order`` the way the HugeTLB series does: 0 = the backend's default, 9 = 2 MiB, 18 = 1 GiB; the
   other reserved words must be 0. The read-back is the same 168 bytes.
 
@@ -56,13 +56,15 @@ from .uapi import (
 MAGIC = b"UGM1"
 HEADER = struct.Struct("<4sI")
 NAME_LEN = 64
+NAME_MAX = NAME_LEN - 1  # the binary form's name field always keeps its terminating NUL
 BACKEND_LEN = 32
 CREATE_LEN = HEADER.size + KVM_CREATE_GUEST_MEMFD_STRUCT.size + NAME_LEN + BACKEND_LEN  # 168
 ATTRIBUTES_LEN = HEADER.size + KVM_MEMORY_ATTRIBUTES2_STRUCT.size  # 136
 MAX_REQUEST = 4096
 U64_MAX = (1 << 64) - 1
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_BACKEND_MAX = 64
 _FLAG_NAMES = {"mmap": GUEST_MEMFD_FLAG_MMAP, "init_shared": GUEST_MEMFD_FLAG_INIT_SHARED}
 _ATTRIBUTE_NAMES = {"private": KVM_MEMORY_ATTRIBUTE_PRIVATE, "shared": 0}
 #: page_order (reserved[0] of kvm_create_guest_memfd) -> page size; 0 means the backend's default.
@@ -150,10 +152,20 @@ def _only(options: dict[str, str], bare: list[str], allowed: set[str], nbare: in
 
 
 def check_name(name: str) -> str:
+    """A file name: 1 to NAME_MAX (63) bytes, so the binary form's 64-byte field keeps its NUL. Longer is
+    EINVAL, like every other malformed request (not ENAMETOOLONG: no path lookup is involved)."""
+    if len(name) > NAME_MAX:
+        raise fail(errno.EINVAL, f"name of {len(name)} bytes is longer than {NAME_MAX}: {name[:16]!r}...")
     if not _NAME_RE.match(name) or name in RESERVED_NAMES:
-        raise fail(errno.EINVAL, f"bad name {name!r}: 1-64 of [A-Za-z0-9_.+-], not starting with . - +, "
+        raise fail(errno.EINVAL, f"bad name {name!r}: 1-{NAME_MAX} of [A-Za-z0-9_.+-], not starting with . - +, "
                                  f"not {', '.join(sorted(RESERVED_NAMES))}")
     return name
+
+
+def _check_backend(backend: str | None) -> str | None:
+    if backend is not None and (len(backend) > _BACKEND_MAX or not _NAME_RE.match(backend)):
+        raise fail(errno.EINVAL, f"bad backend name {backend[:40]!r}")
+    return backend
 
 
 def parse_flags(text: str) -> int:
@@ -178,9 +190,7 @@ def parse_mount_request(data: bytes) -> CreateRequest | DestroyRequest:
     if verb == "create":
         _only(options, bare, {"size", "flags", "backend", "page_size"}, 1, verb)
         page_size = _number(options, "page_size") if "page_size" in options else None
-        backend = options.get("backend")
-        if backend is not None and not _NAME_RE.match(backend):
-            raise fail(errno.EINVAL, f"bad backend name {backend!r}")
+        backend = _check_backend(options.get("backend"))
         return CreateRequest(check_name(bare[0]), _number(options, "size"), parse_flags(options.get("flags", "0")),
                              backend, page_size)
     if verb == "destroy":
@@ -219,9 +229,7 @@ def _binary_create(data: bytes) -> CreateRequest:
         raise fail(errno.EINVAL, f"page_order {reserved[0]} (reserved[0]): use 0, 9 (2M) or 18 (1G)")
     at = HEADER.size + KVM_CREATE_GUEST_MEMFD_STRUCT.size
     name = check_name(_cstring(data[at:at + NAME_LEN], "name"))
-    backend = _cstring(data[at + NAME_LEN:at + NAME_LEN + BACKEND_LEN], "backend") or None
-    if backend is not None and not _NAME_RE.match(backend):
-        raise fail(errno.EINVAL, f"bad backend name {backend!r}")
+    backend = _check_backend(_cstring(data[at + NAME_LEN:at + NAME_LEN + BACKEND_LEN], "backend") or None)
     return CreateRequest(name, size, flags, backend, PAGE_ORDERS[reserved[0]], binary=bytes(data))
 
 

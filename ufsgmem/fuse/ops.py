@@ -43,6 +43,7 @@ import time
 
 import pyfuse3
 
+from .. import control
 from ..uapi import GUEST_MEMFD_FLAG_MMAP
 from .files import Files
 from .inodes import FILES, MOUNT_CTL_INO, ROOT_INO, Entry, Namespace
@@ -187,7 +188,7 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx):
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = 4096
-        st.f_namemax = 64
+        st.f_namemax = control.NAME_MAX
         return st
 
     # --- xattrs: the write(2) trap on mem -----------------------------------------------------------
