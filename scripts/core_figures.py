@@ -4,10 +4,15 @@
 Builds a 1 TiB ``sim`` file (no real memory) with about 100 000 attribute runs by converting every
 k-th page, reports what the core's run maps cost (``metadata_bytes``; the budget is 128 bytes per run),
 then times single 4 KiB conversions, to private and back to shared, at a page far from the other runs,
-and does the same in a 1 GiB file (with few runs and with 100 000 runs). Timing is printed, never
+and ``status()``, and does the same in a 1 GiB file (with few runs and with 100 000 runs). Timing is printed, never
 asserted: it belongs here and in ``ufsgmem bench``, not in tests.
 
+``--runmap`` instead times ``RunMap.set`` alone (no guest_memfd around it) in a 2^28-page map with 1,
+1 000, 100 000 and 1 000 000 runs, plus a whole-map ``count``: the numbers that show whether an update
+still grows with the number of runs beyond the log factor.
+
     .venv/bin/python scripts/core_figures.py [--runs 100000] [--repeat 2000] [--json FILE]
+    .venv/bin/python scripts/core_figures.py --runmap [--repeat 20000]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 
 from ufsgmem.address import format_size
 from ufsgmem.gmem import PRIVATE, SHARED, GuestMemfd
+from ufsgmem.runmap import RunMap
 from ufsgmem.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, PAGE_SIZE, SZ_1G, SZ_2M
 
 TIB = 1 << 40
@@ -62,6 +68,16 @@ def time_conversions(g: GuestMemfd, repeat: int) -> dict:
     }
 
 
+def time_status(g: GuestMemfd, repeat: int = 20) -> float:
+    """Median of ``status()``, which the policy workbench samples often (page counts, folio counts)."""
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter_ns()
+        g.status()
+        samples.append(time.perf_counter_ns() - t0)
+    return statistics.median(samples) / 1000
+
+
 def figures(size: int, runs: int, page_size: int, repeat: int) -> dict:
     t0 = time.perf_counter()
     g = build(size, runs, page_size)
@@ -80,9 +96,40 @@ def figures(size: int, runs: int, page_size: int, repeat: int) -> dict:
             "huge_folios": status["huge_folios"],
         }
         row.update(time_conversions(g, repeat))
+        row["status_median_us"] = time_status(g)
         return row
     finally:
         g.close()
+
+
+def runmap_figures(runs: int, repeat: int, npages: int = 1 << 28) -> dict:
+    """Median ``set`` of one page (there and back) and whole-map ``count`` in a map with ``runs`` runs."""
+    t0 = time.perf_counter()
+    rm = RunMap(npages, 0)
+    islands = max(0, (runs - 1) // 2)
+    stride = npages // (islands + 1)
+    for i in range(1, islands + 1):  # ascending, so building is cheap for any storage
+        rm.set(i * stride, i * stride + 1, 1)
+    built = time.perf_counter() - t0
+    page = npages // 2 + 7
+    there, back, count = [], [], []
+    for i in range(repeat):
+        t0 = time.perf_counter_ns()
+        rm.set(page, page + 1, 1)
+        t1 = time.perf_counter_ns()
+        rm.set(page, page + 1, 0)
+        t2 = time.perf_counter_ns()
+        there.append(t1 - t0)
+        back.append(t2 - t1)
+        if i < 50:  # a whole-map count that walks every run takes long at 10^6 runs: 50 samples do
+            rm.count(1)
+            count.append(time.perf_counter_ns() - t2)
+    return {"runs": len(rm), "build_seconds": round(built, 2),
+            "set_split_median_us": statistics.median(there) / 1000,
+            "set_merge_median_us": statistics.median(back) / 1000,
+            "count_median_us": statistics.median(count) / 1000,
+            "metadata_bytes_per_run": rm.metadata_bytes() / len(rm),
+            "footprint_bytes_per_run": rm.footprint_bytes() / len(rm) if hasattr(rm, "footprint_bytes") else None}
 
 
 def main(argv=None) -> int:
@@ -90,19 +137,27 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=2000)
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--runmap", action="store_true", help="time RunMap.set alone at 1 to 10^6 runs")
     args = parser.parse_args(argv)
-    rows = [
-        figures(TIB, args.runs, PAGE_SIZE, args.repeat),
-        figures(TIB, args.runs, SZ_2M, args.repeat),
-        figures(SZ_1G, 1, PAGE_SIZE, args.repeat),
-        figures(SZ_1G, args.runs, PAGE_SIZE, args.repeat),
-    ]
+    if args.runmap:
+        rows = [runmap_figures(runs, args.repeat) for runs in (1, 1_000, 100_000, 1_000_000)]
+    else:
+        rows = core_rows(args)
     for row in rows:
         print(json.dumps(row))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     return 0
+
+
+def core_rows(args) -> list[dict]:
+    return [
+        figures(TIB, args.runs, PAGE_SIZE, args.repeat),
+        figures(TIB, args.runs, SZ_2M, args.repeat),
+        figures(SZ_1G, 1, PAGE_SIZE, args.repeat),
+        figures(SZ_1G, args.runs, PAGE_SIZE, args.repeat),
+    ]
 
 
 if __name__ == "__main__":
