@@ -215,3 +215,40 @@ def test_fallocate_deviation(gmem):
             assert libc.fallocate(fd, mode, 0, PS) == -1 and ctypes.get_errno() == errno.EINVAL
     finally:
         os.close(fd)
+
+
+def test_fsync_fdatasync_and_msync_sync_are_einval(gmem):
+    """guest_memfd has no fsync method; the dirty data still reaches the file (msync wrote it back first)."""
+    g = gmem(4 * PS)
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    try:
+        m = mmap.mmap(fd, g.size, mmap.MAP_SHARED)
+        m[:] = b"\x3c" * g.size
+        assert errno_of(m.flush) == errno.EINVAL, "msync(MS_SYNC)"
+        for _ in range(2):  # a second time too: an ENOSYS answer would make every later fsync succeed
+            assert errno_of(lambda: os.fsync(fd)) == errno.EINVAL
+            assert errno_of(lambda: os.fdatasync(fd)) == errno.EINVAL
+        m.close()
+    finally:
+        os.close(fd)
+    assert g.guest_read(0, g.size) == b"\x3c" * g.size
+    for other in ("ctl", "guest", "status"):  # only mem refuses
+        fd = os.open(g.path(other), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def test_prot_exec_is_eperm_on_a_noexec_mount(gmem, fuse_mount):
+    g = gmem(PS)
+    with open("/proc/self/mounts") as f:
+        options = next(line.split()[3] for line in f if line.split()[1] == os.path.realpath(fuse_mount.path))
+    assert "noexec" in options.split(",")
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    try:
+        exec_prot = mmap.PROT_READ | mmap.PROT_EXEC
+        assert errno_of(lambda: mmap.mmap(fd, PS, mmap.MAP_SHARED, exec_prot)) == errno.EPERM
+        mmap.mmap(fd, PS, mmap.MAP_SHARED, mmap.PROT_READ).close()
+    finally:
+        os.close(fd)

@@ -37,10 +37,6 @@ FALLOCATE_VIA_CTL = (
     "EINVAL. Allocate and punch hole are served by the NAME/ctl requests `allocate` and `punch_hole`, which "
     "agree with the kernel case for case")
 
-FSYNC = (
-    "guest_memfd has no fsync method (EINVAL); ufsgmem serves no FUSE_FSYNC, so pyfuse3 answers ENOSYS, "
-    "which the kernel turns into success for that and every later fsync of the mount")
-
 #: Deviations of a ufsgmem mount: what FUSE cannot express, each with the mechanism that prevents it.
 MOUNT: dict[str, Deviation] = {
     "create_huge_sizes": HUGE_SIZES,
@@ -50,17 +46,12 @@ MOUNT: dict[str, Deviation] = {
         "mainline 6.18 never reads them", keys=("reserved[0]=1", "reserved[5]=1")),
     "file_read_write[mmap]": Deviation(READ_FILL, keys=("read",)),
     "file_read_write[mmap|init_shared]": Deviation(READ_FILL, keys=("read",)),
-    "file_other_io[mmap|init_shared]": Deviation(FSYNC, keys=("fsync", "fdatasync")),
-    "msync[mmap|init_shared]": Deviation(FSYNC, keys=("MS_SYNC",)),
     "reopen_via_proc": Deviation(
         "mem is a real file with a path: /proc/self/fd/N reopens it, where the kernel's anonymous inode "
         "cannot be reopened (ENXIO)"),
     "fstatfs_type": Deviation(
         "a FUSE mount reports FUSE_SUPER_MAGIC; guest_memfd lives on the anon_inode filesystem "
         "(ANON_INODE_FS_MAGIC 0x09041934 on 6.18, not GUEST_MEMFD_MAGIC as the reference guessed)"),
-    "mmap_prot[mmap|init_shared]": Deviation(
-        "the guest_memfd mount is noexec, so PROT_EXEC is EPERM; the ufsgmem mount is not mounted noexec",
-        keys=("PROT_READ|PROT_EXEC",)),
     "mmap_cow[mmap]": Deviation(
         "FUSE never sees mmap(2), so MAP_PRIVATE cannot be refused; a private mapping's page fills obey the "
         "same attribute checks (SIGBUS on private pages)"),

@@ -27,6 +27,8 @@ How ``mem`` keeps guest_memfd's file rules under FUSE (the mechanisms, each test
 * **fallocate(2) — deviation**: EINVAL for every mode. FUSE strips privileges (the trap above) before it
   sends FUSE_FALLOCATE, and pyfuse3 has no fallocate handler anyway (the kernel would say EOPNOTSUPP).
   ``allocate``/``punch_hole`` on NAME/ctl provide it.
+* **fsync/fdatasync/msync(MS_SYNC) → EINVAL**: FUSE_FSYNC of ``mem`` is refused (:meth:`Operations.fsync`).
+* **PROT_EXEC → EPERM**: the mount is ``noexec`` like guest_memfd's internal mount (``server.py``).
 * splice/sendfile/copy_file_range of ``mem`` never return private bytes (EIO, EINVAL, EXDEV here).
 * ``keep_cache`` on every open: otherwise each open() would drop the whole file's page cache, revoking
   every mapping in every process.
@@ -271,6 +273,20 @@ class Operations(pyfuse3.Operations):
         if error is not None:
             raise pyfuse3.FUSEError(error.errno or errno.EIO)
         return len(buf)
+
+    @fuse_errors
+    async def fsync(self, fh, datasync):
+        """guest_memfd has no fsync method, so fsync, fdatasync and msync(MS_SYNC) of it are EINVAL.
+
+        Only ``mem`` refuses; every other file succeeds. Never ENOSYS (pyfuse3's default): the kernel would
+        take that as "this filesystem has no fsync", answer every later fsync of the mount with success
+        itself and never ask again. The kernel has already written the dirty pages back by the time it
+        sends FUSE_FSYNC, which is harmless: they are shared pages, and the backend holds them anyway.
+        Nothing in ufsgmem fsyncs ``mem``: revocation writes back with sync_file_range, which never sends
+        FUSE_FSYNC.
+        """
+        if self.ns.handle(fh).kind == "mem":
+            raise pyfuse3.FUSEError(errno.EINVAL)
 
     async def flush(self, fh):
         pass

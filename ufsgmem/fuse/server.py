@@ -10,6 +10,9 @@ background mode. On SIGTERM, SIGINT or SIGHUP the loop ends, the mount is remove
 lazily as root, so files still open elsewhere don't keep it busy), every guest_memfd is freed and the
 pidfile goes. If the process dies without that, the kernel leaves a "Transport endpoint is not
 connected" mount that ``ufsgmem umount`` removes.
+
+The mount is ``noexec``, as the kernel's internal guest_memfd mount is, so a PROT_EXEC mapping of ``mem``
+is EPERM as on the kernel. Nothing is ever run from the mount.
 """
 
 from __future__ import annotations
@@ -155,7 +158,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     files = Files(namespace, None, default_backend=default_backend)
     ops = Operations(files, os.getuid(), os.getgid())
     ops.on_destroy = forget_name
-    options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"}
     if debug:
         options.add("debug")
     # Resolve every path before mounting: once mounted, touching the mount point from this thread
