@@ -10,7 +10,9 @@
 
     A read that meets a pending punch-hole is answered with zeros (what the range holds once the punch
     commits) instead of waiting for the commit: the revocation that the punch is waiting for has to take
-    the lock of the very page being read in, so waiting would deadlock.
+    the lock of the very page being read in, so waiting would deadlock. So a fault can see the zeros
+    before ``punch_hole`` returns (the kernel makes it wait, then also hands out zeros), and if the punch
+    then fails, the zeros stay cached over content the backend kept (docs/protocol.md).
 
 Control files
     One write = one request (``ufsgmem.control``); the outcome is kept per open file for the next read.
@@ -44,6 +46,7 @@ from ..errors import fail
 from ..gmem import SHARED, GuestMemfd, HostFault, Transition, TransitionPending
 from ..plugins import available, BACKENDS
 from ..uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT, PAGE_SIZE
+from . import creating
 from .inodes import Entry, Namespace
 from .revoke import Revoker, WriteBackFiles, write_back
 
@@ -203,8 +206,7 @@ class Files:
         if backend not in available(BACKENDS):
             raise fail(errno.EINVAL, f"unknown backend {backend!r}; available: {', '.join(available(BACKENDS))}")
         # Preallocating a large hugetlb file can take a while: keep the loop serving other requests.
-        gm = await trio.to_thread.run_sync(
-            lambda: GuestMemfd(req.size, req.flags, backend=backend, page_size=req.page_size, name=req.name))
+        gm = await trio.to_thread.run_sync(creating.make, req.name, req.size, req.flags, backend, req.page_size)
         if req.name in self.ns.by_name:  # lost a race with another create of the same name
             gm.close()
             raise fail(errno.EEXIST, f"{req.name!r} exists")
