@@ -150,6 +150,7 @@ class GuestMemfd:
         self.backend: Backend = backend_cls(size, page_size, progress=progress, **(backend_options or {}))
         if self.backend.preallocates:  # the instance's answer: a backend may decide per file (sim does)
             self._allocated.set(0, self._npages, 1)
+        self._whole = self._whole_folios()  # kept up to date by _tracked: status() stays O(1)
         self.closed = False
 
     @staticmethod
@@ -236,12 +237,14 @@ class GuestMemfd:
 
     def _allocate(self, offset: int, length: int) -> None:
         self.backend.allocate(offset, length)
-        self._allocated.set(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT, 1)
+        first, last = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
+        self._tracked(first, last, lambda: self._allocated.set(first, last, 1))
         self.counters.allocations += 1
 
     def _punch(self, rng: Range) -> None:
         self.backend.punch_hole(rng.start, rng.size)
-        self._allocated.set(rng.start >> PAGE_SHIFT, rng.end >> PAGE_SHIFT, 0)
+        first, last = rng.start >> PAGE_SHIFT, rng.end >> PAGE_SHIFT
+        self._tracked(first, last, lambda: self._allocated.set(first, last, 0))
         self.counters.punches += 1
 
     # --- attributes ---------------------------------------------------------------------------------
@@ -290,15 +293,13 @@ class GuestMemfd:
                                      f"{format_size(self.size)} file")
 
     def _flip(self, first: int, last: int, attributes: int) -> None:
-        before = self._whole_folios(first, last)
-        self._attrs.set(first, last, attributes)
-        after = self._whole_folios(first, last)
+        merged = self._tracked(first, last, lambda: self._attrs.set(first, last, attributes))
         if attributes == SHARED:
             self.counters.to_shared += 1
-            self.counters.folio_splits += before - after
+            self.counters.folio_splits -= merged
         else:
             self.counters.to_private += 1
-            self.counters.folio_merges += after - before
+            self.counters.folio_merges += merged
 
     def get_attributes(self, offset: int = 0, size: int | None = None) -> list[tuple[int, int, int]]:
         """``(offset, size, attributes)`` runs covering ``[offset, offset + size)``."""
@@ -421,7 +422,7 @@ class GuestMemfd:
         step = self.folio_size >> PAGE_SHIFT
         first, last = first - first % step, min(-(-last // step) * step, self._npages)
         self.backend.allocate(first << PAGE_SHIFT, (last - first) << PAGE_SHIFT)
-        self._allocated.set(first, last, 1)
+        self._tracked(first, last, lambda: self._allocated.set(first, last, 1))
 
     # --- transitions --------------------------------------------------------------------------------
     def _begin(self, kind: str, rng: Range, revoke: tuple[Range, ...], apply) -> Transition:
@@ -468,14 +469,25 @@ class GuestMemfd:
                 whole += self._allocated.count(1, b0, b1) // step
         return whole
 
+    def _tracked(self, first: int, last: int, change: Callable[[], None]) -> int:
+        """Run ``change`` (an attribute or allocation update of pages ``[first, last)``) and keep the
+        whole-folio count right; return how many folios became whole (negative: were split or freed).
+
+        Only folios overlapping the range can change, so this costs what the range costs, not the file.
+        """
+        before = self._whole_folios(first, last)
+        change()
+        delta = self._whole_folios(first, last) - before
+        self._whole += delta
+        return delta
+
     def folio_counts(self) -> tuple[int, int]:
         """``(whole, split)`` huge folios among the allocated ones (0, 0 for 4 KiB backends)."""
         step = self.folio_size >> PAGE_SHIFT
         if step == 1:
             return 0, 0
         allocated = self._allocated.count(1) // step
-        whole = self._whole_folios()
-        return whole, allocated - whole
+        return self._whole, allocated - self._whole
 
     def _split_folio_offsets(self) -> np.ndarray:
         step = self.folio_size >> PAGE_SHIFT
