@@ -4,11 +4,14 @@ sizes give clear errors without touching anything."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from clientfix import mounted, ufsgmem
 from ufsgmem.cli import _command_names
+
+SZ_2M = 2 << 20
 
 pytestmark = pytest.mark.fuse
 
@@ -84,3 +87,29 @@ def test_bad_sizes_are_clear_usage_errors(mnt, argv):
 def test_convert_without_to_is_a_usage_error(mnt):
     done = ufsgmem("convert", f"{mnt}/x", "--offset", "0", "--size", "4K")
     assert done.returncode == 2 and "--to" in done.stderr
+
+
+def test_hugetlb_create_progress_only_when_asked(mnt, hugepages):
+    """--progress shows the pool handing out the file's huge pages; without it (stderr not a terminal)
+    stderr stays empty."""
+    with hugepages(SZ_2M, 8):
+        done = ufsgmem("create", mnt, "hp0", "--size", "16M", "--flags", "mmap", "--backend", "hugetlb",
+                       "--progress")
+        assert done.returncode == 0, done.stderr
+        lines = done.stderr.splitlines()
+        assert lines[0] == "creating hp0: preallocated 0 of 16M (0%)"
+        assert lines[-1] == "creating hp0: preallocated 16M of 16M (100%)"
+        percents = [int(line.rsplit("(", 1)[1].rstrip("%)")) for line in lines]
+        assert percents == sorted(set(percents)), "one line per tenth, never backwards"
+        assert "backend hugetlb" in done.stdout
+        assert ufsgmem("destroy", mnt, "hp0").returncode == 0
+
+        done = ufsgmem("create", mnt, "hp1", "--size", "16M", "--flags", "mmap", "--backend", "hugetlb")
+        assert done.returncode == 0 and done.stderr == ""
+        assert ufsgmem("destroy", mnt, "hp1").returncode == 0
+
+
+def test_a_name_over_63_bytes_is_einval_before_anything_is_sent(mnt):
+    done = ufsgmem("create", mnt, "n" * 64, "--size", "4K")
+    assert done.returncode == 1 and "EINVAL" in done.stderr and "63" in done.stderr
+    assert "n" * 64 not in os.listdir(mnt)
