@@ -9,7 +9,7 @@ range from every process and drops it from the page cache (``invalidate_inode_pa
 Why a worker thread: the write blocks while dirty pages of the range are written back, and the write-back
 arrives as FUSE_WRITE requests that the trio loop must serve. Calling it from the loop would deadlock. It
 also waits for the lock of any page that is being read in, so a FUSE read handler must never wait for a
-revocation to finish (see ``ops.py``).
+revocation to finish (``files.py``: a read meeting a pending punch-hole is answered with zeros).
 
 ENOENT means the kernel has no inode cached for that number: nothing can be mapped, nothing to revoke.
 
