@@ -11,7 +11,8 @@
  *
  *     KVM_SET_MEMORY_ATTRIBUTES2 (0xC080AED2) to MOUNT/NAME/ctl: struct kvm_memory_attributes2 (128 bytes)
  *     KVM_CREATE_GUEST_MEMFD     (0xC040AED4) to MOUNT/ctl:      struct kvm_create_guest_memfd (64 bytes)
- *                                 followed by a NUL-padded 64-byte file name and a 32-byte backend name
+ *                                 followed by a 64-byte file name field (at most 63 bytes, NUL-padded)
+ *                                 and a 32-byte backend name
  *                                 ("" = the default backend)
  *
  * The request's outcome is the write()'s result: the full length on success, -1 with exactly the errno
@@ -83,7 +84,7 @@ struct ufsgmem_create_request {
 	char magic[UFSGMEM_MAGIC_LEN];		/* "UGM1", no NUL */
 	__u32 cmd;				/* KVM_CREATE_GUEST_MEMFD */
 	struct kvm_create_guest_memfd gmem;
-	char name[UFSGMEM_NAME_LEN];		/* NUL-padded */
+	char name[UFSGMEM_NAME_LEN];		/* at most 63 bytes, NUL-padded */
 	char backend[UFSGMEM_BACKEND_LEN];	/* NUL-padded; empty = default */
 };
 
