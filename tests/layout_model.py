@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ufsgmem.layout.bench import holes_snapshot
 from ufsgmem.snapshot import Snapshot
 
 PAGE = 4096
@@ -115,15 +116,10 @@ class Model:
 
 
 def tib_snapshot(holes: int = 100_000, seed: int = 1) -> Snapshot:
-    """1 TiB, one physically contiguous extent at 4 TiB, ``holes`` distinct 4 KiB shared pages, 1G folios."""
-    size, rng = 1 << 40, np.random.default_rng(seed)
-    pages = np.sort(rng.choice(size // PAGE // 2, holes, replace=False)) * 2 * PAGE  # never adjacent
-    starts = np.empty(2 * holes + 1, dtype=np.int64)
-    starts[0], starts[1::2], starts[2::2] = 0, pages, pages + PAGE
-    private = np.ones(len(starts), dtype=bool)
-    private[1::2] = False
-    if starts[-1] == size:
-        starts, private = starts[:-1], private[:-1]
-    return Snapshot.build(size=size, flags=0, backend="sim", folio_size=1 << 30, attr_starts=starts,
-                          attr_private=private, extents=[(0, 1 << 42, size)],
-                          split_folios=np.unique(pages >> 30) << 30, pins=[(int(pages[0]), PAGE, 1)])
+    """1 TiB, one physically contiguous extent at 4 TiB, ``holes`` distinct 4 KiB shared pages, 1G folios,
+    and the first hole pinned (the P5 benchmark's snapshot plus a pin)."""
+    snap = holes_snapshot(holes=holes, seed=seed)
+    first_hole = int(snap.attr_starts[1])
+    return Snapshot.build(size=snap.size, flags=snap.flags, backend=snap.backend, folio_size=snap.folio_size,
+                          attr_starts=snap.attr_starts, attr_private=snap.attr_private, extents=snap.extents,
+                          split_folios=snap.split_folios, pins=[(first_hole, PAGE, 1)])
