@@ -316,12 +316,18 @@ def run(cfg: Config) -> dict:
 
 
 def report(result: dict) -> str:
-    lines = [f"{'id':<8} {'value':>12} {'reference':>12} {'ratio':>8}  target / figure"]
+    """The table printed at the end: median (min..max over the repetitions) beside the reference."""
+    width = max(len(fig.id) for fig in result["figures"])
+    lines = [f"{'id':<{width}} {'value (min..max)':>30} {'reference':>12} {'ratio':>8}  target / figure"]
     for fig in result["figures"]:
         ref = fmt(fig.reference.median, fig.reference.unit) if fig.reference else "-"
         ratio = f"{fig.ratio:.3f}" if fig.ratio is not None else "-"
         mark = {True: "MET ", False: "MISS", None: "    "}[fig.met]
-        lines.append(f"{fig.id:<8} {fmt(fig.value.median, fig.value.unit):>12} {ref:>12} {ratio:>8}  "
+        lo, hi = fig.value.spread
+        value = fmt(fig.value.median, fig.value.unit)
+        if len(fig.value.values) > 1:
+            value += f" ({fmt(lo, fig.value.unit)}..{fmt(hi, fig.value.unit)})"
+        lines.append(f"{fig.id:<{width}} {value:>30} {ref:>12} {ratio:>8}  "
                      f"{mark} {fig.target} — {fig.title}{' (' + fig.note + ')' if fig.note else ''}")
     return "\n".join(lines)
 
