@@ -47,6 +47,7 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> None:
         raise OSError(errno.EINVAL, f"{mountpoint} is not a ufsgmem mount")
     if mounted is not None and mounted != server.FSTYPE:
         raise OSError(errno.EINVAL, f"{mountpoint} is a {mounted} mount, not ufsgmem")
+    clean = True
     if pid is not None and _alive(pid):
         os.kill(pid, 15)
         deadline = time.monotonic() + timeout
@@ -54,12 +55,27 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> None:
             time.sleep(0.02)
         if _alive(pid):
             os.kill(pid, 9)
+            clean = False
     if server.mount_type(mountpoint) == server.FSTYPE:
         _force_unmount(mountpoint)
+        clean = False
     try:
         os.unlink(server.pidfile_path(mountpoint))
     except FileNotFoundError:
         pass
+    _drop_log_if_uneventful(server.logfile_path(mountpoint), clean)
+
+
+def _drop_log_if_uneventful(path: str, clean: bool) -> None:
+    """Remove the server's log after a clean stop that logged no warning or error, so a machine that
+    mounts often (tests, the demo, the bench) does not collect logs; a log worth reading stays."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return
+    if clean and not any(word in text for word in (b" WARNING ", b" ERROR ", b" CRITICAL ", b"Traceback")):
+        os.unlink(path)
 
 
 def _force_unmount(mountpoint: str) -> None:
