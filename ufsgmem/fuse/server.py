@@ -18,6 +18,7 @@ is EPERM as on the kernel. Nothing is ever run from the mount.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import logging
 import os
@@ -120,6 +121,24 @@ async def _main(ops: Operations, mountpoint: str, ready) -> None:
 BDI_TUNING = {"read_ahead_kb": 4096, "max_ratio": 100}
 
 
+#: glibc malloc tuning for the server process. Every FUSE WRITE of a write-back arrives as a fresh bytes
+#: object of up to max_write (1 MiB); by default glibc gives such blocks back to the kernel when freed
+#: (heap trim above 128 KiB, mmap above its dynamic threshold), so the next write-back faults and zeroes
+#: 256 fresh pages per MiB before pyfuse3 can copy into them. Keeping them in the heap measured here:
+#: 2 MiB round trip dirty in another process 2.73-2.96 ms -> 1.94-2.14 ms (3 runs each, 60 reps).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_TUNING = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 256 << 20}
+
+
+def keep_heap(settings: dict[int, int] = MALLOC_TUNING) -> None:
+    try:
+        libc = ctypes.CDLL(None)
+        for param, value in settings.items():
+            libc.mallopt(param, value)
+    except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
+        log.info("cannot tune malloc (not glibc?)")
+
+
 def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
     for knob, value in settings.items():
         path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/{knob}"
@@ -166,6 +185,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     mountpoint = os.path.realpath(mountpoint)
     pidfile = pidfile_path(mountpoint)
     os.makedirs(RUN_DIR, exist_ok=True)
+    keep_heap()
     pyfuse3.init(ops, mountpoint, options)
     try:
         files.revoker = Revoker(find_fuse_fd())
