@@ -20,8 +20,25 @@ from dataclasses import dataclass
 import pytest
 
 from ufsgmem.commands.mount import start_background
-from ufsgmem.commands.umount import _alive, unmount
+from ufsgmem.commands.umount import unmount
+from ufsgmem.syscalls import pid_alive
 from ufsgmem.fuse import server as fuse_server
+
+
+def open_files(pid: int) -> list[str]:
+    """What each descriptor of process ``pid`` points at (descriptors closing meanwhile are skipped)."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return targets
+
+
+def memfds(pid: int) -> int:
+    """How many ufsgmem backend memfds process ``pid`` holds open."""
+    return sum("memfd:ufsgmem" in target for target in open_files(pid))
 
 
 def fuse_available() -> str | None:
@@ -116,12 +133,12 @@ def mounted(backend: str = "anon"):
         pid = start_background(path, backend=backend)
         mount = Mount(path, pid)
         yield mount
-        assert _alive(pid), f"the server died during the tests; log:\n{mount.log}"
+        assert pid_alive(pid), f"the server died during the tests; log:\n{mount.log}"
         assert "Traceback" not in mount.log, f"the server logged an internal error:\n{mount.log}"
     finally:
         with contextlib.suppress(OSError):
             unmount(path, timeout=10)
-        if pid is not None and _alive(pid):
+        if pid is not None and pid_alive(pid):
             os.kill(pid, 9)
         with contextlib.suppress(OSError):
             os.unlink(fuse_server.logfile_path(path))

@@ -7,7 +7,6 @@ from docs/layout.md, and the minimum number of leaves comes from a dynamic progr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 

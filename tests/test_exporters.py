@@ -13,7 +13,6 @@ from ufsgmem.errors import GuestMemfdError, PluginError
 from ufsgmem.exporter import export
 from ufsgmem.layout import VIEWS, compute_layout
 from ufsgmem.plugins import EXPORTERS, available
-from ufsgmem.snapshot import Snapshot
 
 M = 1 << 20
 

@@ -276,7 +276,7 @@ def test_hugetlb_file_through_the_mount(fuse_mount, hugepages):
     """A 2 MiB HugeTLB file: starts private, a 4 KiB conversion splits its folio, converting back merges."""
     SZ_2M = 2 << 20
     with hugepages(SZ_2M, 2):
-        fuse_mount.ctl(f"create huge size=4M flags=mmap backend=hugetlb page_size=2M")
+        fuse_mount.ctl("create huge size=4M flags=mmap backend=hugetlb page_size=2M")
         try:
             from fusefix import Gmem
             g = Gmem(fuse_mount, "huge", 4 << 20)

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from fusefix import fuse_mount, gmem, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import fuse_mount, gmem, memfds, requires_fuse  # noqa: F401 (fixtures)
 from ufsgmem.uapi import (
     KVM_CREATE_GUEST_MEMFD, KVM_CREATE_GUEST_MEMFD_STRUCT, KVM_MEMORY_ATTRIBUTES2_STRUCT,
     KVM_SET_MEMORY_ATTRIBUTES2,
@@ -223,20 +223,10 @@ def test_duplicate_name_is_eexist(gmem, fuse_mount):
     assert g.status()["size"] == PS
 
 
-def _memfds(pid: int) -> int:
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += "memfd:ufsgmem" in os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            pass
-    return count
-
-
 def test_memory_lives_until_the_last_mapping_goes(fuse_mount):
-    before = _memfds(fuse_mount.pid)
+    before = memfds(fuse_mount.pid)
     fuse_mount.ctl("create life size=64K flags=mmap|init_shared")
-    held = _memfds(fuse_mount.pid)
+    held = memfds(fuse_mount.pid)
     assert held > before
     mem = os.path.join(fuse_mount.path, "life", "mem")
     fd = os.open(mem, os.O_RDWR)
@@ -248,14 +238,14 @@ def test_memory_lives_until_the_last_mapping_goes(fuse_mount):
     assert not os.path.exists(os.path.join(fuse_mount.path, "life"))
     m[5:10] = b"still"
     assert m[:10] == b"alivestill", "the mapping outlives the name"
-    assert _memfds(fuse_mount.pid) == held, "memory is kept while mapped"
+    assert memfds(fuse_mount.pid) == held, "memory is kept while mapped"
     m.close()
     # RELEASE and FORGET come asynchronously; each stat is a round trip through the server's queue.
     for _ in range(1000):
-        if _memfds(fuse_mount.pid) == before:
+        if memfds(fuse_mount.pid) == before:
             break
         os.stat(os.path.join(fuse_mount.path, "ctl"))
-    assert _memfds(fuse_mount.pid) == before, "memory freed once the last mapping is gone"
+    assert memfds(fuse_mount.pid) == before, "memory freed once the last mapping is gone"
 
 
 def test_status_and_snapshot(gmem):

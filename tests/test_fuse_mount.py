@@ -12,7 +12,7 @@ import tempfile
 import pytest
 
 from fusefix import fuse_mount, requires_fuse  # noqa: F401 (fixtures)
-from ufsgmem.commands.umount import _alive
+from ufsgmem.syscalls import pid_alive
 from ufsgmem.fuse import server
 
 pytestmark = [requires_fuse, pytest.mark.fuse]
@@ -30,7 +30,7 @@ def mountdir():
     if server.mount_type(path):
         subprocess.run(["umount", "-l", path], check=False)
     pid = server.read_pid(path)
-    if pid and _alive(pid):
+    if pid and pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
     for leftover in (server.pidfile_path(path), server.logfile_path(path)):
         if os.path.exists(leftover):
@@ -42,12 +42,12 @@ def test_background_mount_is_usable_when_the_command_returns(mountdir):
     result = cli("mount", mountdir)
     assert result.returncode == 0, result.stderr
     pid = server.read_pid(mountdir)
-    assert pid and _alive(pid)
+    assert pid and pid_alive(pid)
     assert server.mount_type(mountdir) == server.FSTYPE
     assert os.listdir(mountdir) == ["ctl"]
     result = cli("umount", mountdir)
     assert result.returncode == 0, result.stderr
-    assert server.mount_type(mountdir) is None and not _alive(pid)
+    assert server.mount_type(mountdir) is None and not pid_alive(pid)
     assert not os.path.exists(server.pidfile_path(mountdir))
 
 
@@ -87,7 +87,7 @@ def test_a_dead_server_is_cleaned_up_by_umount(mountdir):
     assert cli("mount", mountdir).returncode == 0
     pid = server.read_pid(mountdir)
     os.kill(pid, signal.SIGKILL)
-    while _alive(pid):  # SIGKILL is delivered; the pid goes once the kernel has reaped it
+    while pid_alive(pid):  # SIGKILL is delivered; the pid goes once the kernel has reaped it
         os.sched_yield()
     with pytest.raises(OSError) as info:
         os.listdir(mountdir)
@@ -120,7 +120,7 @@ def test_sigterm_with_a_live_mapping_unmounts_and_the_mapping_fails_cleanly(moun
     os.close(fd)
     m[:5] = b"hello"
     os.kill(pid, signal.SIGTERM)
-    while _alive(pid):
+    while pid_alive(pid):
         os.sched_yield()
     assert server.mount_type(mountdir) is None
     assert m[:5] == b"hello", "pages already in the page cache stay readable"

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from fusefix import fuse_mount, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import fuse_mount, memfds, open_files, requires_fuse  # noqa: F401 (fixtures)
 from ufsgmem.client import Mount
 
 pytestmark = [requires_fuse, pytest.mark.fuse]
@@ -18,23 +18,7 @@ SIZE = 1 << 20
 
 
 def _fds_on(pid: int, path: str) -> int:
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}") == path
-        except OSError:
-            pass
-    return count
-
-
-def _memfds(pid: int) -> int:
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += "memfd:ufsgmem" in os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            pass
-    return count
+    return sum(target == path for target in open_files(pid))
 
 
 def test_one_descriptor_for_many_conversions_and_data_survives(fuse_mount):
@@ -60,7 +44,7 @@ def test_one_descriptor_for_many_conversions_and_data_survives(fuse_mount):
 
 
 def test_destroyed_file_is_freed_after_a_revoking_conversion(fuse_mount):
-    before = _memfds(fuse_mount.pid)
+    before = memfds(fuse_mount.pid)
     with Mount(fuse_mount.path) as mount:
         f = mount.create("wb2", SIZE, "mmap|init_shared")
         fd = os.open(os.path.join(f.path, "mem"), os.O_RDWR)
@@ -70,11 +54,11 @@ def test_destroyed_file_is_freed_after_a_revoking_conversion(fuse_mount):
         f.convert(0, SIZE, to="private")  # revokes: the server opens its own descriptor
         f.close()
         mount.destroy("wb2")
-        assert _memfds(fuse_mount.pid) > before, "memory is kept while mapped"
+        assert memfds(fuse_mount.pid) > before, "memory is kept while mapped"
         m.close()
     # RELEASE comes asynchronously; each stat is a round trip through the server's queue.
     for _ in range(1000):
-        if _memfds(fuse_mount.pid) == before:
+        if memfds(fuse_mount.pid) == before:
             break
         os.stat(os.path.join(fuse_mount.path, "ctl"))
-    assert _memfds(fuse_mount.pid) == before, "memory freed once the last outside user is gone"
+    assert memfds(fuse_mount.pid) == before, "memory freed once the last outside user is gone"

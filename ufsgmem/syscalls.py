@@ -1,4 +1,5 @@
-"""System calls the standard library lacks: ``fallocate(2)`` with a mode, and ``mincore(2)``.
+"""System calls the standard library lacks (``fallocate(2)`` with a mode, ``mincore(2)``) and a liveness
+check of a process by pid.
 
 ``os.posix_fallocate`` takes no mode, so PUNCH_HOLE needs libc's ``fallocate``; ``mincore`` tells which
 pages of a mapping are resident (how the tests and benchmarks see revocation and page-cache cost without
@@ -41,3 +42,18 @@ def mincore(mapping: mmap.mmap, offset: int = 0, length: int | None = None) -> n
         err = ctypes.get_errno()
         raise OSError(err, f"mincore: {os.strerror(err)}")
     return (vec & 1).astype(bool)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a dead child nobody reaped counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -25,6 +25,8 @@ import json
 import os
 from contextlib import contextmanager
 
+from ufsgmem.syscalls import pid_alive
+
 KNOB = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 #: The PMD-size knob; ``inherit`` means "as the global knob says".
 PMD_KNOB = "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled"
@@ -58,7 +60,7 @@ def _locked_state():
     with open(STATE + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = _load()
-        state["holders"] = [p for p in state["holders"] if _alive(p)]
+        state["holders"] = [p for p in state["holders"] if pid_alive(p)]
         yield state
         if state["holders"] or state["saved"] is not None:
             with open(STATE + ".tmp", "w") as f:
@@ -79,14 +81,6 @@ def _load() -> dict:
     return {"saved": None, "holders": []}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def acquire() -> str:

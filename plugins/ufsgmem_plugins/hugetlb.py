@@ -27,8 +27,6 @@ the coalescing is the same code as for the other memfd backends).
 from __future__ import annotations
 
 import errno
-import mmap
-import os
 import time
 
 from ufsgmem.address import format_size

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import time
 
+from ..syscalls import pid_alive
+
 HELP = "unmount a ufsgmem filesystem (also cleans up after a dead server)"
 
 
@@ -23,20 +25,6 @@ def run(args) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def unmount(mountpoint: str, timeout: float = 10.0) -> None:
     """Stop the server of ``mountpoint`` and make sure nothing stays mounted there."""
     from ..fuse import server
@@ -48,12 +36,12 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> None:
     if mounted is not None and mounted != server.FSTYPE:
         raise OSError(errno.EINVAL, f"{mountpoint} is a {mounted} mount, not ufsgmem")
     clean = True
-    if pid is not None and _alive(pid):
+    if pid is not None and pid_alive(pid):
         os.kill(pid, 15)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, 9)
             clean = False
     if server.mount_type(mountpoint) == server.FSTYPE:
