@@ -184,14 +184,7 @@ def test_runmap_matches_list_model(case, data):
     npages, initial, ops = case
     rm, model = RunMap(npages, initial), [initial] * npages
     for op, start, end, value in ops:
-        if op == "set":
-            rm.set(start, end, value)
-            model[start:end] = [value] * (end - start)
-        else:
-            rm.add(start, end, value)
-            for p in range(start, end):
-                model[p] += value
-        assert_matches(rm, model)
+        apply(rm, model, op, start, end, value)
     # queries on random sub-ranges
     for _ in range(5):
         a = data.draw(st.integers(0, npages))

@@ -121,8 +121,15 @@ class Files:
             entry.gm.counters.revoked_bytes += sum(r.size for r in transition.revoke)
 
     # --- mem ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_mappable(gm: GuestMemfd) -> None:
+        """A mem without MMAP is opened direct_io, so read(2)/write(2) reach us: EINVAL as the kernel's."""
+        if not gm.flags & GUEST_MEMFD_FLAG_MMAP:
+            raise OSError(errno.EINVAL, "mem has no read or write; this file was created without mmap")
+
     def mem_read(self, entry: Entry, offset: int, size: int):
         gm = entry.gm
+        self._check_mappable(gm)
         size = max(0, min(size, gm.size - offset)) if offset < gm.size else size
         try:
             data = gm.host_read(offset, size)
@@ -147,6 +154,7 @@ class Files:
         return bytes(out)
 
     def mem_write(self, entry: Entry, offset: int, data) -> int:
+        self._check_mappable(entry.gm)
         try:
             entry.gm.host_write(offset, data)
         except HostFault:

@@ -239,8 +239,6 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         handle = self.ns.handle(fh)
         if handle.kind == "mem":
-            if not handle.entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
-                raise pyfuse3.FUSEError(errno.EINVAL)
             return self.files.mem_read(handle.entry, off, size)
         if handle.kind == "guest":
             return await self.files.guest_read(handle.entry, off, size)
@@ -256,8 +254,6 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         handle = self.ns.handle(fh)
         if handle.kind == "mem":
-            if not handle.entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
-                raise pyfuse3.FUSEError(errno.EINVAL)
             return self.files.mem_write(handle.entry, off, buf)
         if handle.kind == "guest":
             return await self.files.guest_write(handle.entry, off, buf)
