@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
+from hypothesis import settings
 
 from ufsgmem import hugepages as hugepages_lib
+
+# Hypothesis draws the same examples on every machine, so a property test that passes here passes in CI,
+# and a failure seen anywhere is seen again by rerunning it (Hypothesis derandomizes by itself when it sees
+# a CI variable; this makes developers' runs the same as CI's). HYPOTHESIS_PROFILE=explore draws fresh
+# random examples, for hunting bugs on purpose.
+settings.register_profile("deterministic", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 SZ_2M = 2 << 20
 SZ_1G = 1 << 30
