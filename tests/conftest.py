@@ -42,3 +42,108 @@ def reserved_hugepages(size: int, count: int):
 def hugepages():
     """``with hugepages(SZ_2M, 4): ...`` reserves pages for the block and gives them back after."""
     return reserved_hugepages
+
+
+# --- the suite leaves the machine as it found it ------------------------------------------------------
+# Each fixture cleans up after itself; this checks the sum at the end of the run, so a test that forgets
+# (or a cleanup that fails quietly) turns the run red instead of leaving a mount, a server or reserved
+# huge pages on a CI machine. What it finds is cleaned up too (mounts through their server's pid, huge
+# page pools put back), then reported. Two suites running at once on one machine must not judge (or
+# unmount) each other: a mount counts as this run's when its server carries this run's tag in its
+# environment, and the machine-wide figures (huge pages, the THP knob) are only compared when no other
+# run was registered meanwhile.
+THP_KNOB = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+RUN_TAG = "UFSGMEM_TEST_RUN"
+RUNS_DIR = "/run/ufsgmem/test-runs"
+
+
+def _ufsgmem_mounts() -> set[str]:
+    from ufsgmem.fuse.server import FSTYPE
+
+    with open("/proc/self/mounts") as f:
+        return {fields[1].encode().decode("unicode_escape") for fields in map(str.split, f)
+                if fields[2] == FSTYPE}
+
+
+def _started_by_this_run(mountpoint: str) -> bool:
+    from ufsgmem.fuse.server import read_pid
+
+    pid = read_pid(mountpoint)
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{RUN_TAG}={os.getpid()}".encode() in f.read().split(b"\0")
+    except (OSError, TypeError):
+        return False  # no server left: whose it was cannot be told
+
+
+def _other_runs() -> list[int]:
+    from ufsgmem.syscalls import pid_alive
+
+    with contextlib.suppress(OSError):
+        return [int(n) for n in os.listdir(RUNS_DIR) if int(n) != os.getpid() and pid_alive(int(n))]
+    return []
+
+
+def _machine_wide() -> dict:
+    state = {}
+    for size in (SZ_2M, SZ_1G):
+        if hugepages_lib.unavailable_reason(size) is None:
+            state[f"{size >> 20} MiB huge pages"] = hugepages_lib.read(size)
+    if os.path.exists(THP_KNOB):
+        with open(THP_KNOB) as f:
+            state["shmem THP"] = f.read().strip()
+    return state
+
+
+def _restore_pools(before: dict, after: dict) -> None:
+    for size in (SZ_2M, SZ_1G):
+        key = f"{size >> 20} MiB huge pages"
+        if key in before and key in after and after[key] != before[key]:
+            with contextlib.suppress(OSError):
+                if after[key] > before[key]:
+                    hugepages_lib.shrink(size, after[key] - before[key])
+                else:
+                    hugepages_lib.grow(size, before[key] - after[key])
+
+
+def pytest_sessionstart(session):
+    os.environ[RUN_TAG] = str(os.getpid())  # inherited by every server this run starts, via any path
+    with contextlib.suppress(OSError):
+        os.makedirs(RUNS_DIR, exist_ok=True)
+        open(os.path.join(RUNS_DIR, str(os.getpid())), "w").close()
+    session.config.stash[_STATE] = (_ufsgmem_mounts(), _machine_wide(), _other_runs())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from ufsgmem.commands.umount import unmount
+
+    if _STATE not in session.config.stash:
+        return
+    mounts_before, wide_before, others_before = session.config.stash[_STATE]
+    alone = not others_before and not _other_runs()
+    left = []
+    for path in sorted(_ufsgmem_mounts() - mounts_before):
+        if _started_by_this_run(path) or alone:
+            left.append(f"still mounted: {path}")
+            with contextlib.suppress(OSError):
+                unmount(path, timeout=10)
+    if alone:
+        wide_after = _machine_wide()
+        left += [f"{key}: {wide_before.get(key)!r} before the run, {wide_after.get(key)!r} after"
+                 for key in sorted(wide_before.keys() | wide_after.keys())
+                 if wide_before.get(key) != wide_after.get(key)]
+        _restore_pools(wide_before, wide_after)
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(RUNS_DIR, str(os.getpid())))
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write("\n")
+        reporter.write_sep("!", "the test run left the machine changed (now cleaned up)", red=True)
+        for line in left:
+            reporter.write_line(line, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_STATE = pytest.StashKey[tuple]()
