@@ -126,3 +126,32 @@ def test_sigterm_with_a_live_mapping_unmounts_and_the_mapping_fails_cleanly(moun
     assert m[:5] == b"hello", "pages already in the page cache stay readable"
     assert in_child(lambda: m[7 << 20]) == -signal.SIGBUS, "a page the dead server would fill: SIGBUS"
     m.close()
+
+
+def _cpus_of_every_thread(pid: int) -> set[str]:
+    lists = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            lists |= {line.split()[1] for line in f if line.startswith("Cpus_allowed_list:")}
+    return lists
+
+
+@pytest.mark.parametrize("cpu", sorted(os.sched_getaffinity(0))[:2])
+def test_cpus_pins_every_server_thread(mountdir, cpu):
+    result = cli("mount", mountdir, "--cpus", str(cpu))
+    assert result.returncode == 0, result.stderr
+    pid = server.read_pid(mountdir)
+    # a create runs in a worker thread, so the threads started after mounting are counted too
+    assert cli("create", mountdir, "vm", "--size", "1M", "--flags", "mmap,init_shared").returncode == 0
+    assert _cpus_of_every_thread(pid) == {str(cpu)}, "every thread on the one CPU asked for"
+    assert cli("umount", mountdir).returncode == 0
+
+
+@pytest.mark.parametrize("cpus, message", [
+    ("x", "bad CPU list"), ("3-1", "is not a range"), ("0,", "bad CPU list"), ("-1", "bad CPU list"),
+    (str(max(os.sched_getaffinity(0)) + 1), "is not available here"),
+])
+def test_bad_cpu_lists_are_refused_before_mounting(mountdir, cpus, message):
+    result = cli("mount", mountdir, "--cpus", cpus)
+    assert result.returncode == 1 and message in result.stderr and "Errno 22" in result.stderr, result.stderr
+    assert server.mount_type(mountdir) is None and server.read_pid(mountdir) is None

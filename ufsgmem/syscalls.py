@@ -1,5 +1,5 @@
-"""System calls the standard library lacks (``fallocate(2)`` with a mode, ``mincore(2)``) and a liveness
-check of a process by pid.
+"""System calls the standard library lacks (``fallocate(2)`` with a mode, ``mincore(2)``), a liveness
+check of a process by pid, and the kernel's CPU-list format (``0,2-3``) for pinning the server.
 
 ``os.posix_fallocate`` takes no mode, so PUNCH_HOLE needs libc's ``fallocate``; ``mincore`` tells which
 pages of a mapping are resident (how the tests and benchmarks see revocation and page-cache cost without
@@ -57,3 +57,48 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """The kernel's CPU-list format (``0``, ``0-1``, ``0,2-3``, as in /sys/devices/system/cpu/online).
+
+    EINVAL for anything else, and for CPUs this process may not run on (``sched_getaffinity``), naming them.
+    """
+    import errno
+
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last) if dash else int(first)
+        except ValueError:
+            raise OSError(errno.EINVAL, f"bad CPU list {text!r}: expected numbers and ranges such as 0,2-3") from None
+        if lo < 0 or hi < lo:
+            raise OSError(errno.EINVAL, f"bad CPU list {text!r}: {part.strip()!r} is not a range")
+        cpus.update(range(lo, hi + 1))
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise OSError(errno.EINVAL, f"CPU {min(cpus - allowed)} is not available here (allowed: "
+                                    f"{format_cpu_list(allowed)})")
+    return cpus
+
+
+def pin_process(cpus: set[int]) -> None:
+    """Pin every thread of this process to ``cpus`` (``sched_setaffinity`` is per thread; threads started
+    later inherit the affinity of the thread that starts them)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
+def format_cpu_list(cpus) -> str:
+    """``{0, 2, 3}`` → ``0,2-3``."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)

@@ -29,6 +29,7 @@ import urllib.parse
 import pyfuse3
 import trio
 
+from ..syscalls import parse_cpu_list, pin_process
 from .files import Files
 from .inodes import ROOT_INO, Namespace
 from .ops import Operations
@@ -170,9 +171,15 @@ async def forget_name(name: str) -> None:
     await trio.to_thread.run_sync(invalidate)
 
 
-def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon", debug: bool = False) -> None:
-    """Mount at ``mountpoint`` and serve until a signal; always unmount and free everything on the way out."""
+def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon", debug: bool = False,
+          cpus: set[int] | None = None) -> None:
+    """Mount at ``mountpoint`` and serve until a signal; always unmount and free everything on the way out.
+
+    ``cpus`` pins every thread of this process, before trio's worker threads exist (they inherit it).
+    """
     check_mountpoint(mountpoint)
+    if cpus:
+        pin_process(cpus)
     namespace = Namespace()
     files = Files(namespace, None, default_backend=default_backend)
     ops = Operations(files, os.getuid(), os.getgid())
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, help="write 'ready PID' here once the mount works")
     parser.add_argument("--backend", default="anon", help="default backend for create")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--cpus", help="pin the server to these CPUs (kernel CPU-list format)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -228,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             args.ready_fd = None
 
     try:
+        cpus = parse_cpu_list(args.cpus) if args.cpus else None
         serve(args.mountpoint, ready=lambda: report(f"ready {os.getpid()}\n"), default_backend=args.backend,
-              debug=args.debug)
+              debug=args.debug, cpus=cpus)
     except Exception as exc:  # noqa: BLE001 - reported to the waiting parent, then fatal
         report(f"error {exc}\n")
         log.exception("server failed")
