@@ -12,7 +12,8 @@ P5    layout export of a 1 TiB guest with 100 000 shared holes; metadata per run
 P6    backend bytes of a preallocated hugetlb file after 10 000 conversions           = file size
 ====  ==========================================================================  ==========================
 
-Besides the targets it reports the context a reader needs: read throughput, 4 KiB and 1 GiB round trips,
+Besides the targets it reports the context a reader needs: read throughput, 4 KiB and 1 GiB round trips
+(4 KiB also with the caller and a ``--cpus`` server on one CPU),
 conversions per second over a 1 GiB file, and the page-cache bytes the FUSE mount holds for shared
 mappings (a real cost of the design: mapped pages live in the FUSE page cache *and* in the backend).
 
@@ -74,11 +75,11 @@ class Progress:
 
 # --- mount ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def mounted():
+def mounted(*options: str):
     """A fresh ufsgmem mount in a temporary directory, unmounted at the end whatever happens."""
     mountpoint = tempfile.mkdtemp(prefix="ufsgmem-bench-")
     cli = [sys.executable, "-m", "ufsgmem"]
-    subprocess.run([*cli, "mount", mountpoint], check=True)
+    subprocess.run([*cli, "mount", mountpoint, *options], check=True)
     try:
         with Mount(mountpoint) as mount:
             yield mount
@@ -209,6 +210,37 @@ def conversion_stream(cfg: Config, mount: Mount, progress: Progress) -> list[Fig
                    "revocation)", clean, None, "context (P3's 150 µs)")]
 
 
+def p3_one_cpu(cfg: Config, progress: Progress) -> list[Figure]:
+    """P3 again with this process, its dirtier and a server mounted ``--cpus`` all on one CPU.
+
+    Every FUSE request costs two wake-ups; on a VM one that crosses to another vCPU costs tens of µs.
+    Here each wakes a thread on the same CPU instead: what a VMM gets by pinning the thread that converts
+    beside a pinned server (docs/performance.md says what it costs elsewhere).
+    """
+    saved = os.sched_getaffinity(0)
+    cpu = min(saved)
+    size = cfg.size
+    os.sched_setaffinity(0, {cpu})
+    try:
+        with mounted("--cpus", str(cpu)) as mount, created(mount, "bench-onecpu", size) as f, \
+                Dirtier(os.path.join(f.path, "mem"), size) as dirtier:
+            dirty = Series("ufsgmem 4 KiB round trip, one CPU", "s")
+            for rep in range(cfg.latency_reps):
+                offset = (rep * SZ_4K) % size
+                dirtier.dirty(offset, SZ_4K)
+                dirty.values.append(round_trip(f, offset, SZ_4K))
+            start = size // 2  # pages nobody has mapped
+            clean = Series("ufsgmem 4 KiB round trip, page not mapped, one CPU", "s",
+                           [round_trip(f, start + rep * SZ_4K, SZ_4K) for rep in range(cfg.latency_reps)])
+    finally:
+        os.sched_setaffinity(0, saved)
+    progress.step("P3 with caller and server on one CPU")
+    return [Figure("P3.onecpu", f"4 KiB round trip through ctl, dirty in another process, caller, dirtier and "
+                   f"server on CPU {cpu} (mount --cpus)", dirty, None, "context (P3's 150 µs)"),
+            Figure("P3.onecpu.clean", f"4 KiB round trip through ctl of a page no process maps, caller and "
+                   f"server on CPU {cpu}", clean, None, "context (P3's 150 µs)")]
+
+
 # --- P4: cost follows the range, not the file -------------------------------------------------------
 def p4_file_size(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
     series = {}
@@ -308,7 +340,7 @@ def machine() -> dict:
 
 
 def run(cfg: Config) -> dict:
-    progress = Progress(cfg.reps + 9)
+    progress = Progress(cfg.reps + 10)
     figures: list[Figure] = []
     with mounted() as mount:
         figures += p1_first_touch(cfg, mount, progress)
@@ -316,6 +348,7 @@ def run(cfg: Config) -> dict:
         figures += conversion_stream(cfg, mount, progress)
         figures += p4_file_size(cfg, mount, progress)
         figures += page_cache_cost(cfg, mount, progress)
+    figures += p3_one_cpu(cfg, progress)
     figures += p5_layout(cfg, progress)
     figures += p6_hugetlb_bytes(cfg, progress)
     return {"machine": machine(), "config": cfg.__dict__, "figures": figures}
