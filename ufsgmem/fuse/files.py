@@ -49,6 +49,7 @@ from ..uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_M
 from . import creating
 from .inodes import Entry, Namespace
 from .revoke import Revoker, WriteBackFiles, write_back
+from .worker import Worker
 
 
 class Files:
@@ -58,13 +59,14 @@ class Files:
         self.default_backend = default_backend
         self.mountpoint: str | None = None  # set once mounted: lets revocations write back in bulk
         self.write_back_files = WriteBackFiles()  # our own descriptor of each mem, for bulk write-back
+        self.worker = Worker()  # the thread revocations and write-backs block in (started on first use)
 
     # --- revocation ---------------------------------------------------------------------------------
     async def revoke(self, entry: Entry, ranges) -> None:
         ranges = self._cached_parts(entry, ranges)
         if not ranges or self.revoker is None:
             return
-        await trio.to_thread.run_sync(lambda: self.revoker.revoke(entry.ino("mem"), ranges, self._fd(entry)))
+        await self.worker.run(lambda: self.revoker.revoke(entry.ino("mem"), ranges, self._fd(entry)))
 
     async def write_back(self, entry: Entry, ranges) -> None:
         """Make the backend hold what host mappings wrote, without unmapping (enough before a guest read).
@@ -73,7 +75,7 @@ class Files:
                  for s, e, v in entry.cached.runs(r.start >> PAGE_SHIFT, -(-r.end // PAGE_SIZE)) if v]
         if not parts or self.revoker is None:
             return
-        if not await trio.to_thread.run_sync(lambda: write_back(self._fd(entry), parts)):
+        if not await self.worker.run(lambda: write_back(self._fd(entry), parts)):
             await self.revoke(entry, parts)
 
     def _fd(self, entry: Entry) -> int | None:

@@ -6,7 +6,7 @@ so we write the message ourselves: a ``fuse_out_header`` with ``unique`` 0 and `
 code (2), then ``fuse_notify_inval_inode_out {ino, off, len}``. The kernel then unmaps exactly that
 range from every process and drops it from the page cache (``invalidate_inode_pages2_range``).
 
-Why a worker thread: the write blocks while dirty pages of the range are written back, and the write-back
+Why a worker thread (``worker.py``): the write blocks while dirty pages of the range are written back, and the write-back
 arrives as FUSE_WRITE requests that the trio loop must serve. Calling it from the loop would deadlock. It
 also waits for the lock of any page that is being read in, so a FUSE read handler must never wait for a
 revocation to finish (``files.py``: a read meeting a pending punch-hole is answered with zeros).

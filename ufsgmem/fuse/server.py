@@ -204,6 +204,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
         try:
             pyfuse3.close(unmount=True)
         finally:
+            files.worker.close()
             files.write_back_files.close_all()  # the connection is gone: no FLUSH to wait for
             namespace.close_all()
             try:
