@@ -1,4 +1,5 @@
-"""The conversion path's worker thread (``ufsgmem/fuse/worker.py``): results, errors, overflow, shutdown."""
+"""The conversion path outside the kernel: its worker thread (``ufsgmem/fuse/worker.py``: results, errors,
+overflow, shutdown) and the per-file lock that does not yield when free (``ufsgmem/fuse/inodes.py``)."""
 
 from __future__ import annotations
 
@@ -124,3 +125,28 @@ def test_close_ends_the_thread_and_a_later_call_starts_it_again():
         assert trio.run(one) == 7 and alive() == before + 1, "the next call started a new one"
     finally:
         worker.close()
+
+
+# --- the per-file lock on the same path ------------------------------------------------------------------
+def test_an_uncontended_lock_does_not_yield_and_a_contended_one_waits_in_order():
+    from ufsgmem.fuse.inodes import InvalidateLock
+
+    lock, order = InvalidateLock(), []
+
+    async def other(name):
+        order.append(f"{name} runs")
+        async with lock:
+            order.append(f"{name} holds")
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other, "a")
+            async with lock:  # no checkpoint: "a" cannot run before this line's body
+                order.append("main holds")
+                nursery.start_soon(other, "b")
+                await trio.testing.wait_all_tasks_blocked()  # a and b now wait for the lock
+                assert lock.locked()
+        assert not lock.locked()
+
+    trio.run(main)
+    assert order == ["main holds", "a runs", "b runs", "a holds", "b holds"]
