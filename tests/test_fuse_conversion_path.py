@@ -143,8 +143,9 @@ def test_an_uncontended_lock_does_not_yield_and_a_contended_one_waits_in_order()
             nursery.start_soon(other, "a")
             async with lock:  # no checkpoint: "a" cannot run before this line's body
                 order.append("main holds")
+                await trio.testing.wait_all_tasks_blocked()  # a now waits for the lock
                 nursery.start_soon(other, "b")
-                await trio.testing.wait_all_tasks_blocked()  # a and b now wait for the lock
+                await trio.testing.wait_all_tasks_blocked()  # and b behind it
                 assert lock.locked()
         assert not lock.locked()
 
