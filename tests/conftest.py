@@ -9,6 +9,9 @@ import pytest
 from hypothesis import settings
 
 from ufsgmem import hugepages as hugepages_lib
+from ufsgmem.commands.umount import unmount
+from ufsgmem.fuse.server import read_pid, ufsgmem_mounts
+from ufsgmem.syscalls import pid_alive
 
 # Hypothesis draws the same examples on every machine, so a property test that passes here passes in CI,
 # and a failure seen anywhere is seen again by rerunning it (Hypothesis derandomizes by itself when it sees
@@ -57,17 +60,7 @@ RUN_TAG = "UFSGMEM_TEST_RUN"
 RUNS_DIR = "/run/ufsgmem/test-runs"
 
 
-def _ufsgmem_mounts() -> set[str]:
-    from ufsgmem.fuse.server import FSTYPE
-
-    with open("/proc/self/mounts") as f:
-        return {fields[1].encode().decode("unicode_escape") for fields in map(str.split, f)
-                if fields[2] == FSTYPE}
-
-
 def _started_by_this_run(mountpoint: str) -> bool:
-    from ufsgmem.fuse.server import read_pid
-
     pid = read_pid(mountpoint)
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -77,8 +70,6 @@ def _started_by_this_run(mountpoint: str) -> bool:
 
 
 def _other_runs() -> list[int]:
-    from ufsgmem.syscalls import pid_alive
-
     with contextlib.suppress(OSError):
         return [int(n) for n in os.listdir(RUNS_DIR) if int(n) != os.getpid() and pid_alive(int(n))]
     return []
@@ -111,18 +102,16 @@ def pytest_sessionstart(session):
     with contextlib.suppress(OSError):
         os.makedirs(RUNS_DIR, exist_ok=True)
         open(os.path.join(RUNS_DIR, str(os.getpid())), "w").close()
-    session.config.stash[_STATE] = (_ufsgmem_mounts(), _machine_wide(), _other_runs())
+    session.config.stash[_STATE] = (ufsgmem_mounts(), _machine_wide(), _other_runs())
 
 
 def pytest_sessionfinish(session, exitstatus):
-    from ufsgmem.commands.umount import unmount
-
     if _STATE not in session.config.stash:
         return
     mounts_before, wide_before, others_before = session.config.stash[_STATE]
     alone = not others_before and not _other_runs()
     left = []
-    for path in sorted(_ufsgmem_mounts() - mounts_before):
+    for path in sorted(ufsgmem_mounts() - mounts_before):
         if _started_by_this_run(path) or alone:
             left.append(f"still mounted: {path}")
             with contextlib.suppress(OSError):

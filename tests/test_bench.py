@@ -12,18 +12,14 @@ import subprocess
 import sys
 
 from ufsgmem import hugepages
+from ufsgmem.fuse.server import ufsgmem_mounts
 
 SZ_2M = 2 << 20
 
 
-def _fuse_mounts() -> set[str]:
-    with open("/proc/mounts") as f:
-        return {line.split()[1] for line in f if line.split()[2].startswith("fuse.ufsgmem")}
-
-
 def test_quick_bench_writes_every_target(tmp_path):
     out = tmp_path / "bench.json"
-    mounts, pool = _fuse_mounts(), hugepages.read(SZ_2M)
+    mounts, pool = ufsgmem_mounts(), hugepages.read(SZ_2M)
     proc = subprocess.run([sys.executable, "-m", "ufsgmem", "bench", "--quick", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -38,5 +34,5 @@ def test_quick_bench_writes_every_target(tmp_path):
     assert {"P3.clean", "P3.onecpu", "P3.onecpu.clean"} <= set(result["context"]), "the P3 variants are reported"
     assert result["machine"]["kernel"] and result["machine"]["pyfuse3"]
     assert "P1" in proc.stdout and "ratio" in proc.stdout
-    assert _fuse_mounts() == mounts, "bench left a mount behind"
+    assert ufsgmem_mounts() == mounts, "bench left a mount behind"
     assert hugepages.read(SZ_2M) == pool, "bench left huge pages reserved"

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from clientfix import require_fuse, ufsgmem
+from ufsgmem.fuse import server
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -27,9 +28,8 @@ def _left_behind(out: str) -> list[str]:
     left = []
     mountpoint = re.search(r"^demo: mounted ufsgmem on (\S+)$", out, re.M)
     if mountpoint:
-        with open("/proc/self/mounts") as f:
-            if any(line.split()[1] == mountpoint[1] for line in f):
-                left.append(f"mount {mountpoint[1]}")
+        if server.mount_type(mountpoint[1]) is not None:
+            left.append(f"mount {mountpoint[1]}")
     for pid in set(re.findall(r"^mapper \(pid (\d+)\)", out, re.M)):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:

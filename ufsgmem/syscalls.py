@@ -9,6 +9,7 @@ timing anything). Errors are ``OSError`` with the kernel's errno.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 
@@ -64,8 +65,6 @@ def parse_cpu_list(text: str) -> set[int]:
 
     EINVAL for anything else, and for CPUs this process may not run on (``sched_getaffinity``), naming them.
     """
-    import errno
-
     cpus: set[int] = set()
     for part in text.split(","):
         first, dash, last = part.strip().partition("-")

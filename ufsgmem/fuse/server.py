@@ -63,17 +63,26 @@ def read_pid(mountpoint: str) -> int | None:
         return None
 
 
+def _mounts() -> list[tuple[str, str]]:
+    """``(mount point, filesystem type)`` of every mount, in /proc/self/mounts order."""
+    with open("/proc/self/mounts") as f:
+        return [(fields[1].encode().decode("unicode_escape"), fields[2])  # \040 etc.
+                for fields in map(str.split, f)]
+
+
 def mount_type(mountpoint: str) -> str | None:
     """The filesystem type mounted exactly at ``mountpoint`` (from /proc/self/mounts), or None."""
     target = os.path.realpath(mountpoint)
     found = None
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            path = fields[1].encode().decode("unicode_escape")  # \040 etc.
-            if path == target:
-                found = fields[2]  # the last one wins (mounts stack)
+    for path, fstype in _mounts():
+        if path == target:
+            found = fstype  # the last one wins (mounts stack)
     return found
+
+
+def ufsgmem_mounts() -> set[str]:
+    """Every mount point with a ufsgmem filesystem on it."""
+    return {path for path, fstype in _mounts() if fstype == FSTYPE}
 
 
 def check_mountpoint(mountpoint: str) -> None:
