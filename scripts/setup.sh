@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup for a fresh Debian machine (run as root): the Debian packages FUSE needs, a virtual
-# environment in .venv, ufsgmem and its built-in plugins installed editable so their entry points resolve.
+# environment in .venv, ufsgmem and its built-in plugins installed editable so their entry points resolve
+# (installing ufsgmem compiles its cffi binding of libfuse3's low-level API, hence libfuse3-dev and pkg-config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,8 +21,12 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=.venv/.ufsgmem-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ plugins/pyproject.toml -nt "$stamp" ]; then
-    echo "setup: installing ufsgmem and its plugins into .venv" >&2
+# Reinstall when the packaging or the cffi module's C source changed, or the compiled module is missing
+# (the editable install compiles ufsgmem/fuse/_lowlevel*.so against libfuse3 in place).
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ plugins/pyproject.toml -nt "$stamp" ] \
+        || [ setup.py -nt "$stamp" ] || [ ufsgmem/fuse/_build.py -nt "$stamp" ] \
+        || ! ls ufsgmem/fuse/_lowlevel*.so >/dev/null 2>&1; then
+    echo "setup: installing ufsgmem (compiling its libfuse3 binding) and its plugins into .venv" >&2
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' -e ./plugins
     touch "$stamp"
 fi

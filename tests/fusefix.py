@@ -125,12 +125,13 @@ class Gmem:
 
 
 @contextlib.contextmanager
-def mounted(backend: str = "anon"):
-    """Mount in a fresh directory; always unmount and stop the server, even when the body fails."""
+def mounted(backend: str = "anon", **options):
+    """Mount in a fresh directory; always unmount and stop the server, even when the body fails.
+    ``options`` go to ``start_background`` (e.g. ``in_place_conversion=False``)."""
     path = tempfile.mkdtemp(prefix="ufsgmem-test-")
     pid = None
     try:
-        pid = start_background(path, backend=backend)
+        pid = start_background(path, backend=backend, **options)
         mount = Mount(path, pid)
         yield mount
         assert pid_alive(pid), f"the server died during the tests; log:\n{mount.log}"

@@ -1,153 +1,162 @@
-"""The conversion path outside the kernel: its worker thread (``ufsgmem/fuse/worker.py``: results, errors,
-overflow, shutdown) and the per-file lock that does not yield when free (``ufsgmem/fuse/inodes.py``)."""
+"""The conversion path of the FUSE frontend without the kernel: ``Files`` over a real core, with a revoker
+that records (or fails) instead of talking to /dev/fuse. What the kernel does is covered by the mount
+tests; these pin down the frontend's own rules, each of which a mount test could only catch by luck:
+
+* fail closed: a revocation that fails leaves the attribute as it was and its pages still "possibly
+  mapped", so the next conversion revokes them again (a private page must never stay mapped);
+* a page-cache fill marks its pages before it answers, so a conversion that starts meanwhile revokes them;
+* while a shared→private conversion revokes, fills of the range fail and write-backs are kept;
+* the ioctl's replies: the struct is copied back only where the kernel copies it (EAGAIN), and the
+  refusals (other commands, 32-bit callers, read-only fds, in-place conversion off) come first.
+"""
 
 from __future__ import annotations
 
 import errno
-import threading
+import struct
 
 import pytest
-import trio
-import trio.testing
 
-from ufsgmem.fuse.worker import Worker
+from ufsgmem import control
+from ufsgmem.address import Range
+from ufsgmem.fuse.files import FUSE_IOCTL_COMPAT, Files
+from ufsgmem.fuse.inodes import Namespace
+from ufsgmem.gmem import PRIVATE, SHARED, GuestMemfd
+from ufsgmem.uapi import (
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2,
+)
+
+PS = 4096
 
 
-def test_runs_in_its_own_thread_and_returns_the_result():
-    worker = Worker()
+class Revoker:
+    """Records each revocation; ``fail`` makes the next one raise; ``during`` runs inside it (as requests
+    other loop threads serve while a real revocation blocks)."""
 
-    async def main():
-        names = [await worker.run(lambda: threading.current_thread().name) for _ in range(3)]
-        assert names == ["ufsgmem-revoke"] * 3, "every call runs in the one long-lived thread"
+    def __init__(self):
+        self.calls: list[tuple[Range, ...]] = []
+        self.fail: OSError | None = None
+        self.during = None
 
+    def revoke(self, ino, ranges, fd=None):
+        self.calls.append(tuple(ranges))
+        if self.during is not None:
+            self.during()
+        if self.fail is not None:
+            exc, self.fail = self.fail, None
+            raise exc
+
+
+@pytest.fixture
+def setup():
+    revoker = Revoker()
+    files = Files(Namespace(), revoker)
+    entry = files.ns.add("f", GuestMemfd(8 * PS, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED))
+    yield files, entry, revoker
+    entry.gm.close()
+
+
+def convert(files, entry, offset, size, attributes):
+    files.set_memory_attributes(entry, control.FileRequest("set_memory_attributes", offset, size, attributes))
+
+
+def fill(files, entry, offset, size=PS):
+    return bytes(files.mem_read(entry, offset, size, read_syscall=False))
+
+
+def test_a_failed_revocation_changes_nothing_and_is_revoked_again(setup):
+    files, entry, revoker = setup
+    fill(files, entry, 0, 2 * PS)  # mapped somewhere: pages 0-1 may be cached
+    revoker.fail = OSError(errno.EMFILE, "no descriptor left")
+    with pytest.raises(OSError) as exc:
+        convert(files, entry, 0, 2 * PS, PRIVATE)
+    assert exc.value.errno == errno.EMFILE
+    assert entry.gm.get_attributes() == [(0, 8 * PS, SHARED)], "the attribute changed although revocation failed"
+    assert entry.gm.pending is None
+    convert(files, entry, 0, 2 * PS, PRIVATE)
+    assert revoker.calls == [(Range(0, 2 * PS),)] * 2, "the second conversion skipped the pages still mapped"
+    assert entry.gm.attribute_at(0) == PRIVATE
+
+
+def test_an_unmapped_range_costs_no_revocation(setup):
+    files, entry, revoker = setup
+    convert(files, entry, 4 * PS, PS, PRIVATE)
+    assert revoker.calls == []
+
+
+def test_a_fill_is_marked_before_it_answers(setup):
+    """The page a READ hands out is in the next conversion's revocation, whatever the order of threads."""
+    files, entry, revoker = setup
+    fill(files, entry, 3 * PS)
+    convert(files, entry, 2 * PS, 2 * PS, PRIVATE)
+    assert revoker.calls == [(Range(3 * PS, 4 * PS),)]
+
+
+def test_while_revoking_fills_fail_and_write_backs_are_kept(setup):
+    files, entry, revoker = setup
+    fill(files, entry, 0)
+    seen = {}
+
+    def requests_meanwhile():
+        with pytest.raises(OSError) as exc:
+            fill(files, entry, 0)
+        seen["fill"] = exc.value.errno
+        seen["write-back"] = files.mem_write(entry, 0, b"\x5a" * PS, writepage=True)
+        seen["neighbour"] = fill(files, entry, PS)[:1]
+
+    revoker.during = requests_meanwhile
+    convert(files, entry, 0, PS, PRIVATE)
+    assert seen == {"fill": errno.EIO, "write-back": PS, "neighbour": b"\0"}
+    assert bytes(entry.gm.guest_read(0, PS)) == b"\x5a" * PS, "the dirty page written back during revocation was lost"
+
+
+def test_read_and_write_syscalls_are_einval(setup):
+    files, entry, _ = setup
+    for call in (lambda: files.mem_read(entry, 0, PS, read_syscall=True),
+                 lambda: files.mem_write(entry, 0, b"x", writepage=False)):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EINVAL
+
+
+def attrs2(offset, size, attributes, flags=0, error_offset=0x1230000, reserved=(0,) * 11) -> bytes:
+    return KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, error_offset, *reserved)
+
+
+def ioctl(files, entry, arg, cmd=KVM_SET_MEMORY_ATTRIBUTES2, flags=0, writable=True):
     try:
-        trio.run(main)
-        assert (worker.calls, worker.overflow) == (3, 0)
-    finally:
-        worker.close()
+        return files.ioctl(entry, cmd, flags, arg, writable=writable)
+    except OSError as exc:
+        return exc.errno
 
 
-def test_an_exception_is_raised_in_the_caller_and_the_worker_goes_on():
-    worker = Worker()
-
-    def fails():
-        raise OSError(errno.ENOENT, "inode not cached")
-
-    async def main():
-        with pytest.raises(OSError) as info:
-            await worker.run(fails)
-        assert info.value.errno == errno.ENOENT
-        assert await worker.run(lambda: 42) == 42
-
-    try:
-        trio.run(main)
-    finally:
-        worker.close()
+def test_ioctl_copies_the_struct_back_only_on_eagain(setup):
+    files, entry, _ = setup
+    assert ioctl(files, entry, attrs2(0, PS, PRIVATE)) == (0, b""), "success copies nothing back"
+    assert ioctl(files, entry, attrs2(0, PS, PRIVATE, flags=1)) == errno.EINVAL, "argument errors copy nothing"
+    with entry.state:
+        entry.gm.pin(3 * PS, PS)
+    result, out = ioctl(files, entry, attrs2(0, 8 * PS, PRIVATE))
+    assert result == -errno.EAGAIN
+    assert struct.unpack_from("<Q", out, control.ERROR_OFFSET_AT)[0] == 3 * PS
+    assert out[:control.ERROR_OFFSET_AT] == attrs2(0, 8 * PS, PRIVATE)[:control.ERROR_OFFSET_AT]
 
 
-def test_a_call_while_busy_goes_to_another_thread_instead_of_waiting():
-    """A long revocation must not hold up a short one on another file."""
-    worker, release, long_started = Worker(), threading.Event(), threading.Event()
-
-    def long_call():
-        long_started.set()
-        assert release.wait(30), "the short call never came"
-        return "long"
-
-    async def main():
-        results = {}
-        async with trio.open_nursery() as nursery:
-            async def run(key, fn):
-                results[key] = await worker.run(fn)
-            nursery.start_soon(run, "long", long_call)
-            await trio.to_thread.run_sync(long_started.wait)
-            results["short"] = await worker.run(lambda: threading.current_thread().name)
-            release.set()
-        return results
-
-    try:
-        results = trio.run(main)
-        assert results["long"] == "long"
-        assert results["short"] != "ufsgmem-revoke", "the short call ran beside the busy worker"
-        assert (worker.calls, worker.overflow) == (1, 1)
-    finally:
-        worker.close()
+@pytest.mark.parametrize("case, expected", [
+    (dict(cmd=0xC080AED3), errno.ENOTTY),
+    (dict(flags=FUSE_IOCTL_COMPAT), errno.ENOTTY),  # v8 has no compat_ioctl
+    (dict(writable=False), errno.EBADF),
+])
+def test_ioctl_refusals_come_first_and_change_nothing(setup, case, expected):
+    files, entry, _ = setup
+    assert ioctl(files, entry, attrs2(0, PS, PRIVATE), **case) == expected
+    assert entry.gm.attribute_at(0) == SHARED
 
 
-def test_a_cancelled_caller_still_waits_for_its_call_to_end():
-    """The blocking call cannot be interrupted, so its caller may not move on while it still runs."""
-    worker, started, go = Worker(), threading.Event(), threading.Event()
-    seen = []
-
-    def call():
-        started.set()
-        assert go.wait(30)
-        return "done"
-
-    async def caller(scope_box):
-        with trio.CancelScope() as scope:
-            scope_box.append(scope)
-            seen.append(await worker.run(call))
-        seen.append("left")
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            scope_box = []
-            nursery.start_soon(caller, scope_box)
-            await trio.to_thread.run_sync(started.wait)
-            scope_box[0].cancel()
-            await trio.testing.wait_all_tasks_blocked()
-            assert seen == [], "the caller moved on while its call was still running"
-            go.set()
-        assert seen == ["done", "left"], "it got its result once the call ended"
-        assert await worker.run(lambda: "next") == "next", "the next call gets its own result"
-
-    try:
-        trio.run(main)
-    finally:
-        worker.close()
-
-
-def test_close_ends_the_thread_and_a_later_call_starts_it_again():
-    worker = Worker()
-
-    def alive() -> int:
-        return sum(t.name == "ufsgmem-revoke" for t in threading.enumerate())
-
-    async def one():
-        return await worker.run(lambda: 7)
-
-    before = alive()
-    assert trio.run(one) == 7 and alive() == before + 1
-    worker.close()
-    assert alive() == before, "close ended the thread"
-    try:
-        assert trio.run(one) == 7 and alive() == before + 1, "the next call started a new one"
-    finally:
-        worker.close()
-
-
-# --- the per-file lock on the same path ------------------------------------------------------------------
-def test_an_uncontended_lock_does_not_yield_and_a_contended_one_waits_in_order():
-    from ufsgmem.fuse.inodes import InvalidateLock
-
-    lock, order = InvalidateLock(), []
-
-    async def other(name):
-        order.append(f"{name} runs")
-        async with lock:
-            order.append(f"{name} holds")
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(other, "a")
-            async with lock:  # no checkpoint: "a" cannot run before this line's body
-                order.append("main holds")
-                await trio.testing.wait_all_tasks_blocked()  # a now waits for the lock
-                nursery.start_soon(other, "b")
-                await trio.testing.wait_all_tasks_blocked()  # and b behind it
-                assert lock.locked()
-        assert not lock.locked()
-
-    trio.run(main)
-    assert order == ["main holds", "a runs", "b runs", "a holds", "b holds"]
+def test_without_in_place_conversion_every_form_is_enotty(setup):
+    files, entry, _ = setup
+    entry.in_place_conversion = False
+    assert ioctl(files, entry, attrs2(0, PS, PRIVATE)) == errno.ENOTTY
+    _, error = files.file_request(entry, b"set_memory_attributes offset=0 size=4K attributes=private")
+    assert error.errno == errno.ENOTTY
+    assert entry.gm.attribute_at(0) == SHARED

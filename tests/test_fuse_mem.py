@@ -9,15 +9,19 @@ from __future__ import annotations
 import ctypes
 import errno
 import faulthandler
+import json
 import mmap
 import os
 import signal
 
 import pytest
 
-from fusefix import fuse_mount, gmem, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import fuse_mount, gmem, mounted, requires_fuse  # noqa: F401 (fixtures)
 from ufsgmem.address import Range
 from ufsgmem.fuse.revoke import write_back
+from ufsgmem.syscalls import fallocate
+from ufsgmem.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_MEMORY_ATTRIBUTES2_STRUCT, \
+    KVM_SET_MEMORY_ATTRIBUTES2
 
 pytestmark = [requires_fuse, pytest.mark.fuse]
 PS = 4096
@@ -94,12 +98,17 @@ def test_every_file_has_its_own_inode(gmem):
     assert os.stat(b.path()).st_size == 2 * PS
 
 
-def test_no_mmap_flag_is_enodev_and_io_fails(gmem):
+def test_no_mmap_flag_faults_every_access_and_io_fails(gmem):
+    """Without MMAP the kernel refuses mmap(2) itself (ENODEV). FUSE never sees mmap(2) and the mount lets
+    direct-I/O files be mapped (FUSE_DIRECT_IO_ALLOW_MMAP is per connection), so the mapping succeeds
+    here, but every access is SIGBUS (a documented deviation); read(2)/write(2) are EINVAL either way."""
     g = gmem(4 * PS, flags="init_shared")
     fd = os.open(g.path("mem"), os.O_RDWR)
     try:
-        for length in (PS, 4 * PS):
-            assert errno_of(lambda: mmap.mmap(fd, length, mmap.MAP_SHARED)) == errno.ENODEV
+        m = mmap.mmap(fd, 4 * PS, mmap.MAP_SHARED)
+        assert in_child(lambda: m[0]) == -signal.SIGBUS
+        assert in_child(lambda: m.__setitem__(3 * PS, 1)) == -signal.SIGBUS
+        m.close()
         assert errno_of(lambda: os.read(fd, 1)) == errno.EINVAL
         assert errno_of(lambda: os.write(fd, b"x")) == errno.EINVAL
     finally:
@@ -154,20 +163,24 @@ def test_shared_neighbours_of_a_private_page_stay_accessible(gmem):
     m2.close()
 
 
-def test_read_syscall_deviation(gmem):
-    """Deviation (documented): read(2) of shared pages succeeds; of private pages it fails with EIO."""
+def test_read_and_write_syscalls_are_einval_and_change_nothing(gmem):
+    """guest_memfd has no read() or write(): EINVAL, for shared and private pages alike, and a refused
+    write changes no byte a mapping sees, even over a page dirty in that mapping."""
     g = gmem(2 * PS)
-    g.guest_write(0, b"shared")
+    m = map_mem(g)
+    m[:] = b"\x11" * 2 * PS  # dirty in this mapping, not yet written back
     g.convert(PS, PS, private=True)
-    g.guest_write(PS, b"secret")
-    fd = os.open(g.path("mem"), os.O_RDONLY)
+    fd = os.open(g.path("mem"), os.O_RDWR)
     try:
-        assert os.read(fd, 6) == b"shared"
-        # the read stops at the private page (a short count), and reading on into it is EIO
-        assert os.read(fd, PS) == bytes(PS - 6)
-        assert errno_of(lambda: os.read(fd, PS)) == errno.EIO
+        assert errno_of(lambda: os.read(fd, PS)) == errno.EINVAL
+        assert errno_of(lambda: os.write(fd, b"\x99" * 8)) == errno.EINVAL
+        assert errno_of(lambda: os.pread(fd, PS, 0)) == errno.ESPIPE
+        assert errno_of(lambda: os.pwrite(fd, b"\x99", 0)) == errno.ESPIPE
     finally:
         os.close(fd)
+    assert m[:PS] == b"\x11" * PS, "the refused write reached the mapping"
+    assert g.guest_read(0, 2 * PS) == b"\x11" * 2 * PS, "the dirty page or the private one was lost"
+    m.close()
 
 
 def test_map_private_deviation_never_reads_private_bytes(gmem):
@@ -181,7 +194,8 @@ def test_map_private_deviation_never_reads_private_bytes(gmem):
 
 
 def test_no_path_reads_private_bytes(gmem):
-    """Design §6: read, splice, sendfile, copy_file_range, status: none returns a private byte."""
+    """Design §6: read, splice, sendfile, copy_file_range, status: none returns a private byte (nor a
+    shared one: guest_memfd has no read)."""
     g = gmem(2 * PS)
     g.convert(0, PS, private=True)
     g.guest_write(0, b"SECRET" * 600)
@@ -205,18 +219,31 @@ def test_no_path_reads_private_bytes(gmem):
         assert b"SECRET" not in f.read()
 
 
-def test_fallocate_deviation(gmem):
-    """Deviation (documented): fallocate(2) on mem is EINVAL for every mode (the write(2) trap fires in
-    the VFS first; pyfuse3 has no fallocate handler anyway). allocate/punch_hole go through ctl."""
-    g = gmem(2 * PS)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+def test_fallocate_syscall_allocates_and_punches(gmem):
+    """fallocate(2) on mem with guest_memfd's table: KEEP_SIZE allocates, KEEP_SIZE|PUNCH_HOLE punches
+    (zeroes in every mapping, neighbours kept, attribute kept), every other mode EOPNOTSUPP."""
+    g = gmem(4 * PS)
+    m = map_mem(g)
+    m[:] = b"\xab" * 4 * PS
     fd = os.open(g.path("mem"), os.O_RDWR)
     try:
-        for mode in (0, 1, 3):
-            assert libc.fallocate(fd, mode, 0, PS) == -1 and ctypes.get_errno() == errno.EINVAL
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 4 * PS)
+        fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, PS, PS)
+        assert m[PS:2 * PS] == bytes(PS) and m[:PS] == b"\xab" * PS and m[2 * PS:] == b"\xab" * 2 * PS
+        for mode in (0, FALLOC_FL_KEEP_SIZE | 0x10):  # allocate without KEEP_SIZE, ZERO_RANGE
+            assert errno_of(lambda: fallocate(fd, mode, 0, PS)) == errno.EOPNOTSUPP
+        assert errno_of(lambda: fallocate(fd, FALLOC_FL_KEEP_SIZE, 4 * PS, PS)) == errno.EINVAL
+        assert errno_of(lambda: fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 1, PS)) == errno.EINVAL
+        fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 4 * PS, PS)  # past EOF: a no-op success
     finally:
         os.close(fd)
+    ro = os.open(g.path("mem"), os.O_RDONLY)
+    try:
+        assert errno_of(lambda: fallocate(ro, FALLOC_FL_KEEP_SIZE, 0, PS)) == errno.EBADF
+    finally:
+        os.close(ro)
+    assert g.status()["shared_bytes"] == 4 * PS
+    m.close()
 
 
 def test_fsync_fdatasync_and_msync_sync_are_einval(gmem):
@@ -259,3 +286,28 @@ def test_prot_exec_is_eperm_on_a_noexec_mount(gmem, fuse_mount):
         mmap.mmap(fd, PS, mmap.MAP_SHARED, mmap.PROT_READ).close()
     finally:
         os.close(fd)
+
+
+def set_attributes(fd: int, offset: int, size: int, attributes: int) -> int | None:
+    """ioctl(KVM_SET_MEMORY_ATTRIBUTES2); the errno, or None on success."""
+    import fcntl
+    arg = bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, 0, 0, *(0,) * 11))
+    return errno_of(lambda: fcntl.ioctl(fd, KVM_SET_MEMORY_ATTRIBUTES2, arg, True))
+
+
+def test_a_mount_can_play_a_kernel_without_in_place_conversion():
+    """mount --no-in-place-conversion: the ioctl is ENOTTY (kvm.gmem_in_place_conversion=0), a file created
+    with in_place_conversion=1 still converts, and status says which is which."""
+    with mounted(in_place_conversion=False) as mount:
+        mount.ctl(f"create old size={4 * PS} flags=mmap|init_shared")
+        mount.ctl(f"create new size={4 * PS} flags=mmap|init_shared in_place_conversion=1")
+        for name, expected in (("old", errno.ENOTTY), ("new", None)):
+            fd = os.open(os.path.join(mount.path, name, "mem"), os.O_RDWR)
+            try:
+                assert set_attributes(fd, 0, PS, 8) == expected, name
+            finally:
+                os.close(fd)
+            with open(os.path.join(mount.path, name, "status")) as f:
+                assert json.load(f)["in_place_conversion"] is (expected is None)
+        mount.ctl("destroy old")
+        mount.ctl("destroy new")

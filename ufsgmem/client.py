@@ -12,9 +12,8 @@ Nothing here talks to the server any other way than an unmodified program would:
         f.convert(0, 4096, to="private")        # revokes the page from every process
         assert f.guest_read(0, 1) == b"\\x07"   # the guest still sees it
 
-Conversions use the binary protocol (``KVM_SET_MEMORY_ATTRIBUTES2``): one ``write()`` of the kernel's
-struct, whose errno *is* the result, then a ``read()`` for ``error_offset``. Everything else uses the text
-form, create included: its result carries the server's message (e.g. a hugetlb pool's shortfall), which the
+Conversions are the kernel's own call, ``ioctl(mem, KVM_SET_MEMORY_ATTRIBUTES2)``. Everything else uses
+the text form of the control files, create included: its result carries the server's message (e.g. a hugetlb pool's shortfall), which the
 binary read-back has no room for (``create_request()`` builds the binary form for those who want it). A failed request raises :class:`~ufsgmem.errors.GuestMemfdError`:
 an ``OSError`` with the kernel's errno and, where the kernel defines one, ``error_offset``.
 
@@ -31,6 +30,7 @@ Caveats:
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -218,12 +218,14 @@ class Mount:
         return self._ctl
 
     def create(self, name: str, size: int | str, flags: int | str | None = 0, *, backend: str | None = None,
-               page_size: int | str | None = None) -> "GmemFile":
+               page_size: int | str | None = None, in_place_conversion: bool | None = None) -> "GmemFile":
         """KVM_CREATE_GUEST_MEMFD: a new file ``MOUNT/NAME`` of ``size`` bytes; returns it opened.
 
         ``flags`` is the kernel's flag word (or ``"mmap|init_shared"``); ``page_size`` picks the huge page
         size (2M, 1G) of backends that have one. Errors are the kernel's (EINVAL for bad size or flags),
-        plus EEXIST for a name in use and ENOMEM when a hugetlb pool is too small.
+        plus EEXIST for a name in use and ENOMEM when a hugetlb pool is too small. ``in_place_conversion``
+        False makes this file play a kernel without in-place conversion (KVM_SET_MEMORY_ATTRIBUTES2 is
+        ENOTTY); None takes the mount's default.
         """
         size, flags = parse_size(size), parse_flags(flags)
         _check_u64(size=size, flags=flags)
@@ -236,6 +238,8 @@ class Mount:
             request += f" backend={backend}"
         if page_size is not None:
             request += f" page_size={format_size(parse_size(page_size))}"
+        if in_place_conversion is not None:
+            request += f" in_place_conversion={int(in_place_conversion)}"
         text_request(self._ctl_fd(), request, f"create {name} ({format_size(size)}, flags {flags:#x}"
                                               f"{', backend ' + backend if backend else ''})")
         return self.open(name)
@@ -285,22 +289,20 @@ class GmemFile:
 
     # --- attributes ---------------------------------------------------------------------------------
     def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0) -> None:
-        """KVM_SET_MEMORY_ATTRIBUTES2 as one binary write. Raises the kernel's errno, with error_offset."""
+        """``ioctl(mem, KVM_SET_MEMORY_ATTRIBUTES2)``, exactly as a VMM calls it on a kernel with in-place
+        conversion. Raises the kernel's errno, with ``error_offset`` where the kernel copies it back."""
         _check_u64(offset=offset, size=size, attributes=attributes, flags=flags)
-        fd = self._fd("ctl")
-        err = _write_request(fd, attributes2_request(offset, size, attributes, flags))
-        if err is None:
-            return
-        error_offset = None
-        if err.errno in (errno.EAGAIN, errno.ENOMEM):
-            raw = _read_result(fd)
-            if len(raw) >= HEADER.size + 40 and raw[:4] == MAGIC:
-                error_offset = KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack_from(raw, HEADER.size)[4]
-        to = "private" if attributes == KVM_MEMORY_ATTRIBUTE_PRIVATE else f"attributes {attributes:#x}" \
-            if attributes else "shared"
-        where = f" (error_offset {error_offset:#x})" if error_offset is not None else ""
-        raise GuestMemfdError(err.errno, f"convert [{offset:#x}, {offset + size:#x}) of {self.name} to {to}{where}",
-                              error_offset)
+        arg = bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, 0, *(0,) * 11))
+        try:
+            fcntl.ioctl(self._fd("mem"), KVM_SET_MEMORY_ATTRIBUTES2, arg, True)
+        except OSError as exc:
+            error_offset = KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack(arg)[4] \
+                if exc.errno in (errno.EAGAIN, errno.ENOMEM) else None
+            to = "private" if attributes == KVM_MEMORY_ATTRIBUTE_PRIVATE else f"attributes {attributes:#x}" \
+                if attributes else "shared"
+            where = f" (error_offset {error_offset:#x})" if error_offset is not None else ""
+            raise GuestMemfdError(exc.errno, f"convert [{offset:#x}, {offset + size:#x}) of {self.name} to "
+                                             f"{to}{where}", error_offset) from None
 
     def convert(self, offset: int | str, size: int | str, to: str | int) -> None:
         """Convert ``[offset, offset + size)`` to ``"private"`` or ``"shared"`` (content is preserved)."""
@@ -383,7 +385,12 @@ class GmemFile:
 
     # --- mappings -----------------------------------------------------------------------------------
     def map(self, offset: int = 0, length: int | None = None, *, writable: bool = True) -> "Mapping":
-        """A MAP_SHARED mapping of ``mem`` (ENODEV without the MMAP flag, as in the kernel)."""
+        """A MAP_SHARED mapping of ``mem`` (ENODEV without the MMAP flag, as in the kernel).
+
+        The mount itself cannot refuse such an mmap(2) (FUSE never sees it; every access would SIGBUS), so
+        the client gives the kernel's answer before mapping."""
+        if not self.status()["flags"] & GUEST_MEMFD_FLAG_MMAP:
+            raise GuestMemfdError(errno.ENODEV, f"{self.name} was created without mmap: it cannot be mapped")
         length = self.size - offset if length is None else length
         return Mapping(self.fileno(), offset, length, writable)
 

@@ -6,6 +6,7 @@ on failure), and a following ``read()`` on the same open file returns the result
 Text form (one request per write; a trailing newline is accepted, anything else malformed is EINVAL)::
 
     MOUNTPOINT/ctl:  create NAME size=SIZE [flags=mmap|init_shared|0x3] [backend=NAME] [page_size=2M]
+                            [in_place_conversion=0|1]
                      destroy NAME
     NAME/ctl:        set_memory_attributes offset=O size=S attributes=private|shared|8|0 [flags=0]
                      allocate offset=O size=S        (fallocate KEEP_SIZE)
@@ -61,6 +62,7 @@ BACKEND_LEN = 32
 CREATE_LEN = HEADER.size + KVM_CREATE_GUEST_MEMFD_STRUCT.size + NAME_LEN + BACKEND_LEN  # 168
 ATTRIBUTES_LEN = HEADER.size + KVM_MEMORY_ATTRIBUTES2_STRUCT.size  # 136
 MAX_REQUEST = 4096
+ERROR_OFFSET_AT = 32  # offsetof(struct kvm_memory_attributes2, error_offset)
 U64_MAX = (1 << 64) - 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
@@ -81,6 +83,7 @@ class CreateRequest:
     backend: str | None = None
     page_size: int | None = None
     binary: bytes | None = None  # the raw request when it came in binary form
+    in_place_conversion: bool | None = None  # None: the mount's default
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,14 @@ def _number(options: dict[str, str], key: str, default: int | None = None) -> in
     return value
 
 
+def _boolean(options: dict[str, str], key: str) -> bool | None:
+    if key not in options:
+        return None
+    if options[key] not in ("0", "1"):
+        raise fail(errno.EINVAL, f"{key}={options[key]}: use 0 or 1")
+    return options[key] == "1"
+
+
 def _only(options: dict[str, str], bare: list[str], allowed: set[str], nbare: int, verb: str) -> None:
     unknown = set(options) - allowed
     if unknown:
@@ -188,11 +199,12 @@ def parse_mount_request(data: bytes) -> CreateRequest | DestroyRequest:
         return _binary_create(data)
     verb, options, bare = _text(data)
     if verb == "create":
-        _only(options, bare, {"size", "flags", "backend", "page_size"}, 1, verb)
+        _only(options, bare, {"size", "flags", "backend", "page_size", "in_place_conversion"}, 1, verb)
         page_size = _number(options, "page_size") if "page_size" in options else None
         backend = _check_backend(options.get("backend"))
+        in_place = _boolean(options, "in_place_conversion")
         return CreateRequest(check_name(bare[0]), _number(options, "size"), parse_flags(options.get("flags", "0")),
-                             backend, page_size)
+                             backend, page_size, in_place_conversion=in_place)
     if verb == "destroy":
         _only(options, bare, set(), 1, verb)
         return DestroyRequest(check_name(bare[0]))
@@ -233,14 +245,25 @@ def _binary_create(data: bytes) -> CreateRequest:
     return CreateRequest(name, size, flags, backend, PAGE_ORDERS[reserved[0]], binary=bytes(data))
 
 
+def parse_attributes2(struct_bytes: bytes, binary: bytes | None = None) -> FileRequest:
+    """The 128-byte ``kvm_memory_attributes2`` as a request: the ioctl on ``mem`` and the binary request on
+    ``NAME/ctl`` both come through here. Its fields are checked by the core, in the kernel's order."""
+    offset, size, attributes, flags, _error_offset, *reserved = KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack(struct_bytes)
+    return FileRequest("set_memory_attributes", offset, size, attributes, flags, tuple(reserved), binary=binary)
+
+
+def with_error_offset(struct_bytes: bytes, error_offset: int) -> bytes:
+    """``kvm_memory_attributes2`` as the kernel copies it back on EAGAIN/ENOMEM."""
+    out = bytearray(struct_bytes)
+    struct.pack_into("<Q", out, ERROR_OFFSET_AT, error_offset)
+    return bytes(out)
+
+
 def parse_file_request(data: bytes) -> FileRequest:
     """A request written to NAME/ctl."""
     if data[:4] == MAGIC:
         _header(data, {KVM_SET_MEMORY_ATTRIBUTES2: ATTRIBUTES_LEN})
-        offset, size, attributes, flags, _error_offset, *reserved = \
-            KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack_from(data, HEADER.size)
-        return FileRequest("set_memory_attributes", offset, size, attributes, flags, tuple(reserved),
-                           binary=bytes(data))
+        return parse_attributes2(data[HEADER.size:], binary=bytes(data))
     verb, options, bare = _text(data)
     _only(options, bare, {"offset", "size", "attributes", "flags"} if verb == "set_memory_attributes"
           else {"offset", "size"}, 0, verb)
@@ -281,10 +304,9 @@ def error_result(request, exc: OSError) -> bytes:
     error_offset = getattr(exc, "error_offset", None)
     binary = getattr(request, "binary", None)
     if binary is not None and isinstance(request, FileRequest):
-        out = bytearray(binary)
-        if error_offset is not None:
-            struct.pack_into("<Q", out, HEADER.size + 32, error_offset)
-        return bytes(out)
+        if error_offset is None:
+            return binary
+        return binary[:HEADER.size] + with_error_offset(binary[HEADER.size:], error_offset)
     if binary is not None:
         return binary
     detail = exc.detail if isinstance(exc, GuestMemfdError) else (exc.strerror or "")

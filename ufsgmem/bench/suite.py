@@ -6,7 +6,7 @@ Targets (design §5):
 P1    first-touch write throughput of a 1 GiB ``mem`` mapping vs kernel guest_memfd  ≥ 1.5× kernel, ≥ 0.8× shmem
 P2    2 MiB shared→private→shared, mapped and dirty in another process, vs the       ≤ 0.2×
       kernel's discard model (punch-hole + refault of 2 MiB)
-P3    4 KiB round trip through ``ctl``                                                ≤ 150 µs median
+P3    4 KiB round trip through the ioctl on ``mem``, dirty in another process        ≤ 150 µs median
 P4    4 KiB conversion latency, 1 GiB vs 64 GiB file                                  ≤ 1.25×
 P5    layout export of a 1 TiB guest with 100 000 shared holes; metadata per run      ≤ 2 s; ≤ 128 B/run
 P6    backend bytes of a preallocated hugetlb file after 10 000 conversions           = file size
@@ -24,6 +24,7 @@ sides of a ratio are measured in the same run, interleaved, so machine load hits
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import platform
 import random
@@ -37,7 +38,7 @@ from typing import Callable
 
 from .. import __version__, hugepages
 from ..client import GmemFile, Mount
-from ..uapi import SZ_1G, SZ_2M, SZ_4K
+from ..uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, SZ_1G, SZ_2M, SZ_4K
 from . import memory
 from .dirtier import Dirtier
 from .stats import Figure, Series, fmt, timed
@@ -153,9 +154,10 @@ def _ufsgmem_target(mount: Mount, backend: str):
 
 # --- P2/P3: round trips -----------------------------------------------------------------------------
 def round_trip(f: GmemFile, offset: int, size: int) -> float:
+    """shared→private→shared through ``ioctl(mem, KVM_SET_MEMORY_ATTRIBUTES2)``, as a VMM converts."""
     start = time.perf_counter()
-    f.convert(offset, size, to="private")
-    f.convert(offset, size, to="shared")
+    f.set_memory_attributes(offset, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    f.set_memory_attributes(offset, size, 0)
     return time.perf_counter() - start
 
 
@@ -181,7 +183,7 @@ def p2_p3_round_trips(cfg: Config, mount: Mount, progress: Progress) -> list[Fig
                          ours, ref, "≤ 0.2×")
             fig.met = fig.ratio is not None and fig.ratio <= 0.2
         elif label == "4 KiB":
-            fig = Figure("P3", "4 KiB round trip through ctl, dirty in another process", ours, ref,
+            fig = Figure("P3", "4 KiB round trip through the ioctl on mem, dirty in another process", ours, ref,
                          "≤ 150 µs median")
             fig.met = ours.median <= 150e-6
         else:
@@ -197,8 +199,9 @@ def conversion_stream(cfg: Config, mount: Mount, progress: Progress) -> list[Fig
     with created(mount, "bench-stream", size) as f:
         rate = Series("ufsgmem 4 KiB conversions per second", "conv/s")
         for _ in range(max(cfg.reps // 2, 1)):
-            elapsed = timed(lambda: [f.convert(p * SZ_4K, SZ_4K, to="private") for p in pages]) + \
-                timed(lambda: [f.convert(p * SZ_4K, SZ_4K, to="shared") for p in pages])
+            elapsed = timed(lambda: [f.set_memory_attributes(p * SZ_4K, SZ_4K, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+                                     for p in pages]) + \
+                timed(lambda: [f.set_memory_attributes(p * SZ_4K, SZ_4K, 0) for p in pages])
             rate.values.append(2 * len(pages) / elapsed)
         # design §5's P3 row read literally: the round trip alone, on pages nobody maps (no revocation)
         clean = Series("ufsgmem 4 KiB round trip, page not mapped", "s",
@@ -206,7 +209,7 @@ def conversion_stream(cfg: Config, mount: Mount, progress: Progress) -> list[Fig
     progress.step("conversion stream")
     return [Figure("STREAM", f"4 KiB conversions scattered over {fmt(size, 'B')}", rate, None, "context",
                    better="higher"),
-            Figure("P3.clean", "4 KiB round trip through ctl of a page no process maps (P3 without the "
+            Figure("P3.clean", "4 KiB round trip through the ioctl of a page no process maps (P3 without the "
                    "revocation)", clean, None, "context (P3's 150 µs)")]
 
 
@@ -235,9 +238,9 @@ def p3_one_cpu(cfg: Config, progress: Progress) -> list[Figure]:
     finally:
         os.sched_setaffinity(0, saved)
     progress.step("P3 with caller and server on one CPU")
-    return [Figure("P3.onecpu", f"4 KiB round trip through ctl, dirty in another process, caller, dirtier and "
+    return [Figure("P3.onecpu", f"4 KiB round trip through the ioctl, dirty in another process, caller, dirtier and "
                    f"server on CPU {cpu} (mount --cpus)", dirty, None, "context (P3's 150 µs)"),
-            Figure("P3.onecpu.clean", f"4 KiB round trip through ctl of a page no process maps, caller and "
+            Figure("P3.onecpu.clean", f"4 KiB round trip through the ioctl of a page no process maps, caller and "
                    f"server on CPU {cpu}", clean, None, "context (P3's 150 µs)")]
 
 
@@ -312,6 +315,38 @@ def p6_hugetlb_bytes(cfg: Config, progress: Progress) -> list[Figure]:
     return [fig]
 
 
+# --- the price of direct I/O: a late mmap -----------------------------------------------------------
+def late_mmap(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
+    """mmap(2) of a file whose every page is dirty in another mapping, then one access through that older
+    mapping. ``mem`` is opened with direct I/O (so read(2)/write(2) can be refused), and the kernel drops a
+    direct-I/O file's whole page cache at every mmap(2): the older mapping's dirty pages are written back
+    one request each and its next access faults (docs/architecture.md). The kernel's guest_memfd maps in
+    microseconds; this figure says what a VMM pays here for mapping late."""
+    size = cfg.size
+    ours, ref = Series("ufsgmem mmap(2) + refault, 1 file dirty in another mapping", "s"), \
+        Series("kernel guest_memfd mmap(2) + access", "s")
+
+    def late(fd: int, older: mmap.mmap) -> float:
+        memory.first_touch(older, True)  # every page dirty in the older mapping
+        start = time.perf_counter()
+        with memory._mapped(fd, size):
+            older[size // 2] = 3  # the older mapping goes on working
+        return time.perf_counter() - start
+
+    with created(mount, "bench-late", size) as f, memory.kernel_gmem_file(size) as kernel:
+        fd = os.open(os.path.join(f.path, "mem"), os.O_RDWR)
+        try:
+            with memory._mapped(fd, size) as older:
+                for _ in range(max(cfg.reps // 2, 1)):
+                    ours.values.append(late(fd, older))
+                    ref.values.append(late(kernel.fd, kernel.mapping))
+        finally:
+            os.close(fd)
+    progress.step("late mmap")
+    return [Figure("MMAP.late", f"mmap(2) of {fmt(size, 'B')} while another mapping holds every page dirty, "
+                   "and one access through that mapping", ours, ref, "context (the price of direct I/O for mem)")]
+
+
 # --- page cache cost --------------------------------------------------------------------------------
 def page_cache_cost(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
     size = cfg.size
@@ -329,18 +364,18 @@ def page_cache_cost(cfg: Config, mount: Mount, progress: Progress) -> list[Figur
 # --- driver -----------------------------------------------------------------------------------------
 def machine() -> dict:
     import numpy
-    import pyfuse3
-    import trio
+
+    from ..fuse.lowlevel import libfuse_version
     return {
         "kernel": platform.release(), "python": platform.python_version(), "cpus": os.cpu_count(),
         "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-        "ufsgmem": __version__, "pyfuse3": pyfuse3.__version__, "trio": trio.__version__,
+        "ufsgmem": __version__, "libfuse": libfuse_version(),
         "numpy": numpy.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
 def run(cfg: Config) -> dict:
-    progress = Progress(cfg.reps + 10)
+    progress = Progress(cfg.reps + 11)
     figures: list[Figure] = []
     with mounted() as mount:
         figures += p1_first_touch(cfg, mount, progress)
@@ -348,6 +383,7 @@ def run(cfg: Config) -> dict:
         figures += conversion_stream(cfg, mount, progress)
         figures += p4_file_size(cfg, mount, progress)
         figures += page_cache_cost(cfg, mount, progress)
+        figures += late_mmap(cfg, mount, progress)
     figures += p3_one_cpu(cfg, progress)
     figures += p5_layout(cfg, progress)
     figures += p6_hugetlb_bytes(cfg, progress)

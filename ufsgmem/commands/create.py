@@ -51,6 +51,10 @@ def configure(parser) -> None:
                         help="backend plugin (anon, hugetlb, thp, sim, ...); default: the server's")
     parser.add_argument("--page-size", default=None, type=size_arg, metavar="4K|2M|1G",
                         help="huge page size for backends that offer several; default: the backend's")
+    parser.add_argument("--no-in-place-conversion", dest="in_place_conversion", action="store_false",
+                        default=None,
+                        help="this file plays a kernel booted with kvm.gmem_in_place_conversion=0: "
+                             "KVM_SET_MEMORY_ATTRIBUTES2 on it is ENOTTY (default: the mount's setting)")
     parser.add_argument("--progress", action="store_true",
                         help="show hugetlb preallocation progress on stderr (default: only on a terminal, "
                              "from 1 GiB)")
@@ -130,7 +134,8 @@ def run(args) -> int:
         with Mount(args.mountpoint) as mount:
             progress = _progress(args)
             with progress or contextlib.nullcontext():
-                f = mount.create(args.name, args.size, flags, backend=args.backend, page_size=args.page_size)
+                f = mount.create(args.name, args.size, flags, backend=args.backend, page_size=args.page_size,
+                                 in_place_conversion=args.in_place_conversion)
             with f:
                 status = f.status()
         print(f"created {args.mountpoint.rstrip('/')}/{args.name}: {format_size(status['size'])}, "

@@ -32,6 +32,10 @@ def configure(parser) -> None:
     parser.add_argument("--foreground", "-f", action="store_true", help="serve in this process until a signal")
     parser.add_argument("--backend", default="anon", help="default backend for files created without one")
     parser.add_argument("--debug", action="store_true", help="log every FUSE request (foreground only useful)")
+    parser.add_argument("--no-in-place-conversion", action="store_true",
+                        help="play a kernel booted with kvm.gmem_in_place_conversion=0: "
+                             "ioctl(mem, KVM_SET_MEMORY_ATTRIBUTES2) is ENOTTY, so a VMM can test its fallback "
+                             "(a file created with in_place_conversion=1 still converts)")
     parser.add_argument("--cpus", metavar="LIST",
                         help="pin the server to these CPUs (e.g. 0 or 0,2-3): lower conversion latency for a "
                              "caller pinned to the same CPU, lower first-touch throughput (see docs/performance.md)")
@@ -45,23 +49,26 @@ def run(args) -> int:
     cpus = parse_cpu_list(args.cpus) if args.cpus else None  # checked here, before anything starts
     if args.foreground:
         server.serve(args.mountpoint, default_backend=args.backend, debug=args.debug, cpus=cpus,
+                     in_place_conversion=not args.no_in_place_conversion,
                      ready=lambda: print(f"ufsgmem: mounted at {args.mountpoint} (pid {os.getpid()})",
                                          file=sys.stderr, flush=True))
         return 0
-    pid = start_background(args.mountpoint, backend=args.backend, debug=args.debug, cpus=args.cpus)
+    pid = start_background(args.mountpoint, backend=args.backend, debug=args.debug, cpus=args.cpus,
+                           in_place_conversion=not args.no_in_place_conversion)
     print(f"ufsgmem: mounted at {args.mountpoint} (server pid {pid})")
     return 0
 
 
 def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = False,
-                     cpus: str | None = None) -> int:
+                     cpus: str | None = None, in_place_conversion: bool = True) -> int:
     """Start the server detached; return its pid once the mount works, or raise OSError with its error."""
     from ..fuse import server
 
     os.makedirs(server.RUN_DIR, exist_ok=True)
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "ufsgmem.fuse.server", "--ready-fd", str(write_end),
-               "--backend", backend, mountpoint] + (["--debug"] if debug else []) + (["--cpus", cpus] if cpus else [])
+               "--backend", backend, mountpoint] + (["--debug"] if debug else []) + (["--cpus", cpus] if cpus else []) \
+        + ([] if in_place_conversion else ["--no-in-place-conversion"])
     with open(server.logfile_path(mountpoint), "ab") as logfile:
         proc = subprocess.Popen(command, pass_fds=(write_end,), start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile)

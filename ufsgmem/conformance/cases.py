@@ -230,12 +230,13 @@ def fstatfs_type(s, _):
     return {"f_type": hex(buf[0] & 0xFFFFFFFF)}
 
 
-@case("§2.5", "ioctls on the file: KVM_SET_MEMORY_ATTRIBUTES2 and an unknown command give ENOTTY",
-      needs={FD}, flagsets=ALL)
+@case("§2.5", "ioctls guest_memfd does not have are ENOTTY: an unknown command, another size or direction "
+      "of 0xd2, the VM-level KVM_SET_MEMORY_ATTRIBUTES issued on the file", needs={FD}, flagsets=ALL)
 def ioctl_enotty(s, flags):
     f = s.create(4 * PS, flags)
-    return {"KVM_SET_MEMORY_ATTRIBUTES2": attempt(fcntl.ioctl, f.fd, 0xC080AED2, bytearray(128), True),
-            "_IO(0xAE, 0xff)": attempt(fcntl.ioctl, f.fd, 0xAEFF, 0)}
+    return {"_IO(0xAE, 0xff)": attempt(fcntl.ioctl, f.fd, 0xAEFF, 0),
+            "_IOWR(0xAE, 0xd3, 128 bytes)": attempt(fcntl.ioctl, f.fd, 0xC080AED3, bytearray(128), True),
+            "KVM_SET_MEMORY_ATTRIBUTES (VM ioctl)": attempt(fcntl.ioctl, f.fd, 0x4020AED2, bytearray(32), True)}
 
 
 # --- mmap (§2.2) -----------------------------------------------------------------------------------------

@@ -32,10 +32,10 @@ Verdicts: **agree** — identical observations; **deviation** — a documented d
 **v8** — an in-place conversion rule this kernel cannot run (6.18 has no memory attributes on a default
 VM, so its ioctl is `ENOTTY`): ufsgmem is checked against the reference's expected results instead.
 
-How ufsgmem is driven where it has no system call: `fallocate` with the two modes guest_memfd serves
-(`KEEP_SIZE`, `KEEP_SIZE|PUNCH_HOLE`) goes through the `NAME/ctl` requests `allocate` and `punch_hole`,
-every other mode through `fallocate(2)` on `mem` (the case `fallocate_syscall` shows `fallocate(2)`
-itself); `KVM_SET_MEMORY_ATTRIBUTES2` is the binary request on `NAME/ctl`; a pin is the `pin` request.
+Both sides are driven through the same system calls: `fallocate(2)` and
+`ioctl(KVM_SET_MEMORY_ATTRIBUTES2)` on the file (the kernel's 6.18 answers the ioctl with `ENOTTY`; ufsgmem
+serves it as the in-place conversion series v8 does). Only the emulated pin, which has no system call, is
+the `pin` request on `NAME/ctl`.
 A SIGBUS is observed in a forked child that dies of it. The vCPU of `guest_memfd_guest` is a real KVM
 guest: on the kernel its memslot is bound to the guest_memfd, on ufsgmem it is the `mem` mapping.
 

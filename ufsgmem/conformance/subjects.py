@@ -4,11 +4,9 @@
   (:mod:`ufsgmem.kvm`); ``fallocate(2)`` with a mode through libc, mmap(2), and plain ``os`` calls.
 * :class:`MountSubject` — a ufsgmem FUSE mount, used the way a program would: ``MOUNTPOINT/ctl`` creates a
   file, ``NAME/mem`` is opened by path with libc ``open(O_RDWR)`` (so the fd's flags are what a C program
-  gets, not Python's close-on-exec default). pyfuse3 has no fallocate handler, so ``fallocate`` sends the
-  two modes guest_memfd serves (KEEP_SIZE, KEEP_SIZE|PUNCH_HOLE) as the ``NAME/ctl`` requests
-  ``allocate``/``punch_hole`` and every other mode to ``fallocate(2)`` on ``mem``, where the kernel's VFS
-  and FUSE answer it; :meth:`GmemFile.fallocate_syscall` always calls ``fallocate(2)`` so the
-  difference stays visible (a documented deviation).
+  gets, not Python's close-on-exec default), and from then on the same system calls as on the kernel:
+  ``fallocate(2)`` and ``ioctl(KVM_SET_MEMORY_ATTRIBUTES2)`` on ``mem``. Only the emulated pin, which
+  has no system call, is a ``NAME/ctl`` request.
 * :class:`CoreSubject` — the in-process core (:class:`ufsgmem.gmem.GuestMemfd`) with no file at all:
   host_read/host_write stand in for mapping accesses and :class:`~ufsgmem.gmem.HostFault` for SIGBUS.
   It lacks every file-level capability, and the cases that need one are *not applicable* to it.
@@ -274,35 +272,13 @@ def _request(path: str, request: bytes) -> None:
 
 
 class MountFile(GmemFile):
+    """A file on a mount: fallocate(2) and KVM_SET_MEMORY_ATTRIBUTES2 are the real system calls on ``mem``
+    (the inherited methods); only the emulated pin has no system call and goes through ``NAME/ctl``."""
+
     def __init__(self, subject, size, flags, fd, name):
         super().__init__(subject, size, flags, fd)
         self.name = name
         self.dir = os.path.join(subject.mountpoint, name)
-
-    def fallocate(self, mode, offset, length):
-        requests = {FALLOC_FL_KEEP_SIZE: "allocate", FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE: "punch_hole"}
-        if mode not in requests:
-            return fallocate(self.fd, mode, offset, length)
-        _request(os.path.join(self.dir, "ctl"), f"{requests[mode]} offset={offset} size={length}".encode())
-
-    def set_memory_attributes(self, offset, size, attributes, flags=0, reserved=(0,) * 11, error_offset=0):
-        body = KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset % (1 << 64), size % (1 << 64), attributes, flags,
-                                                  error_offset, *reserved)
-        fd = os.open(os.path.join(self.dir, "ctl"), os.O_RDWR)
-        try:
-            try:
-                os.write(fd, HEADER.pack(MAGIC, KVM_SET_MEMORY_ATTRIBUTES2) + body)
-                failure = None
-            except OSError as exc:
-                failure = exc.errno
-            reply = os.read(fd, 1 << 16)
-        finally:
-            os.close(fd)
-        out = KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack_from(reply, HEADER.size)[4] \
-            if len(reply) >= HEADER.size + KVM_MEMORY_ATTRIBUTES2_STRUCT.size else error_offset
-        if failure is not None:
-            raise GuestMemfdError(failure, "KVM_SET_MEMORY_ATTRIBUTES2 through ctl", error_offset=out)
-        return out
 
     def pin(self, offset, size):
         _request(os.path.join(self.dir, "ctl"), f"pin offset={offset} size={size}".encode())

@@ -1,5 +1,7 @@
-"""The FUSE frontend: a pyfuse3/trio filesystem of guest_memfd files (design §2, §3).
+"""The FUSE frontend: guest_memfd files served through libfuse3's low-level API (design §2, §3).
 
-``server`` mounts and runs the loop, ``ops`` adapts pyfuse3 requests, ``files`` holds what each file
-does, ``inodes`` the namespace and lifetimes, ``revoke`` the ranged /dev/fuse invalidation.
+``server`` mounts and runs libfuse's multi-threaded loop, ``lowlevel`` is the cffi binding (built by
+``_build``) and the one place requests become replies, ``ops`` answers requests, ``files`` holds what each
+file does, ``inodes`` the namespace, lifetimes and locks, ``revoke`` the ranged invalidation.
+docs/architecture.md walks through one request.
 """

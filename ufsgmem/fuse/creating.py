@@ -1,8 +1,8 @@
-"""Making a guest_memfd for MOUNTPOINT/ctl ``create``: off the loop, with preallocation progress in the log.
+"""Making a guest_memfd for MOUNTPOINT/ctl ``create``, with preallocation progress in the log.
 
-A hugetlb backend reserves and zeroes every huge page up front; for GiBs that takes seconds. ``Files``
-runs :func:`make` in a worker thread (``trio.to_thread.run_sync``) so the loop keeps serving every other
-file meanwhile; only the ``write()`` of that create request waits. The protocol has no progress message
+A hugetlb backend reserves and zeroes every huge page up front; for GiBs that takes seconds. :func:`make`
+runs in the libfuse worker thread of that create request, while the loop's other threads keep serving
+every other file; only the ``write()`` of that create request waits. The protocol has no progress message
 (one write = one request = one result), so progress goes to the server log, and ``ufsgmem create``
 shows its own by watching the huge page pool (``ufsgmem/commands/create.py``).
 
@@ -55,7 +55,7 @@ def wait_for_gate() -> None:
 
 
 def make(name: str, size: int, flags: int, backend: str, page_size: int | None) -> GuestMemfd:
-    """Create the file. Blocking (preallocation): call from a worker thread."""
+    """Create the file. Blocking (preallocation): other loop threads keep serving meanwhile."""
     wait_for_gate()
     log.info("create %s: %s on %s", name, format_size(size), backend)
     return GuestMemfd(size, flags, backend=backend, page_size=page_size, name=name, progress=PreallocLog(name))

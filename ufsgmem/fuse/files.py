@@ -1,25 +1,39 @@
-"""What each file of the mount does, as async functions over the core. FUSE-free apart from being async.
+"""What each file of the mount does, over the core. FUSE-free: plain calls with byte offsets, which
+``ops.py`` makes for libfuse's worker threads (several at once; ``inodes.py`` says which lock guards what).
 
 ``mem``
-    FUSE READ requests of ``mem`` are page-cache fills (a fault, or readahead); they are served from
-    ``GuestMemfd.host_read`` (a zero-copy memoryview). A private page or a page past EOF anywhere in the
-    request fails the *whole* request with EIO, which the kernel turns into SIGBUS for the faulting
-    access; it then retries the faulting page alone, so shared neighbours still work. A short read would
-    be taken as end of file and shrink the file, so there are none. FUSE WRITE requests are dirty pages
-    written back from shared mappings: ``host_write``.
+    Opened with direct I/O (and ``FUSE_DIRECT_IO_ALLOW_MMAP``, so it can still be mapped shared), which
+    lets us tell the kernel's three ways in apart: a page fault or readahead fills the page cache with a
+    READ that has no lock owner; read(2) arrives with one; a dirty mapped page comes back as a WRITE
+    flagged ``writepage``, write(2) without. read(2) and write(2) are EINVAL, as guest_memfd has neither
+    (and the kernel writes the range's dirty pages back before it sends a direct write, so a refused
+    write changes no byte any mapping sees). Page-cache fills are served from ``GuestMemfd.host_read``
+    (zero copy): a private page or a page past EOF anywhere in the request fails the *whole* request with
+    EIO, which the kernel turns into SIGBUS for the faulting access and then retries the faulting page
+    alone, so shared neighbours still work. A short read would be taken as end of file and shrink the
+    file, so there are none. Write-backs go to ``host_write``.
 
-    A read that meets a pending punch-hole is answered with zeros (what the range holds once the punch
+    A fill that meets a pending punch-hole is answered with zeros (what the range holds once the punch
     commits) instead of waiting for the commit: the revocation that the punch is waiting for has to take
     the lock of the very page being read in, so waiting would deadlock. So a fault can see the zeros
-    before ``punch_hole`` returns (the kernel makes it wait, then also hands out zeros), and if the punch
-    then fails, the zeros stay cached over content the backend kept (docs/protocol.md).
+    before the punch returns (the kernel makes it wait, then also hands out zeros), and if the punch then
+    fails, the zeros stay cached over content the backend kept (docs/protocol.md).
+
+    ``ioctl(KVM_SET_MEMORY_ATTRIBUTES2)`` and ``fallocate(2)`` arrive here as requests and take the same
+    path as their ``NAME/ctl`` forms.
 
 Control files
     One write = one request (``ufsgmem.control``); the outcome is kept per open file for the next read.
 
 Transitions (shared→private, punch-hole) follow design §3: validate (``prepare_*``), revoke the ranges in
-a worker thread while this loop keeps serving write-backs, then ``commit()``. They are serialised per
-file by ``Entry.lock``, the stand-in for the kernel's invalidate lock.
+this thread while other loop threads serve the write-backs the revocation waits for, then ``commit()``.
+They are serialised per file by ``Entry.lock``, the stand-in for the kernel's invalidate lock. The three
+deadlocks the kernel allows are avoided here by construction: a revocation never runs in a ``mem`` READ
+handler (it would wait for the page that READ is filling), never in a write-back WRITE handler (it would
+wait for its own write-back), and libfuse's loop always keeps a thread free to serve both.
+
+Fail closed: a revocation that fails leaves the attribute unchanged (the transition is aborted) and its
+ranges marked as possibly cached, so the next conversion revokes them again.
 
 ``guest``
     pread/pwrite reach every page. For coherence with host mappings of *shared* pages: before a guest
@@ -29,8 +43,10 @@ file by ``Entry.lock``, the stand-in for the kernel's invalidate lock.
     the same page racing the guest write may still win with its whole page (the kernel would order the
     two; FUSE gives us no page lock to do that).
 
-Only pages some FUSE READ filled since their last revocation are revoked or written back
-(``Entry.cached``): revoking a range nobody mapped costs nothing.
+Only pages some READ filled since their last revocation are revoked or written back (``Entry.cached``):
+revoking a range nobody mapped costs nothing. A fill marks its pages *before* it answers, under the same
+lock as the core's check, so a conversion that starts meanwhile always includes them (and its
+invalidation then waits for that READ's page locks).
 """
 
 from __future__ import annotations
@@ -38,70 +54,76 @@ from __future__ import annotations
 import errno
 import json
 
-import trio
-
 from .. import control
 from ..address import Range, align_down, align_up
 from ..errors import fail
 from ..gmem import SHARED, GuestMemfd, HostFault, Transition, TransitionPending
 from ..plugins import available, BACKENDS
-from ..uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT, PAGE_SIZE
+from ..uapi import (
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTES2_STRUCT,
+    KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SHIFT, PAGE_SIZE,
+)
 from . import creating
 from .inodes import Entry, Namespace
 from .revoke import Revoker, WriteBackFiles, write_back
-from .worker import Worker
+
+#: ioctl flag: the caller is a 32-bit process on a 64-bit kernel (fuse_common.h FUSE_IOCTL_COMPAT)
+FUSE_IOCTL_COMPAT = 1
 
 
 class Files:
-    def __init__(self, namespace: Namespace, revoker: Revoker | None, *, default_backend: str = "anon"):
+    def __init__(self, namespace: Namespace, revoker: Revoker | None, *, default_backend: str = "anon",
+                 in_place_conversion: bool = True):
         self.ns = namespace
         self.revoker = revoker
         self.default_backend = default_backend
+        #: the mount's default for files created without saying (kvm.gmem_in_place_conversion)
+        self.in_place_conversion = in_place_conversion
         self.mountpoint: str | None = None  # set once mounted: lets revocations write back in bulk
         self.write_back_files = WriteBackFiles()  # our own descriptor of each mem, for bulk write-back
-        self.worker = Worker()  # the thread revocations and write-backs block in (started on first use)
 
-    # --- revocation ---------------------------------------------------------------------------------
-    async def revoke(self, entry: Entry, ranges) -> None:
-        ranges = self._cached_parts(entry, ranges)
-        if not ranges or self.revoker is None:
-            return
-        await self.worker.run(lambda: self.revoker.revoke(entry.ino("mem"), ranges, self._fd(entry)))
-
-    async def write_back(self, entry: Entry, ranges) -> None:
-        """Make the backend hold what host mappings wrote, without unmapping (enough before a guest read).
-        Falls back to a revocation when the file has no name any more."""
-        parts = [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for r in ranges
-                 for s, e, v in entry.cached.runs(r.start >> PAGE_SHIFT, -(-r.end // PAGE_SIZE)) if v]
+    # --- revocation (entry.lock held) ---------------------------------------------------------------
+    def revoke(self, entry: Entry, ranges) -> None:
+        with entry.state:
+            parts = self._cached_parts(entry, ranges)
         if not parts or self.revoker is None:
             return
-        if not await self.worker.run(lambda: write_back(self._fd(entry), parts)):
-            await self.revoke(entry, parts)
+        try:
+            self.revoker.revoke(entry.ino("mem"), parts, self._fd(entry))
+        except BaseException:
+            with entry.state:  # fail closed: still possibly mapped, so the next conversion revokes again
+                for part in parts:
+                    entry.cached.set(part.start >> PAGE_SHIFT, part.end >> PAGE_SHIFT, 1)
+            raise
+
+    def write_back(self, entry: Entry, ranges) -> None:
+        """Make the backend hold what host mappings wrote, without unmapping (enough before a guest read).
+        Falls back to a revocation when the file has no name any more."""
+        with entry.state:
+            parts = [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for r in ranges
+                     for s, e, v in entry.cached.runs(r.start >> PAGE_SHIFT, -(-r.end // PAGE_SIZE)) if v]
+        if not parts or self.revoker is None:
+            return
+        if not write_back(self._fd(entry), parts):
+            self.revoke(entry, parts)
 
     def _fd(self, entry: Entry) -> int | None:
-        """Our descriptor of ``entry``'s mem (opened on first use). Worker thread only, entry.lock held."""
+        """Our descriptor of ``entry``'s mem (opened on first use; entry.lock held)."""
         if entry.destroyed or not entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
             return None
         path = None if self.mountpoint is None else f"{self.mountpoint}/{entry.name}/mem"
         return self.write_back_files.get(entry.dir_ino, path)
 
-    async def close_write_back(self, entry: Entry) -> None:
-        """At destroy: close our descriptor (its FLUSH must be served by this loop, hence the thread)."""
-        if entry.dir_ino in self.write_back_files:
-            async with entry.lock:
-                await trio.to_thread.run_sync(self.write_back_files.close, entry.dir_ino)
-
-    async def drop_cache(self, entry: Entry) -> None:
+    def drop_cache(self, entry: Entry) -> None:
         """After a destroyed file's last release: its cached pages are clean (FUSE writes dirty pages back
         when the last mapping goes), so invalidating them only gives the memory back early."""
         if self.revoker is not None and entry.cached.count(1):
-            whole = (Range(0, entry.gm.size),)
-            await trio.to_thread.run_sync(self.revoker.revoke, entry.ino("mem"), whole, None)
+            self.revoker.revoke(entry.ino("mem"), (Range(0, entry.gm.size),), None)
 
     @staticmethod
     def _cached_parts(entry: Entry, ranges) -> tuple[Range, ...]:
         """The parts of ``ranges`` that may be cached, marked uncached *before* revoking them: a page read
-        while the revocation runs is marked again and so included in the next one."""
+        while the revocation runs is marked again and so included in the next one. entry.state held."""
         parts = []
         for rng in ranges:
             first, last = rng.start >> PAGE_SHIFT, -(-rng.end // PAGE_SIZE)
@@ -109,37 +131,36 @@ class Files:
             entry.cached.set(first, last, 0)
         return tuple(parts)
 
-    async def run_transition(self, entry: Entry, transition: Transition | None) -> None:
+    def run_transition(self, entry: Entry, transition: Transition | None) -> None:
+        """Revoke, then commit; abort (nothing changes) if the revocation fails. entry.lock held."""
         if transition is None:
             return
         try:
-            await self.revoke(entry, transition.revoke)
+            self.revoke(entry, transition.revoke)
         except BaseException:
-            transition.abort()
+            with entry.state:
+                transition.abort()
             raise
-        transition.commit()
-        if transition.revoke:  # the counters GuestMemfd._run keeps when it revokes in-process
-            entry.gm.counters.revocations += 1
-            entry.gm.counters.revoked_bytes += sum(r.size for r in transition.revoke)
+        with entry.state:
+            transition.commit()
+            if transition.revoke:  # the counters GuestMemfd._run keeps when it revokes in-process
+                entry.gm.counters.revocations += 1
+                entry.gm.counters.revoked_bytes += sum(r.size for r in transition.revoke)
 
-    # --- mem ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_mappable(gm: GuestMemfd) -> None:
-        """A mem without MMAP is opened direct_io, so read(2)/write(2) reach us: EINVAL as the kernel's."""
-        if not gm.flags & GUEST_MEMFD_FLAG_MMAP:
-            raise OSError(errno.EINVAL, "mem has no read or write; this file was created without mmap")
-
-    def mem_read(self, entry: Entry, offset: int, size: int):
+    # --- mem: page-cache fills and write-backs ------------------------------------------------------
+    def mem_read(self, entry: Entry, offset: int, size: int, *, read_syscall: bool):
+        if read_syscall:
+            raise OSError(errno.EINVAL, "guest_memfd has no read(): map the file instead")
         gm = entry.gm
-        self._check_mappable(gm)
-        size = max(0, min(size, gm.size - offset)) if offset < gm.size else size
-        try:
-            data = gm.host_read(offset, size)
-        except TransitionPending as exc:
-            data = self._read_around_punch(gm, exc.transition.range, offset, size)
-        except HostFault:
-            raise OSError(errno.EIO, "host access to a private page or past EOF") from None
-        entry.cached.set(offset >> PAGE_SHIFT, -(-(offset + len(data)) // PAGE_SIZE), 1)
+        with entry.state:
+            size = max(0, min(size, gm.size - offset)) if offset < gm.size else size
+            try:
+                data = gm.host_read(offset, size)
+            except TransitionPending as exc:
+                data = self._read_around_punch(gm, exc.transition.range, offset, size)
+            except HostFault:
+                raise OSError(errno.EIO, "host access to a private page or past EOF") from None
+            entry.cached.set(offset >> PAGE_SHIFT, -(-(offset + len(data)) // PAGE_SIZE), 1)
         return data
 
     @staticmethod
@@ -155,78 +176,123 @@ class Files:
                     raise OSError(errno.EIO, "host access to a private page") from None
         return bytes(out)
 
-    def mem_write(self, entry: Entry, offset: int, data) -> int:
-        self._check_mappable(entry.gm)
-        try:
-            entry.gm.host_write(offset, data)
-        except HostFault:
-            raise OSError(errno.EIO, "write-back of a private page or past EOF") from None
+    def mem_write(self, entry: Entry, offset: int, data, *, writepage: bool) -> int:
+        if not writepage:
+            raise OSError(errno.EINVAL, "guest_memfd has no write(): map the file instead")
+        with entry.state:
+            try:
+                entry.gm.host_write(offset, data)
+            except HostFault:
+                raise OSError(errno.EIO, "write-back of a private page or past EOF") from None
         return len(data)
 
+    # --- mem: the system calls ----------------------------------------------------------------------
+    def ioctl(self, entry: Entry, cmd: int, flags: int, arg: bytes, *, writable: bool) -> tuple[int, bytes]:
+        """guest_memfd's ioctl (v8): ``(0, b"")`` on success (nothing is copied back), ``(-errno, struct)``
+        where the kernel copies the struct back (EAGAIN, ENOMEM: ``error_offset`` set); other errors raise.
+        """
+        if cmd != KVM_SET_MEMORY_ATTRIBUTES2 or not entry.in_place_conversion:
+            raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} is not a guest_memfd ioctl here")
+        if flags & FUSE_IOCTL_COMPAT:  # v8 sets no compat_ioctl: the VFS answers a 32-bit caller ENOTTY
+            raise OSError(errno.ENOTTY, "guest_memfd has no 32-bit compat ioctl")
+        if not writable:
+            raise OSError(errno.EBADF, "the file is not open for writing")
+        if len(arg) != KVM_MEMORY_ATTRIBUTES2_STRUCT.size:
+            raise OSError(errno.EINVAL, f"kvm_memory_attributes2 is 128 bytes, got {len(arg)}")
+        request = control.parse_attributes2(arg)
+        try:
+            self.set_memory_attributes(entry, request)
+        except OSError as exc:
+            offset = getattr(exc, "error_offset", None)
+            if offset is None:
+                raise
+            return -exc.errno, control.with_error_offset(arg, offset)
+        return 0, b""
+
+    def fallocate(self, entry: Entry, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) after the VFS's checks: guest_memfd's own (core), then allocate or punch."""
+        gm = entry.gm
+        with entry.lock:
+            with entry.state:
+                transition = gm.prepare_fallocate(mode, offset, length)
+            self.run_transition(entry, transition)
+
+    def set_memory_attributes(self, entry: Entry, req: control.FileRequest) -> None:
+        if not entry.in_place_conversion:
+            raise fail(errno.ENOTTY, "this file plays a kernel without in-place conversion "
+                                     "(gmem_in_place_conversion=0)")
+        gm = entry.gm
+        with entry.lock:
+            with entry.state:
+                transition = gm.prepare_set_memory_attributes(req.offset, req.size, req.attributes, req.flags,
+                                                              req.reserved)
+            self.run_transition(entry, transition)
+
     # --- NAME/ctl -----------------------------------------------------------------------------------
-    async def file_request(self, entry: Entry, data: bytes) -> tuple[bytes, OSError | None]:
+    def file_request(self, entry: Entry, data: bytes) -> tuple[bytes, OSError | None]:
         """Run one request; return (read-back, error or None)."""
         request = None
         try:
             request = control.parse_file_request(bytes(data))
-            detail = await self._file_request(entry, request)
+            detail = self._file_request(entry, request)
         except OSError as exc:
             return control.error_result(request, exc), exc
         return control.ok_result(request, detail), None
 
-    async def _file_request(self, entry: Entry, req: control.FileRequest) -> str:
+    def _file_request(self, entry: Entry, req: control.FileRequest) -> str:
         gm = entry.gm
         if req.op == "get_attributes":
-            return control.format_runs(gm.get_attributes(req.offset, req.size))
+            with entry.state:
+                return control.format_runs(gm.get_attributes(req.offset, req.size))
         if req.op in ("pin", "unpin"):
-            getattr(gm, req.op)(req.offset, req.size)
+            with entry.state:
+                getattr(gm, req.op)(req.offset, req.size)
             return ""
-        async with entry.lock:
-            if req.op == "set_memory_attributes":
-                t = gm.prepare_set_memory_attributes(req.offset, req.size, req.attributes, req.flags, req.reserved)
-            elif req.op == "allocate":
-                t = gm.prepare_fallocate(control_keep_size(), req.offset, req.size)
-            elif req.op == "punch_hole":
-                t = gm.prepare_fallocate(control_keep_size(punch=True), req.offset, req.size)
-            else:  # parse_file_request only returns known verbs
-                raise fail(errno.EINVAL, f"unknown request {req.op!r}")
-            await self.run_transition(entry, t)
+        if req.op == "set_memory_attributes":
+            self.set_memory_attributes(entry, req)
+        elif req.op in ("allocate", "punch_hole"):
+            punch = FALLOC_FL_PUNCH_HOLE if req.op == "punch_hole" else 0
+            self.fallocate(entry, FALLOC_FL_KEEP_SIZE | punch, req.offset, req.size)
+        else:  # parse_file_request only returns known verbs
+            raise fail(errno.EINVAL, f"unknown request {req.op!r}")
         return ""
 
     # --- MOUNTPOINT/ctl -----------------------------------------------------------------------------
-    async def mount_request(self, data: bytes) -> tuple[bytes, OSError | None, str | None]:
+    def mount_request(self, data: bytes) -> tuple[bytes, OSError | None, str | None]:
         """Run one create/destroy; return (read-back, error or None, name removed or None)."""
         request = None
         try:
             request = control.parse_mount_request(bytes(data))
             if isinstance(request, control.CreateRequest):
-                detail, removed = await self._create(request), None
+                detail, removed = self._create(request), None
             else:
-                entry = self.ns.by_name.get(request.name)
                 detail, removed = self._destroy(request), request.name
-                await self.close_write_back(entry)
         except OSError as exc:
             return control.error_result(request, exc), exc, None
         return control.ok_result(request, detail), None, removed
 
-    async def _create(self, req: control.CreateRequest) -> str:
+    def _create(self, req: control.CreateRequest) -> str:
         if req.name in self.ns.by_name:
             raise fail(errno.EEXIST, f"{req.name!r} exists")
         backend = req.backend or self.default_backend
         if backend not in available(BACKENDS):
             raise fail(errno.EINVAL, f"unknown backend {backend!r}; available: {', '.join(available(BACKENDS))}")
-        # Preallocating a large hugetlb file can take a while: keep the loop serving other requests.
-        gm = await trio.to_thread.run_sync(creating.make, req.name, req.size, req.flags, backend, req.page_size)
-        if req.name in self.ns.by_name:  # lost a race with another create of the same name
+        # Preallocating a large hugetlb file takes a while: it blocks this loop thread only.
+        gm = creating.make(req.name, req.size, req.flags, backend, req.page_size)
+        try:
+            entry = self.ns.add(req.name, gm)
+        except OSError:  # lost a race with another create of the same name
             gm.close()
-            raise fail(errno.EEXIST, f"{req.name!r} exists")
-        self.ns.add(req.name, gm)
+            raise
+        entry.in_place_conversion = (self.in_place_conversion if req.in_place_conversion is None
+                                     else req.in_place_conversion)
         return control.describe_create(req, gm.folio_size)
 
     def _destroy(self, req: control.DestroyRequest) -> str:
-        if req.name not in self.ns.by_name:
-            raise fail(errno.ENOENT, f"no guest_memfd called {req.name!r}")
-        self.ns.unlink(req.name)
+        entry = self.ns.unlink(req.name)
+        if entry.dir_ino in self.write_back_files:
+            with entry.lock:  # no revocation is using the descriptor meanwhile
+                self.write_back_files.close(entry.dir_ino)
         return req.name
 
     # --- guest --------------------------------------------------------------------------------------
@@ -236,37 +302,43 @@ class Files:
             return []
         return [Range(o, o + s) for o, s, a in gm.get_attributes(start, end - start) if a == SHARED]
 
-    async def guest_read(self, entry: Entry, offset: int, size: int) -> bytes:
+    def guest_read(self, entry: Entry, offset: int, size: int) -> bytes:
         gm = entry.gm
         size = max(0, min(size, gm.size - offset))
         if size == 0:
             return b""
-        async with entry.lock:
+        with entry.lock:
             if gm.flags & GUEST_MEMFD_FLAG_MMAP:  # host pages may be dirty in the page cache
-                await self.write_back(entry, self._shared_pages(gm, offset, size))
-            return bytes(gm.guest_read(offset, size))
+                with entry.state:
+                    shared = self._shared_pages(gm, offset, size)
+                self.write_back(entry, shared)
+            with entry.state:
+                return bytes(gm.guest_read(offset, size))
 
-    async def guest_write(self, entry: Entry, offset: int, data) -> int:
+    def guest_write(self, entry: Entry, offset: int, data) -> int:
         gm = entry.gm
         if offset >= gm.size and len(data):
             raise fail(errno.ENOSPC, f"guest write at {offset:#x} is past the end of the file")
         data = bytes(data[:max(0, gm.size - offset)])
-        async with entry.lock:
-            shared = self._shared_pages(gm, offset, len(data)) if gm.flags & GUEST_MEMFD_FLAG_MMAP else []
-            await self.write_back(entry, shared)
-            gm.guest_write(offset, data)
-            await self.revoke(entry, shared)
+        with entry.lock:
+            with entry.state:
+                shared = self._shared_pages(gm, offset, len(data)) if gm.flags & GUEST_MEMFD_FLAG_MMAP else []
+            self.write_back(entry, shared)
+            with entry.state:
+                gm.guest_write(offset, data)
+            self.revoke(entry, shared)
         return len(data)
 
     # --- status and snapshot ------------------------------------------------------------------------
     @staticmethod
     def status(entry: Entry) -> bytes:
-        return (json.dumps(entry.gm.status(), indent=1, sort_keys=True) + "\n").encode()
+        with entry.state:
+            status = entry.gm.status()
+        status["in_place_conversion"] = entry.in_place_conversion
+        return (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
 
     @staticmethod
     def snapshot(entry: Entry) -> bytes:
-        return entry.gm.snapshot().to_json().encode()
-
-
-def control_keep_size(punch: bool = False) -> int:
-    return FALLOC_FL_KEEP_SIZE | (FALLOC_FL_PUNCH_HOLE if punch else 0)
+        with entry.state:
+            snap = entry.gm.snapshot()
+        return snap.to_json().encode()

@@ -1,135 +1,81 @@
-"""The pyfuse3 ``Operations`` adapter: FUSE requests in, :class:`~ufsgmem.fuse.files.Files` calls out.
+"""The request handlers: FUSE requests in (from ``lowlevel.py``), :class:`~ufsgmem.fuse.files.Files` calls out.
 
-Thin on purpose: attributes, lookups and dispatch by file kind; the behaviour lives in ``files.py`` and
-the core. ``OSError`` becomes ``FUSEError(errno)`` in one place (:func:`fuse_errors`); any other exception
-is a bug, logged with its traceback and answered with EIO.
+Thin on purpose: attributes, lookups, handles and dispatch by file kind; the behaviour lives in
+``files.py`` and the core. Handlers return values and raise ``OSError`` with the kernel's errno;
+``lowlevel.py`` turns both into the reply, in one place.
 
-How ``mem`` keeps guest_memfd's file rules under FUSE (the mechanisms, each tested):
+How ``mem`` keeps guest_memfd's file rules under FUSE (each tested; the deviations left are listed in
+``docs/compat.md``):
 
-* **pread/pwrite → ESPIPE**: ``mem`` is opened nonseekable (FOPEN_NONSEEKABLE), which clears
-  FMODE_PREAD/PWRITE; the kernel's pseudo-file gives the same errno. lseek is ESPIPE too.
-* **write() → EINVAL**: ``mem`` reports a ``security.capability`` xattr. Before a write(2) (never before
-  an mmap write-back) the VFS must strip it (``file_remove_privs``), so it asks us to remove it, and we
-  refuse with EINVAL, which write(2) returns. So every FUSE WRITE that reaches ``mem`` is a write-back
-  of a shared mapping. ftruncate fails the same way (and setattr is EINVAL anyway).
-* **read() — deviation**: a read(2) fill and a page-fault fill are the same FUSE READ (pyfuse3 passes
-  neither the read flags nor the file handle of the GETATTR that read(2) sends first), and pages already
-  cached never reach the server. So read(2) of shared pages succeeds; of private pages it fails with EIO.
-  Private bytes are never returned. (Untried idea for a lower-level binding: with auto_inval_data and
-  attr_timeout 0 the kernel sends read(2) a GETATTR carrying FUSE_GETATTR_FH, which neither stat(2) nor
-  a page fault sends; failing exactly that GETATTR with EINVAL should make read(2) EINVAL. pyfuse3 drops
-  the file info of GETATTR, so it cannot be done here.)
-* **no MMAP flag → ENODEV**: such a ``mem`` is opened with direct_io, and the kernel refuses a shared
-  mapping of a direct_io file with ENODEV (no FUSE_DIRECT_IO_ALLOW_MMAP is negotiated). Its read/write go
-  straight to us and fail with EINVAL.
-* **MAP_PRIVATE — deviation**: FUSE never sees mmap(2); a private mapping of an MMAP file succeeds, and
-  its page fills obey the same attribute checks (SIGBUS on private pages).
-* **fallocate(2) — deviation**: EINVAL for every mode. FUSE strips privileges (the trap above) before it
-  sends FUSE_FALLOCATE, and pyfuse3 has no fallocate handler anyway (the kernel would say EOPNOTSUPP).
-  ``allocate``/``punch_hole`` on NAME/ctl provide it.
-* **fsync/fdatasync/msync(MS_SYNC) → EINVAL**: FUSE_FSYNC of ``mem`` is refused (:meth:`Operations.fsync`).
+* **read(2)/write(2) → EINVAL**: ``mem`` is opened with direct I/O, so both reach us as requests we can
+  tell from page-cache traffic (``files.py``), and the kernel lets such a file be mapped shared because
+  INIT granted ``FUSE_DIRECT_IO_ALLOW_MMAP`` (``_build.py``). Price: every mmap(2) of a direct-I/O file
+  makes the kernel drop that file's whole page cache (``fuse_file_mmap``), unmapping other mappings and
+  writing their dirty pages back one by one; contents are kept. Map early, map once (docs/architecture.md).
+* **pread/pwrite/lseek → ESPIPE**: ``mem`` is opened nonseekable, which clears FMODE_PREAD/PWRITE; the
+  kernel's pseudo-file gives the same errnos.
+* **ioctl(KVM_SET_MEMORY_ATTRIBUTES2)** and **fallocate(2)** are served (``Files.ioctl``,
+  ``Files.fallocate``); the ``security.capability`` GETXATTR that precedes every fallocate gets ENODATA.
+  Never ENOSYS for getxattr, fallocate or fsync: the kernel remembers an ENOSYS for the whole connection.
+* **fsync/fdatasync/msync(MS_SYNC) → EINVAL**: guest_memfd has no fsync method.
 * **PROT_EXEC → EPERM**: the mount is ``noexec`` like guest_memfd's internal mount (``server.py``).
-* splice/sendfile/copy_file_range of ``mem`` never return private bytes (EIO, EINVAL, EXDEV here).
-* ``keep_cache`` on every open: otherwise each open() would drop the whole file's page cache, revoking
-  every mapping in every process.
+* **no MMAP flag**: mmap(2) succeeds (FUSE never sees it, and ALLOW_MMAP is per connection), but every
+  access is SIGBUS, since each page fill is refused; the kernel says ENODEV at mmap(2) already.
+* **MAP_PRIVATE**: FUSE never sees mmap(2) either; its page fills obey the same checks.
+* ``keep_cache`` on every open: otherwise each open() would drop the whole file's page cache.
+* ``noflush``: close(2) sends no FLUSH (guest_memfd's close writes nothing back either); munmap still
+  writes a mapping's dirty pages back.
+
+The other files (``ctl``, ``guest``, ``status``, ``snapshot``) are direct I/O too, so with ALLOW_MMAP
+they could be mapped: their page-cache fills and write-backs are refused (EIO, SIGBUS in the mapper), so
+no mapping ever shows guest memory or sends a request.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import logging
 import os
 import stat
 import time
 
-import pyfuse3
-
 from .. import control
-from ..uapi import GUEST_MEMFD_FLAG_MMAP
 from .files import Files
-from .inodes import FILES, MOUNT_CTL_INO, ROOT_INO, Entry, Namespace
+from .inodes import FILES, MOUNT_CTL_INO, ROOT_INO, Entry, Handle, Namespace
+from .lowlevel import FUSE_SET_ATTR_GID, FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_SIZE, FUSE_SET_ATTR_UID, Attr, \
+    IoctlReply, Opened
 
-log = logging.getLogger(__name__)
-
-XATTR_CAPS = b"security.capability"
-# A version-2 vfs_cap_data with no capabilities: any non-empty value makes the VFS strip it on write().
-CAPS_VALUE = bytes.fromhex("00000002") + bytes(16)
 ATTR_TIMEOUT = 3600.0  # nothing about an inode changes behind the kernel's back except file contents
+DIR_MODE = stat.S_IFDIR | 0o700
 
 
-def fuse_errors(fn):
-    """Convert OSError to FUSEError; log anything else as a bug and answer EIO."""
-    @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-    return wrapper
-
-
-class Operations(pyfuse3.Operations):
-    enable_writeback_cache = False  # design §3: dirty pages must come back as FUSE WRITE on revocation
-
-    def __init__(self, files: Files, uid: int, gid: int):
-        super().__init__()
+class Operations:
+    def __init__(self, files: Files):
         self.files = files
         self.ns: Namespace = files.ns
-        self.uid, self.gid = uid, gid
         self.started_ns = time.time_ns()
         self.on_destroy = None  # set by the server: invalidate a destroyed name's dentry
 
     # --- attributes ---------------------------------------------------------------------------------
-    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = ino
-        attr.st_uid, attr.st_gid = self.uid, self.gid
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.started_ns
-        attr.attr_timeout = attr.entry_timeout = ATTR_TIMEOUT
-        attr.st_blksize = 4096
-        attr.st_nlink = 1
+    def _attr(self, ino: int) -> Attr:
         if ino == ROOT_INO:
-            attr.st_mode, attr.st_nlink = stat.S_IFDIR | 0o700, 2
-        elif ino == MOUNT_CTL_INO:
-            attr.st_mode = stat.S_IFREG | 0o600
-        else:
-            entry = self._entry(ino)
-            kind = entry.kind(ino)
-            if kind == "dir":
-                attr.st_mode, attr.st_nlink = stat.S_IFDIR | 0o700, 2
-            elif kind == "mem":
-                attr.st_mode = stat.S_IFREG | 0o600
-                attr.st_size = entry.gm.size
-                attr.st_blksize = entry.gm.folio_size
-            else:
-                attr.st_mode = stat.S_IFREG | (0o400 if kind in ("status", "snapshot") else 0o600)
-                if kind == "guest":
-                    attr.st_size = entry.gm.size
-        return attr
+            return Attr(ino, DIR_MODE, nlink=2, timeout=ATTR_TIMEOUT)
+        if ino == MOUNT_CTL_INO:
+            return Attr(ino, stat.S_IFREG | 0o600, timeout=ATTR_TIMEOUT)
+        entry = self._entry(ino)
+        kind = entry.kind(ino)
+        if kind == "dir":
+            return Attr(ino, DIR_MODE, nlink=2, timeout=ATTR_TIMEOUT)
+        if kind == "mem":
+            return Attr(ino, stat.S_IFREG | 0o600, size=entry.gm.size, blksize=entry.gm.folio_size,
+                        timeout=ATTR_TIMEOUT)
+        mode = stat.S_IFREG | (0o400 if kind in ("status", "snapshot") else 0o600)
+        return Attr(ino, mode, size=entry.gm.size if kind == "guest" else 0, timeout=ATTR_TIMEOUT)
 
     def _entry(self, ino: int) -> Entry:
         entry = self.ns.entry_of(ino)
         if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise OSError(errno.ENOENT, f"inode {ino} is gone")
         return entry
-
-    @fuse_errors
-    async def getattr(self, inode, ctx=None):
-        return self._attr(inode)
-
-    @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        kind = self._kind(inode)
-        if kind == "ctl" and fields.update_size and attr.st_size == 0 and not (
-                fields.update_mode or fields.update_uid or fields.update_gid):
-            return self._attr(inode)  # `echo REQUEST > ctl`: O_TRUNC of a control file is a no-op
-        raise pyfuse3.FUSEError(errno.EINVAL)  # guest_memfd's setattr is always EINVAL
 
     def _kind(self, ino: int) -> str:
         if ino == ROOT_INO:
@@ -138,110 +84,99 @@ class Operations(pyfuse3.Operations):
             return "ctl"
         return self._entry(ino).kind(ino)
 
+    def getattr(self, ino: int, fh: int | None) -> Attr:
+        return self._attr(ino)
+
+    def setattr(self, ino: int, to_set: int, size: int, fh: int | None) -> Attr:
+        if self._kind(ino) == "ctl" and to_set & FUSE_SET_ATTR_SIZE and size == 0 and not (
+                to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)):
+            return self._attr(ino)  # `echo REQUEST > ctl`: O_TRUNC of a control file is a no-op
+        raise OSError(errno.EINVAL, "guest_memfd's setattr is always EINVAL")
+
     # --- names --------------------------------------------------------------------------------------
-    @fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
-        name = os.fsdecode(name)
-        if parent_inode == ROOT_INO:
+    def lookup(self, parent: int, name: str) -> Attr:
+        if parent == ROOT_INO:
             if name == "ctl":
                 ino = MOUNT_CTL_INO
-            elif name in self.ns.by_name:
-                ino = self.ns.by_name[name].dir_ino
             else:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                entry = self.ns.by_name.get(name)
+                if entry is None:
+                    raise OSError(errno.ENOENT, name)
+                ino = entry.dir_ino
         else:
-            entry = self._entry(parent_inode)
-            if entry.kind(parent_inode) != "dir" or name not in FILES or entry.destroyed:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+            entry = self._entry(parent)
+            if entry.kind(parent) != "dir" or name not in FILES or entry.destroyed:
+                raise OSError(errno.ENOENT, name)
             ino = entry.ino(name)
         attr = self._attr(ino)
         self.ns.looked_up(ino)
         return attr
 
-    def forget(self, inode_list):
-        for ino, count in inode_list:
-            try:
-                self.ns.forget(ino, count)
-            except Exception:  # forget must not raise
-                log.exception("forget(%d, %d)", ino, count)
+    def forget(self, ino: int, count: int) -> None:
+        self.ns.forget(ino, count)
 
-    @fuse_errors
-    async def opendir(self, inode, ctx):
-        if self._kind(inode) not in ("root", "dir"):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+    def opendir(self, ino: int) -> Opened:
+        if self._kind(ino) not in ("root", "dir"):
+            raise OSError(errno.ENOTDIR, f"inode {ino}")
+        return Opened(fh=ino)
 
-    @fuse_errors
-    async def readdir(self, fh, start_id, token):
+    def readdir(self, fh: int, offset: int) -> list[tuple[str, int, int, int]]:
+        """``(name, ino, mode, next offset)`` from ``offset`` on."""
         if fh == ROOT_INO:
-            names = [("ctl", MOUNT_CTL_INO)] + [(n, e.dir_ino) for n, e in sorted(self.ns.by_name.items())]
+            names = [("ctl", MOUNT_CTL_INO)] + [(n, e.dir_ino) for n, e in self.ns.names()]
         else:
             entry = self._entry(fh)
             names = [] if entry.destroyed else [(k, entry.ino(k)) for k in FILES]
-        for i, (name, ino) in enumerate(names[start_id:], start_id + 1):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(ino), i):
-                break
-            self.ns.looked_up(ino)  # READDIRPLUS hands the kernel a reference, as lookup does
+        out = []
+        for i, (name, ino) in enumerate(names[offset:], offset + 1):
+            try:
+                out.append((name, ino, self._attr(ino).mode, i))
+            except OSError:  # destroyed meanwhile
+                continue
+        return out
 
-    async def releasedir(self, fh):
-        pass
+    def statfs(self) -> tuple[int, int]:
+        return 4096, control.NAME_MAX
 
-    @fuse_errors
-    async def statfs(self, ctx):
-        st = pyfuse3.StatvfsData()
-        st.f_bsize = st.f_frsize = 4096
-        st.f_namemax = control.NAME_MAX
-        return st
+    # --- xattrs: none ---------------------------------------------------------------------------------
+    def getxattr(self, ino: int, name: bytes):
+        raise OSError(errno.ENODATA, name.decode(errors="replace"))
 
-    # --- xattrs: the write(2) trap on mem -----------------------------------------------------------
-    @fuse_errors
-    async def getxattr(self, inode, name, ctx):
-        if name == XATTR_CAPS and self._kind(inode) == "mem":
-            return CAPS_VALUE
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+    def setxattr(self, ino: int, name: bytes):
+        raise OSError(errno.EINVAL if self._kind(ino) == "mem" else errno.ENOTSUP, "no extended attributes")
 
-    @fuse_errors
-    async def listxattr(self, inode, ctx):
-        return []
-
-    @fuse_errors
-    async def removexattr(self, inode, name, ctx):
-        if self._kind(inode) == "mem":
-            raise pyfuse3.FUSEError(errno.EINVAL)  # write(2)/ftruncate on guest_memfd: EINVAL
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    @fuse_errors
-    async def setxattr(self, inode, name, value, ctx):
-        raise pyfuse3.FUSEError(errno.EINVAL if self._kind(inode) == "mem" else errno.ENOTSUP)
+    def removexattr(self, ino: int, name: bytes):
+        raise OSError(errno.ENODATA, name.decode(errors="replace"))
 
     # --- open/read/write ----------------------------------------------------------------------------
-    @fuse_errors
-    async def open(self, inode, flags, ctx):
-        kind = self._kind(inode)
-        if kind == "root" or kind == "dir":
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        entry = None if inode == MOUNT_CTL_INO else self._entry(inode)
+    def open(self, ino: int, flags: int, caller) -> Opened:
+        kind = self._kind(ino)
+        if kind in ("root", "dir"):
+            raise OSError(errno.EISDIR, f"inode {ino}")
+        entry = None if ino == MOUNT_CTL_INO else self._entry(ino)
         accmode = flags & os.O_ACCMODE
         if kind in ("status", "snapshot") and accmode != os.O_RDONLY:
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise OSError(errno.EACCES, f"{kind} is read-only")
         if kind == "mem" and flags & os.O_TRUNC:
-            raise pyfuse3.FUSEError(errno.EINVAL)  # the size never changes
-        fh = self.ns.open(entry, kind)
+            raise OSError(errno.EINVAL, "the size never changes")
+        result = b""
+        if kind == "status":
+            result = self.files.status(entry)
+        elif kind == "snapshot":
+            result = self.files.snapshot(entry)
+        fh = self.ns.open(entry, kind, writable=accmode != os.O_RDONLY, result=result)
         if kind == "mem":
-            mappable = bool(entry.gm.flags & GUEST_MEMFD_FLAG_MMAP)
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True, nonseekable=True, direct_io=not mappable)
-        if kind in ("status", "snapshot"):
-            handle = self.ns.handle(fh)
-            handle.result = self.files.status(entry) if kind == "status" else self.files.snapshot(entry)
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=kind == "ctl")
+            return Opened(fh, direct_io=True, keep_cache=True, nonseekable=True)
+        return Opened(fh, direct_io=True, nonseekable=kind == "ctl")
 
-    @fuse_errors
-    async def read(self, fh, off, size):
+    def read(self, fh: int, off: int, size: int, read_syscall: bool):
         handle = self.ns.handle(fh)
         if handle.kind == "mem":
-            return self.files.mem_read(handle.entry, off, size)
+            return self.files.mem_read(handle.entry, off, size, read_syscall=read_syscall)
+        if not read_syscall:
+            raise OSError(errno.EIO, f"{handle.kind} cannot be mapped")
         if handle.kind == "guest":
-            return await self.files.guest_read(handle.entry, off, size)
+            return self.files.guest_read(handle.entry, off, size)
         if handle.kind == "ctl":
             # The result is read from its start after every request, whatever the file position (a
             # write moved it); successive reads continue, so `cat` sees EOF.
@@ -250,47 +185,55 @@ class Operations(pyfuse3.Operations):
             return chunk
         return handle.result[off:off + size]  # status/snapshot: the content at open
 
-    @fuse_errors
-    async def write(self, fh, off, buf):
+    def write(self, fh: int, off: int, buf, writepage: bool) -> int:
         handle = self.ns.handle(fh)
         if handle.kind == "mem":
-            return self.files.mem_write(handle.entry, off, buf)
+            return self.files.mem_write(handle.entry, off, buf, writepage=writepage)
+        if writepage:
+            raise OSError(errno.EIO, f"{handle.kind} cannot be mapped")
         if handle.kind == "guest":
-            return await self.files.guest_write(handle.entry, off, buf)
+            return self.files.guest_write(handle.entry, off, buf)
         if handle.kind != "ctl":
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise OSError(errno.EBADF, f"{handle.kind} is read-only")
+        return self._request(handle, bytes(buf))
+
+    def _request(self, handle: Handle, data: bytes) -> int:
         if handle.entry is None:
-            handle.result, error, removed = await self.files.mount_request(buf)
+            handle.result, error, removed = self.files.mount_request(data)
             if removed is not None and self.on_destroy is not None:
-                await self.on_destroy(removed)
+                self.on_destroy(removed)
         else:
-            handle.result, error = await self.files.file_request(handle.entry, buf)
+            handle.result, error = self.files.file_request(handle.entry, data)
         handle.read_pos = 0
         if error is not None:
-            raise pyfuse3.FUSEError(error.errno or errno.EIO)
-        return len(buf)
+            raise OSError(error.errno or errno.EIO, str(error))
+        return len(data)
 
-    @fuse_errors
-    async def fsync(self, fh, datasync):
+    def ioctl(self, fh: int, cmd: int, flags: int, arg: bytes, out_size: int) -> IoctlReply:
+        handle = self.ns.handle(fh)
+        if handle.kind != "mem":
+            raise OSError(errno.ENOTTY, f"{handle.kind} has no ioctls")
+        result, out = self.files.ioctl(handle.entry, cmd, flags, arg, writable=handle.writable)
+        return IoctlReply(result, out)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        handle = self.ns.handle(fh)
+        if handle.kind != "mem":
+            raise OSError(errno.EOPNOTSUPP, f"{handle.kind} cannot be allocated")
+        self.files.fallocate(handle.entry, mode, offset, length)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
         """guest_memfd has no fsync method, so fsync, fdatasync and msync(MS_SYNC) of it are EINVAL.
 
-        Only ``mem`` refuses; every other file succeeds. Never ENOSYS (pyfuse3's default): the kernel would
-        take that as "this filesystem has no fsync", answer every later fsync of the mount with success
-        itself and never ask again. The kernel has already written the dirty pages back by the time it
-        sends FUSE_FSYNC, which is harmless: they are shared pages, and the backend holds them anyway.
-        Nothing in ufsgmem fsyncs ``mem``: revocation writes back with sync_file_range, which never sends
-        FUSE_FSYNC.
+        Only ``mem`` refuses; every other file succeeds. The kernel has already written the dirty pages
+        back by the time it sends FUSE_FSYNC, which is harmless: they are shared pages, and the backend
+        holds them anyway. Nothing in ufsgmem fsyncs ``mem``: revocation writes back with
+        sync_file_range, which never sends FUSE_FSYNC.
         """
         if self.ns.handle(fh).kind == "mem":
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise OSError(errno.EINVAL, "guest_memfd has no fsync")
 
-    async def flush(self, fh):
-        pass
-
-    async def release(self, fh):
+    def release(self, fh: int) -> None:
         freed = self.ns.release(fh)
         if freed is not None:  # the memory is gone: drop the (clean) pages the kernel still caches of it
-            try:
-                await self.files.drop_cache(freed)
-            except OSError:
-                log.exception("dropping the page cache of %s", freed.name)
+            self.files.drop_cache(freed)

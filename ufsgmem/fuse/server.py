@@ -1,9 +1,9 @@
-"""The ufsgmem FUSE server process: mount, serve on one trio loop, unmount on SIGTERM/SIGINT.
+"""The ufsgmem FUSE server process: mount, serve on libfuse's multi-threaded loop, unmount on a signal.
 
-``serve()`` mounts with pyfuse3, finds the connection's ``/dev/fuse`` fd for ranged revocation, writes a
-pidfile (``/run/ufsgmem/<mountpoint, %-quoted>.pid``) so ``ufsgmem umount`` and tests can end the server
-by pid, and reports readiness only once a request has gone through the mount (a stat of ``ctl`` from a
-worker thread), so a background ``ufsgmem mount`` returns when the mount is really usable.
+``serve()`` mounts through libfuse's low-level API (``lowlevel.py``), writes a pidfile
+(``/run/ufsgmem/<mountpoint, %-quoted>.pid``) so ``ufsgmem umount`` and tests can end the server by pid,
+and reports readiness only once a request has gone through the mount (a stat of ``ctl`` from a helper
+thread while the loop runs), so a background ``ufsgmem mount`` returns when the mount is really usable.
 
 Run as ``python -m ufsgmem.fuse.server [--ready-fd N] MOUNTPOINT``; ``ufsgmem mount`` does that for the
 background mode. On SIGTERM, SIGINT or SIGHUP the loop ends, the mount is removed (libfuse detaches it
@@ -18,7 +18,6 @@ is EPERM as on the kernel. Nothing is ever run from the mount.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import logging
 import os
@@ -26,14 +25,14 @@ import signal
 import sys
 import urllib.parse
 
-import pyfuse3
-import trio
+import threading
 
 from ..syscalls import parse_cpu_list, pin_process
 from .files import Files
 from .inodes import ROOT_INO, Namespace
+from .lowlevel import Session
 from .ops import Operations
-from .revoke import Revoker, find_fuse_fd
+from .revoke import Revoker
 
 log = logging.getLogger("ufsgmem.fuse")
 
@@ -111,16 +110,18 @@ def check_mountpoint(mountpoint: str) -> None:
 
 
 # --- the server -----------------------------------------------------------------------------------
-async def _main(ops: Operations, mountpoint: str, ready) -> None:
-    async with trio.open_nursery() as nursery:
-        async def serve_until_unmounted():
-            await pyfuse3.main()  # returns after terminate() or when the mount went away
-            nursery.cancel_scope.cancel()
-        nursery.start_soon(serve_until_unmounted)
-        nursery.start_soon(_watch_signals, nursery.cancel_scope)
-        st = await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, "ctl"))
+LOOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def _report_ready(mountpoint: str, ready, failed) -> None:
+    """In a helper thread once the loop runs: a request through the mount, the bdi tuned, then ``ready()``."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)  # they belong to the loop's thread
+    try:
+        st = os.stat(os.path.join(mountpoint, "ctl"))
         tune_bdi(st.st_dev)
         ready()
+    except OSError as exc:
+        failed(exc)
 
 
 #: Tuning of the mount's bdi (measured here, 1 GiB first touch through a mapping):
@@ -129,24 +130,6 @@ async def _main(ops: Operations, mountpoint: str, ready) -> None:
 #: * max_ratio: FUSE limits a mount to 1% of the dirty threshold, so a writer dirtying a large mapping is
 #:   throttled hard; 100 lets it use the global limit like any file (1 GiB: 0.24 -> 0.45 GB/s).
 BDI_TUNING = {"read_ahead_kb": 4096, "max_ratio": 100}
-
-
-#: glibc malloc tuning for the server process. Every FUSE WRITE of a write-back arrives as a fresh bytes
-#: object of up to max_write (1 MiB); by default glibc gives such blocks back to the kernel when freed
-#: (heap trim above 128 KiB, mmap above its dynamic threshold), so the next write-back faults and zeroes
-#: 256 fresh pages per MiB before pyfuse3 can copy into them. Keeping them in the heap measured here:
-#: 2 MiB round trip dirty in another process 2.73-2.96 ms -> 1.94-2.14 ms (3 runs each, 60 reps).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MALLOC_TUNING = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 256 << 20}
-
-
-def keep_heap(settings: dict[int, int] = MALLOC_TUNING) -> None:
-    try:
-        libc = ctypes.CDLL(None)
-        for param, value in settings.items():
-            libc.mallopt(param, value)
-    except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
-        log.info("cannot tune malloc (not glibc?)")
 
 
 def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
@@ -159,62 +142,53 @@ def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
             log.info("cannot set %s: %s", path, exc)
 
 
-async def _watch_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
-            scope.cancel()
-            return
-
-
-async def forget_name(name: str) -> None:
-    """Drop a destroyed name from the kernel's dentry cache before ``destroy`` returns (a worker thread:
-    the notification blocks until the kernel is done with the directory)."""
-    def invalidate() -> None:
-        try:
-            pyfuse3.invalidate_entry(ROOT_INO, os.fsencode(name))
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # not cached: nothing to drop
-                raise
-    await trio.to_thread.run_sync(invalidate)
-
-
 def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon", debug: bool = False,
-          cpus: set[int] | None = None) -> None:
+          cpus: set[int] | None = None, in_place_conversion: bool = True) -> None:
     """Mount at ``mountpoint`` and serve until a signal; always unmount and free everything on the way out.
 
-    ``cpus`` pins every thread of this process, before trio's worker threads exist (they inherit it).
+    ``cpus`` pins every thread of this process, before libfuse's workers exist (they inherit it).
+    ``in_place_conversion`` False plays a kernel booted with ``kvm.gmem_in_place_conversion=0``: files
+    created without saying otherwise answer KVM_SET_MEMORY_ATTRIBUTES2 with ENOTTY.
     """
     check_mountpoint(mountpoint)
     if cpus:
         pin_process(cpus)
     namespace = Namespace()
-    files = Files(namespace, None, default_backend=default_backend)
-    ops = Operations(files, os.getuid(), os.getgid())
-    ops.on_destroy = forget_name
-    options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"}
-    if debug:
-        options.add("debug")
+    files = Files(namespace, None, default_backend=default_backend, in_place_conversion=in_place_conversion)
+    ops = Operations(files)
+    options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"] + (["debug"] if debug else [])
     # Resolve every path before mounting: once mounted, touching the mount point from this thread
     # before the loop runs would wait forever for ourselves.
     mountpoint = os.path.realpath(mountpoint)
     pidfile = pidfile_path(mountpoint)
     os.makedirs(RUN_DIR, exist_ok=True)
-    keep_heap()
-    pyfuse3.init(ops, mountpoint, options)
+    session = Session(ops, options, uid=os.getuid(), gid=os.getgid(), time_ns=ops.started_ns)
+    ops.on_destroy = lambda name: session.inval_entry(ROOT_INO, name)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # libfuse installs its handlers only over the defaults
+    failure: list[OSError] = []
     try:
-        files.revoker = Revoker(find_fuse_fd())
+        session.mount(mountpoint)
+        files.revoker = Revoker(session)
         files.mountpoint = mountpoint
         with open(pidfile, "w") as f:
             f.write(f"{os.getpid()} {mountpoint}\n")
-        trio.run(_main, ops, mountpoint, ready)
+        # The helper thread is started with the loop's signals blocked, so they reach this thread only.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
+        helper = threading.Thread(target=_report_ready, name="ufsgmem-ready", daemon=True,
+                                  args=(mountpoint, ready, lambda exc: (failure.append(exc), session.exit())))
+        helper.start()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        result = session.loop()
+        if failure:
+            raise failure[0]
+        if result < 0:
+            raise OSError(-result, f"the FUSE loop failed: {os.strerror(-result)}")
+        log.info("the loop ended (%s)", f"signal {result}" if result > 0 else "unmounted")
     finally:
         try:
-            pyfuse3.close(unmount=True)
+            session.close()
         finally:
-            files.worker.close()
-            files.write_back_files.close_all()  # the connection is gone: no FLUSH to wait for
+            files.write_back_files.close_all()  # the connection is gone: nothing to flush
             namespace.close_all()
             try:
                 with open(pidfile) as f:
@@ -232,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="anon", help="default backend for create")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--cpus", help="pin the server to these CPUs (kernel CPU-list format)")
+    parser.add_argument("--no-in-place-conversion", action="store_true",
+                        help="play a kernel booted with kvm.gmem_in_place_conversion=0")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -248,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cpus = parse_cpu_list(args.cpus) if args.cpus else None
         serve(args.mountpoint, ready=lambda: report(f"ready {os.getpid()}\n"), default_backend=args.backend,
-              debug=args.debug, cpus=cpus)
+              debug=args.debug, cpus=cpus, in_place_conversion=not args.no_in_place_conversion)
     except Exception as exc:  # noqa: BLE001 - reported to the waiting parent, then fatal
         report(f"error {exc}\n")
         log.exception("server failed")
