@@ -36,9 +36,27 @@ def open_files(pid: int) -> list[str]:
     return targets
 
 
-def memfds(pid: int) -> int:
-    """How many ufsgmem backend memfds process ``pid`` holds open."""
-    return sum("memfd:ufsgmem" in target for target in open_files(pid))
+def memfds(pid: int) -> set[int]:
+    """The ufsgmem backend memfds process ``pid`` holds open, by inode: one per file whose memory it
+    keeps. A set, not a count, so that another test's file freed meanwhile is not mistaken for this one."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if "memfd:ufsgmem" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                found.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:  # closed meanwhile
+            pass
+    return found
+
+
+def wait_freed(pid: int, memory: set[int], poke: str) -> bool:
+    """Whether the memfds ``memory`` are gone from ``pid`` within a bounded number of round trips: RELEASE
+    arrives asynchronously, and each stat of ``poke`` is one more request through the server."""
+    for _ in range(1000):
+        if not memory & memfds(pid):
+            return True
+        os.stat(poke)
+    return not memory & memfds(pid)
 
 
 def fuse_available() -> str | None:

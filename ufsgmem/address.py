@@ -94,7 +94,7 @@ def parse_size(text: str | int) -> int:
     if not match:
         raise ValueError(f"not a size: {text!r} (use decimal, 0x hex, or a K/M/G/T suffix)")
     number, suffix = match.groups()
-    value = int(number, 0)
+    value = int(number, 16) if number[:2] in ("0x", "0X") else int(number, 10)  # "010" is ten, not octal
     return value * _SUFFIX[suffix.upper()]
 
 

@@ -34,7 +34,9 @@ import fcntl
 import json
 import mmap
 import os
+import stat
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +53,7 @@ MAGIC = b"UGM1"
 HEADER = struct.Struct("<4sI")
 NAME_LEN = 64
 BACKEND_LEN = 32
-RESULT_MAX = 1 << 16
+RESULT_CHUNK = 1 << 16
 
 _FLAG_NAMES = {"mmap": GUEST_MEMFD_FLAG_MMAP, "init_shared": GUEST_MEMFD_FLAG_INIT_SHARED}
 _ATTRIBUTES = {"private": KVM_MEMORY_ATTRIBUTE_PRIVATE, "shared": 0}
@@ -141,13 +143,14 @@ class Result:
 
 # --- control-file I/O -------------------------------------------------------------------------------------
 def _read_result(fd: int) -> bytes:
-    """The result of the last request on ``fd`` (control files ignore the file position)."""
-    try:
-        return os.pread(fd, RESULT_MAX, 0)
-    except OSError as exc:
-        if exc.errno != errno.ESPIPE:
-            raise
-        return os.read(fd, RESULT_MAX)
+    """The whole result of the last request on ``fd``, however long (a read after a request starts at
+    the result's beginning; successive reads continue until an empty one)."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, RESULT_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _write_request(fd: int, request: bytes) -> OSError | None:
@@ -205,12 +208,28 @@ def _check_u64(**values: int) -> None:
 
 
 # --- the mount --------------------------------------------------------------------------------------------
+def check_mount(path: str) -> None:
+    """EINVAL unless ``path`` is a ufsgmem mount point: requests are written to files called ``ctl``, and
+    any directory can have one."""
+    from .fuse.server import FSTYPE, mount_type
+    mounted = mount_type(path)
+    if mounted != FSTYPE:
+        what = f"a {mounted} mount" if mounted else "not a mount point"
+        raise GuestMemfdError(errno.EINVAL, f"{path} is not a ufsgmem mount ({what}); "
+                                            f"mount one with `ufsgmem mount {path}`")
+
+
 class Mount:
-    """A mounted ufsgmem filesystem: creates, opens and destroys guest_memfd files through ``ctl``."""
+    """A mounted ufsgmem filesystem: creates, opens and destroys guest_memfd files through ``ctl``.
+
+    One request at a time per object (a lock): a request and the read of its result must not interleave
+    with another thread's on the same control file."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        check_mount(self.path)
         self._ctl: int | None = None
+        self._lock = threading.Lock()
 
     def _ctl_fd(self) -> int:
         if self._ctl is None:
@@ -240,13 +259,15 @@ class Mount:
             request += f" page_size={format_size(parse_size(page_size))}"
         if in_place_conversion is not None:
             request += f" in_place_conversion={int(in_place_conversion)}"
-        text_request(self._ctl_fd(), request, f"create {name} ({format_size(size)}, flags {flags:#x}"
-                                              f"{', backend ' + backend if backend else ''})")
+        with self._lock:
+            text_request(self._ctl_fd(), request, f"create {name} ({format_size(size)}, flags {flags:#x}"
+                                                  f"{', backend ' + backend if backend else ''})")
         return self.open(name)
 
     def destroy(self, name: str) -> None:
         """Remove ``MOUNT/NAME``; its memory goes with the last open file and mapping (ENOENT if absent)."""
-        text_request(self._ctl_fd(), f"destroy {name}")
+        with self._lock:
+            text_request(self._ctl_fd(), f"destroy {name}")
 
     def open(self, name: str) -> "GmemFile":
         return GmemFile(os.path.join(self.path, name))
@@ -273,9 +294,15 @@ class GmemFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path).rstrip("/")
         self.name = os.path.basename(self.path)
-        if not os.path.isdir(self.path):
+        check_mount(os.path.dirname(self.path) or ".")
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:  # EACCES for another user's mount (0700), ENOENT for no such file
+            raise GuestMemfdError(exc.errno, f"{self.path}: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
             raise GuestMemfdError(errno.ENOENT, f"{self.path} is not a guest_memfd of a ufsgmem mount")
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()  # one control request (write, then read its result) at a time
 
     def _fd(self, which: str) -> int:
         fd = self._fds.get(which)
@@ -305,8 +332,20 @@ class GmemFile:
                                              f"{to}{where}", error_offset) from None
 
     def convert(self, offset: int | str, size: int | str, to: str | int) -> None:
-        """Convert ``[offset, offset + size)`` to ``"private"`` or ``"shared"`` (content is preserved)."""
-        self.set_memory_attributes(parse_size(offset), parse_size(size), parse_attributes(to))
+        """Convert ``[offset, offset + size)`` to ``"private"`` or ``"shared"`` (content is preserved).
+
+        The same conversion as :meth:`set_memory_attributes`, sent as the ``NAME/ctl`` text request so
+        that a refusal carries the server's reason (an ioctl can only return an errno)."""
+        offset, size, attributes = parse_size(offset), parse_size(size), parse_attributes(to)
+        _check_u64(offset=offset, size=size, attributes=attributes)
+        to = "private" if attributes == KVM_MEMORY_ATTRIBUTE_PRIVATE else "shared" if attributes == 0 \
+            else f"attributes {attributes:#x}"
+        self._text(f"set_memory_attributes offset={offset:#x} size={size:#x} attributes={attributes:#x}",
+                   f"convert [{offset:#x}, {offset + size:#x}) of {self.name} to {to}")
+
+    def _text(self, request: str, what: str | None = None) -> Result:
+        with self._lock:
+            return text_request(self._fd("ctl"), request, what)
 
     def get_attributes(self, offset: int | str = 0, size: int | str | None = None) -> list[tuple[int, int, int]]:
         """``(offset, size, attributes)`` runs covering the range (the whole file by default)."""
@@ -315,13 +354,12 @@ class GmemFile:
             request += f" offset={parse_size(offset):#x} size={parse_size(size):#x}"
         elif offset:
             request += f" offset={parse_size(offset):#x} size={self.size - parse_size(offset):#x}"
-        return parse_runs(text_request(self._fd("ctl"), request).text)
+        return parse_runs(self._text(request).text)
 
     # --- fallocate and pins (text form) -------------------------------------------------------------
     def _ranged(self, verb: str, offset, size) -> None:
         offset, size = parse_size(offset), parse_size(size)
-        text_request(self._fd("ctl"), f"{verb} offset={offset:#x} size={size:#x}",
-                     f"{verb} [{offset:#x}, {offset + size:#x}) of {self.name}")
+        self._text(f"{verb} offset={offset:#x} size={size:#x}", f"{verb} [{offset:#x}, {offset + size:#x}) of {self.name}")
 
     def allocate(self, offset: int | str, size: int | str) -> None:
         """fallocate(FALLOC_FL_KEEP_SIZE): make the range present (EINVAL past EOF or unaligned)."""

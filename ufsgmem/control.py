@@ -180,10 +180,9 @@ def _check_backend(backend: str | None) -> str | None:
 
 
 def parse_flags(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        pass
+    """``mmap|init_shared``, or a number in decimal or 0x hex (nothing else: no ``1_0``, ``0b1``, octal)."""
+    if re.fullmatch(r"0[xX][0-9a-fA-F]+|[0-9]+", text):
+        return int(text, 16) if text[:2] in ("0x", "0X") else int(text, 10)
     flags = 0
     for part in text.split("|") if text else [""]:
         part = part.strip().lower()
@@ -271,7 +270,12 @@ def parse_file_request(data: bytes) -> FileRequest:
         text = options.get("attributes")
         if text is None:
             raise fail(errno.EINVAL, "missing attributes=")
-        attributes = _ATTRIBUTE_NAMES[text] if text in _ATTRIBUTE_NAMES else _number(options, "attributes")
+        if text.lower() in _ATTRIBUTE_NAMES:
+            attributes = _ATTRIBUTE_NAMES[text.lower()]
+        elif re.fullmatch(r"0[xX][0-9a-fA-F]+|[0-9]+", text):
+            attributes = _number(options, "attributes")
+        else:
+            raise fail(errno.EINVAL, f"attributes={text}: use private, shared, or a number (8 = private, 0 = shared)")
         return FileRequest(verb, _number(options, "offset"), _number(options, "size"), attributes,
                            _number(options, "flags", 0))
     if verb in ("allocate", "punch_hole", "pin", "unpin"):

@@ -99,10 +99,12 @@ class Mapper:
     """The parent's handle on the mapper process (one JSON request and one JSON answer per line)."""
 
     def __init__(self, path: str):
-        # Ctrl-C is for the demo, which then closes our stdin: the mapper ignores SIGINT (kept across exec)
+        # Ctrl-C is for the demo, which then closes our stdin: the mapper runs in a session of its own, so
+        # the terminal's SIGINT never reaches it. (Not a preexec_fn that ignores SIGINT: the fork handlers
+        # preexec_fn runs in this process would swallow a Ctrl-C that arrives right then.)
         self.proc = subprocess.Popen([sys.executable, "-m", "ufsgmem.demo", "--mapper", path],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                                     start_new_session=True)
         self.pid = self.proc.pid
         self.ask(op="ready")
 

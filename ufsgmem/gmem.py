@@ -304,9 +304,11 @@ class GuestMemfd:
     def get_attributes(self, offset: int = 0, size: int | None = None) -> list[tuple[int, int, int]]:
         """``(offset, size, attributes)`` runs covering ``[offset, offset + size)``."""
         size = self.size - offset if size is None else size
-        if offset < 0 or size <= 0 or offset + size > self.size or not (is_aligned(offset) and is_aligned(size)):
-            raise fail(errno.EINVAL, f"range [{offset:#x}, {offset + size:#x}) is not page-aligned "
-                                     f"inside the {format_size(self.size)} file")
+        if not (is_aligned(offset) and is_aligned(size)):
+            raise fail(errno.EINVAL, f"offset {offset:#x} and size {size:#x} must be page aligned")
+        if offset < 0 or size <= 0 or offset + size > self.size:
+            raise fail(errno.EINVAL, f"range [{offset:#x}, {offset + size:#x}) is empty or runs past the end "
+                                     f"of the {format_size(self.size)} file")
         return [(s << PAGE_SHIFT, (e - s) << PAGE_SHIFT, v)
                 for s, e, v in self._attrs.runs(offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT)]
 

@@ -29,6 +29,18 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, f"fallocate(mode={mode:#x}, {offset:#x}, {length:#x}): {os.strerror(err)}")
 
 
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2); raises OSError with the errno the kernel gave."""
+    result = _libc.prctl(option, arg2, arg3, arg4, arg5)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return result
+
+
 def mapping_address(mapping: mmap.mmap) -> int:
     """The virtual address of a writable ``mmap`` object."""
     return ctypes.addressof(ctypes.c_char.from_buffer(mapping))

@@ -64,12 +64,14 @@ def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = Fa
     """Start the server detached; return its pid once the mount works, or raise OSError with its error."""
     from ..fuse import server
 
-    os.makedirs(server.RUN_DIR, exist_ok=True)
+    os.makedirs(server.RUN_DIR, mode=0o700, exist_ok=True)
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "ufsgmem.fuse.server", "--ready-fd", str(write_end),
                "--backend", backend, mountpoint] + (["--debug"] if debug else []) + (["--cpus", cpus] if cpus else []) \
         + ([] if in_place_conversion else ["--no-in-place-conversion"])
-    with open(server.logfile_path(mountpoint), "ab") as logfile:
+    # The log names files and requests: readable by its owner only (it stays after a crash).
+    log_fd = os.open(server.logfile_path(mountpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(log_fd, "ab") as logfile:
         proc = subprocess.Popen(command, pass_fds=(write_end,), start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile)
     os.close(write_end)

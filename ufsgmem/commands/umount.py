@@ -1,5 +1,15 @@
-"""Unmount a ufsgmem filesystem: stop its server (SIGTERM, by the pid in /run/ufsgmem), and remove a
-mount left behind by a server that died ("Transport endpoint is not connected") with a lazy unmount.
+"""Unmount a ufsgmem filesystem: stop its server, and clean up after one that died or hangs.
+
+1. The pid in /run/ufsgmem/<mountpoint>.pid is signalled only if that process really is this mount's
+   server (the same pid *and* start time as recorded): a stale pidfile whose pid was reused by another
+   process is ignored, never signalled.
+2. SIGTERM, and the server unmounts and exits. One that does not stop within ``--timeout`` gets SIGKILL.
+3. If the mount is still there (the server died, is a zombie, or cannot finish exiting because a thread
+   of it waits in the kernel), its FUSE connection is aborted through fusectl, so every client still
+   waiting on it gets an error instead of hanging, and the mount is removed (lazy unmount).
+
+Each step that was needed is reported. ``ufsgmem/fuse/abort.py`` says why a killed server can hang its
+clients, and how every server also arranges for that not to happen even if nobody runs this command.
 """
 
 from __future__ import annotations
@@ -7,12 +17,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 
 from ..syscalls import pid_alive
 
-HELP = "unmount a ufsgmem filesystem (also cleans up after a dead server)"
+HELP = "unmount a ufsgmem filesystem (also cleans up after a dead or hung server)"
 
 
 def configure(parser) -> None:
@@ -21,37 +33,65 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    unmount(args.mountpoint, timeout=args.timeout)
+    for line in unmount(args.mountpoint, timeout=args.timeout):
+        print(f"ufsgmem umount: {line}", file=sys.stderr)
     return 0
 
 
-def unmount(mountpoint: str, timeout: float = 10.0) -> None:
-    """Stop the server of ``mountpoint`` and make sure nothing stays mounted there."""
-    from ..fuse import server
+def is_server_of(pid: int, started: int | None) -> bool:
+    """Whether process ``pid`` is the one the pidfile recorded: same pid *and* same start time, so a pid
+    the kernel handed to another process since is never taken for the server."""
+    from ..fuse.server import start_time
+    return started is not None and start_time(pid) == started
 
-    pid = server.read_pid(mountpoint)
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not pid_alive(pid)
+
+
+def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
+    """Stop the server of ``mountpoint`` and make sure nothing stays mounted there; what had to be done
+    beyond a clean stop, one line each (empty after a clean stop)."""
+    from ..fuse import abort, server
+
+    mountpoint = abort.mount_path(mountpoint)  # never stat the mount itself: it may hang
+    pid, started = server.read_pidfile(mountpoint)
     mounted = server.mount_type(mountpoint)
     if pid is None and mounted is None:
         raise OSError(errno.EINVAL, f"{mountpoint} is not a ufsgmem mount")
     if mounted is not None and mounted != server.FSTYPE:
         raise OSError(errno.EINVAL, f"{mountpoint} is a {mounted} mount, not ufsgmem")
-    clean = True
-    if pid is not None and pid_alive(pid):
-        os.kill(pid, 15)
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+    done: list[str] = []
+    if pid is not None and not is_server_of(pid, started):
         if pid_alive(pid):
-            os.kill(pid, 9)
-            clean = False
+            done.append(f"pid {pid} in the pidfile is not this mount's server (a reused pid): not signalled")
+        pid = None
+    if pid is not None and pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid, timeout):
+            os.kill(pid, signal.SIGKILL)
+            done.append(f"the server (pid {pid}) did not stop within {timeout:g} s: killed")
+            if not _wait_gone(pid, 2.0):
+                done.append(f"the server (pid {pid}) cannot finish exiting (a thread waits in the kernel)")
+    elif mounted is not None:
+        done.append("the server is gone (it died without unmounting)")
     if server.mount_type(mountpoint) == server.FSTYPE:
+        connection = abort.abort_mount(mountpoint)
+        if connection is not None:
+            done.append(f"aborted FUSE connection {connection}: clients waiting on it get errors")
         _force_unmount(mountpoint)
-        clean = False
+        done.append("removed the stale mount (lazy unmount)")
+    if pid is not None and not _wait_gone(pid, 5.0):
+        done.append(f"the server (pid {pid}) is still exiting")
     try:
         os.unlink(server.pidfile_path(mountpoint))
     except FileNotFoundError:
         pass
-    _drop_log_if_uneventful(server.logfile_path(mountpoint), clean)
+    _drop_log_if_uneventful(server.logfile_path(mountpoint), not done)
+    return done
 
 
 def _drop_log_if_uneventful(path: str, clean: bool) -> None:
@@ -69,6 +109,6 @@ def _drop_log_if_uneventful(path: str, clean: bool) -> None:
 def _force_unmount(mountpoint: str) -> None:
     """A dead server's mount: fusermount3 -u -z, else umount -l."""
     for command in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
-        if shutil.which(command[0]) and subprocess.run(command, capture_output=True).returncode == 0:
+        if shutil.which(command[0]) and subprocess.run(command, capture_output=True, timeout=30).returncode == 0:
             return
     raise OSError(errno.EBUSY, f"could not unmount {mountpoint}")

@@ -1,7 +1,7 @@
 """The ufsgmem FUSE server process: mount, serve on libfuse's multi-threaded loop, unmount on a signal.
 
 ``serve()`` mounts through libfuse's low-level API (``lowlevel.py``), writes a pidfile
-(``/run/ufsgmem/<mountpoint, %-quoted>.pid``) so ``ufsgmem umount`` and tests can end the server by pid,
+(``/run/ufsgmem/<mountpoint, %-quoted>.pid``: pid, start time, mount point) so ``ufsgmem umount`` and tests can end the server by pid,
 and reports readiness only once a request has gone through the mount (a stat of ``ctl`` from a helper
 thread while the loop runs), so a background ``ufsgmem mount`` returns when the mount is really usable.
 
@@ -24,10 +24,11 @@ import os
 import signal
 import sys
 import urllib.parse
-
+import resource
 import threading
 
-from ..syscalls import parse_cpu_list, pin_process
+from ..syscalls import parse_cpu_list, pin_process, prctl
+from .abort import mount_path, start_watcher, unescape
 from .files import Files
 from .inodes import ROOT_INO, Namespace
 from .lowlevel import Session
@@ -43,7 +44,7 @@ FSTYPE = "fuse.ufsgmem"
 
 # --- where a mount's server is recorded -----------------------------------------------------------
 def _key(mountpoint: str) -> str:
-    return urllib.parse.quote(os.path.realpath(mountpoint), safe="")
+    return urllib.parse.quote(mount_path(mountpoint), safe="")
 
 
 def pidfile_path(mountpoint: str) -> str:
@@ -55,23 +56,40 @@ def logfile_path(mountpoint: str) -> str:
 
 
 def read_pid(mountpoint: str) -> int | None:
+    return read_pidfile(mountpoint)[0]
+
+
+def read_pidfile(mountpoint: str) -> tuple[int | None, int | None]:
+    """``(pid, start time)`` from the pidfile (``PID STARTTIME MOUNTPOINT``), Nones where unreadable."""
     try:
         with open(pidfile_path(mountpoint)) as f:
-            return int(f.read().split()[0])
+            words = f.read().split()
+        return int(words[0]), int(words[1]) if len(words) > 2 else None
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22): with the pid, it
+    names one process for good, unlike a pid alone, which the kernel reuses. Reading it never touches the
+    process's memory, so it answers even for a process stuck while exiting."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
 
 
 def _mounts() -> list[tuple[str, str]]:
-    """``(mount point, filesystem type)`` of every mount, in /proc/self/mounts order."""
-    with open("/proc/self/mounts") as f:
-        return [(fields[1].encode().decode("unicode_escape"), fields[2])  # \040 etc.
-                for fields in map(str.split, f)]
+    """``(mount point, filesystem type)`` of every mount, in /proc/self/mounts order (read as bytes: a
+    mount point may have any name, escaped as ``\\040`` for a space and raw bytes otherwise)."""
+    with open("/proc/self/mounts", "rb") as f:
+        return [(unescape(fields[1]), os.fsdecode(fields[2])) for fields in map(bytes.split, f)]
 
 
 def mount_type(mountpoint: str) -> str | None:
     """The filesystem type mounted exactly at ``mountpoint`` (from /proc/self/mounts), or None."""
-    target = os.path.realpath(mountpoint)
+    target = mount_path(mountpoint)
     found = None
     for path, fstype in _mounts():
         if path == target:
@@ -132,6 +150,31 @@ def _report_ready(mountpoint: str, ready, failed) -> None:
 BDI_TUNING = {"read_ahead_kb": 4096, "max_ratio": 100}
 
 
+PR_SET_IO_FLUSHER = 57
+
+
+def harden() -> None:
+    """Process settings a server needs to stay up (docs/reliability.md):
+
+    * the descriptor limit raised to the hard limit: each file costs a backend memfd and a write-back
+      descriptor, and a revocation that cannot open one must not fail for that;
+    * ``PR_SET_IO_FLUSHER``: this process writes back dirty pages for others (its WRITE handlers), so its
+      own allocations must not wait on that write-back when memory is tight (the kernel then avoids
+      reclaim that would recurse into FUSE I/O), as for other userspace block and filesystem servers.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        prctl(PR_SET_IO_FLUSHER, 1)
+    except OSError as exc:  # needs CAP_SYS_RESOURCE, which some containers withhold even from root
+        log.info("PR_SET_IO_FLUSHER unavailable (%s): keep the server out of memory cgroups it serves "
+                 "(docs/reliability.md)", os.strerror(exc.errno))
+    # A caller with these blocked (they are inherited through fork and exec) would get a server that
+    # ignores `ufsgmem umount`.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, LOOP_SIGNALS)
+
+
 def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
     for knob, value in settings.items():
         path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/{knob}"
@@ -161,17 +204,20 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     # before the loop runs would wait forever for ourselves.
     mountpoint = os.path.realpath(mountpoint)
     pidfile = pidfile_path(mountpoint)
-    os.makedirs(RUN_DIR, exist_ok=True)
+    os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+    harden()
     session = Session(ops, options, uid=os.getuid(), gid=os.getgid(), time_ns=ops.started_ns)
     ops.on_destroy = lambda name: session.inval_entry(ROOT_INO, name)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # libfuse installs its handlers only over the defaults
     failure: list[OSError] = []
     try:
         session.mount(mountpoint)
+        start_watcher(mountpoint)  # from this (main) thread, before any other thread exists
         files.revoker = Revoker(session)
         files.mountpoint = mountpoint
-        with open(pidfile, "w") as f:
-            f.write(f"{os.getpid()} {mountpoint}\n")
+        fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {start_time(os.getpid())} {mountpoint}\n")
         # The helper thread is started with the loop's signals blocked, so they reach this thread only.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
         helper = threading.Thread(target=_report_ready, name="ufsgmem-ready", daemon=True,
@@ -191,9 +237,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
             files.write_back_files.close_all()  # the connection is gone: nothing to flush
             namespace.close_all()
             try:
-                with open(pidfile) as f:
-                    mine = int(f.read().split()[0]) == os.getpid()
-                if mine:
+                if read_pid(mountpoint) == os.getpid():
                     os.unlink(pidfile)
             except OSError:
                 pass
