@@ -3,8 +3,9 @@
 ``fuse_mount`` (module scope) mounts a fresh temporary directory with the background ``ufsgmem mount``
 path (so that path is exercised too), yields a :class:`Mount`, and at the end checks that the server is
 still alive and logged no internal error, then unmounts (SIGTERM by pid; SIGKILL and a lazy unmount if
-that fails) and removes the directory. ``gmem`` (function scope) is a factory for fresh guest_memfd files
-on that mount, destroyed after the test.
+that fails) and removes the directory: :func:`mounted`, which is ``ufsgmem.testing.mounted`` plus those
+checks. ``gmem`` (function scope) is a factory for fresh guest_memfd files on that mount, destroyed after
+the test. ``fuse_available`` is ``ufsgmem.testing.fuse_unavailable_reason``.
 
 Use from a test module: ``from fusefix import fuse_mount, gmem  # noqa: F401`` (fixtures).
 """
@@ -13,16 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import pytest
 
-from ufsgmem.commands.mount import start_background
-from ufsgmem.commands.umount import unmount
 from ufsgmem.syscalls import pid_alive
 from ufsgmem.fuse import server as fuse_server
+from ufsgmem.testing import fuse_unavailable_reason
+from ufsgmem.testing import mounted as testing_mounted
 
 
 def open_files(pid: int) -> list[str]:
@@ -59,17 +58,8 @@ def wait_freed(pid: int, memory: set[int], poke: str) -> bool:
     return not memory & memfds(pid)
 
 
-def fuse_available() -> str | None:
-    """Why a real mount cannot work here, or None."""
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse is missing"
-    if os.geteuid() != 0 and not shutil.which("fusermount3"):
-        return "not root and no fusermount3"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as exc:
-        return f"cannot open /dev/fuse: {exc}"
-    return None
+#: Why a real mount cannot work here (no /dev/fuse, no fusermount3, no compiled binding), or None.
+fuse_available = fuse_unavailable_reason
 
 
 requires_fuse = pytest.mark.skipif(fuse_available() is not None, reason=f"FUSE: {fuse_available()}")
@@ -144,25 +134,14 @@ class Gmem:
 
 @contextlib.contextmanager
 def mounted(backend: str = "anon", **options):
-    """Mount in a fresh directory; always unmount and stop the server, even when the body fails.
+    """Mount in a fresh directory; always unmount and stop the server, even when the body fails
+    (``ufsgmem.testing.mounted``), after checking that the server is alive and logged no internal error.
     ``options`` go to ``start_background`` (e.g. ``in_place_conversion=False``)."""
-    path = tempfile.mkdtemp(prefix="ufsgmem-test-")
-    pid = None
-    try:
-        pid = start_background(path, backend=backend, **options)
-        mount = Mount(path, pid)
+    with testing_mounted(backend, prefix="ufsgmem-test-", **options) as mnt:
+        mount = Mount(mnt.path, mnt.pid)
         yield mount
-        assert pid_alive(pid), f"the server died during the tests; log:\n{mount.log}"
+        assert pid_alive(mount.pid), f"the server died during the tests; log:\n{mount.log}"
         assert "Traceback" not in mount.log, f"the server logged an internal error:\n{mount.log}"
-    finally:
-        with contextlib.suppress(OSError):
-            unmount(path, timeout=10)
-        if pid is not None and pid_alive(pid):
-            os.kill(pid, 9)
-        with contextlib.suppress(OSError):
-            os.unlink(fuse_server.logfile_path(path))
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
 
 
 @pytest.fixture(scope="module")
