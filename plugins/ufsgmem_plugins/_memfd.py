@@ -154,33 +154,31 @@ class MemfdBackend(Backend):
             pos = end
         return ranges
 
-    def _map_unmapped_data(self, entries: np.ndarray) -> bool:
-        """MADV_POPULATE_READ every data range with a page not present here; True if anything was done."""
-        present = (entries & np.uint64(PM_PRESENT)) != 0
-        if self.backend_bytes() <= int(np.count_nonzero(present)) * PAGE_SIZE:
-            return False  # the file holds no more than is mapped here: skip the SEEK_DATA walk
-        done = False
-        for start, end in self._data_ranges():
-            if not present[start >> PAGE_SHIFT:end >> PAGE_SHIFT].all():
-                self._map.madvise(MADV_POPULATE_READ, start, end - start)
-                done = True
-        return done
-
-    def _pagemap(self) -> np.ndarray | None:
-        entries = read_pagemap(self._address, self.size)
-        if entries is not None and self._map_unmapped_data(entries):
-            entries = read_pagemap(self._address, self.size)
-        return entries
+    def _fault_in_for_pagemap(self, start: int, end: int) -> bool:
+        """Fault ``[start, end)``, which the file holds, into our mapping so pagemap can name its frames;
+        True if anything was done."""
+        self._map.madvise(MADV_POPULATE_READ, start, end - start)
+        return True
 
     def physical_extents(self):
-        entries = self._pagemap()
-        if entries is None:
-            return self._virtual_extents(None)
-        present = np.nonzero(entries & np.uint64(PM_PRESENT))[0]
-        pfns = (entries[present] & np.uint64(PM_PFN_MASK)).astype(np.int64)
-        if len(present) and not pfns.any():
-            return self._virtual_extents(present)
-        return coalesce(present, pfns)
+        """Coalesced extents of the pages the file holds. The cost follows the allocated ranges
+        (SEEK_DATA/SEEK_HOLE, or the backend's own map), never the file size: a 1 TiB file with nothing
+        allocated reads no pagemap at all."""
+        indices, frames = [], []
+        for start, end in self._data_ranges():
+            entries = read_pagemap(self._address + start, end - start)
+            if entries is None:
+                return self._virtual_extents(None)
+            if not (entries & np.uint64(PM_PRESENT)).all() and self._fault_in_for_pagemap(start, end):
+                entries = read_pagemap(self._address + start, end - start)
+            present = np.nonzero(entries & np.uint64(PM_PRESENT))[0]
+            indices.append(present + (start >> PAGE_SHIFT))
+            frames.append((entries[present] & np.uint64(PM_PFN_MASK)).astype(np.int64))
+        index = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+        pfns = np.concatenate(frames) if frames else np.zeros(0, dtype=np.int64)
+        if len(index) and not pfns.any():
+            return self._virtual_extents(index)
+        return coalesce(index, pfns)
 
     def _virtual_extents(self, present: np.ndarray | None) -> list[PhysExtent]:
         """Our own contiguity when PFNs are hidden: one extent per present folio, virtual address as phys."""

@@ -136,8 +136,8 @@ class HugetlbBackend(MemfdBackend):
         # hugetlbfs answers SEEK_DATA as if the whole file were data, so use our own folio map instead
         return [(s * self.page_size, e * self.page_size) for s, e, v in self._folios.runs() if v]
 
-    def _map_unmapped_data(self, entries):
-        return False  # every folio is faulted in through this mapping; none can be present but unmapped
+    def _fault_in_for_pagemap(self, start, end):
+        return False  # every folio is faulted in through this mapping; none can be held but unmapped
 
     def info(self):
         return {**super().info(), "huge_page_size": self.page_size,

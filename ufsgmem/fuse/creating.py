@@ -13,11 +13,13 @@ without timing, that a create is in flight in the worker thread, and decides whe
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
 
 from ..address import format_size
+from ..errors import fail
 from ..gmem import GuestMemfd
 
 log = logging.getLogger("ufsgmem.fuse")
@@ -58,4 +60,8 @@ def make(name: str, size: int, flags: int, backend: str, page_size: int | None) 
     """Create the file. Blocking (preallocation): other loop threads keep serving meanwhile."""
     wait_for_gate()
     log.info("create %s: %s on %s", name, format_size(size), backend)
-    return GuestMemfd(size, flags, backend=backend, page_size=page_size, name=name, progress=PreallocLog(name))
+    try:
+        return GuestMemfd(size, flags, backend=backend, page_size=page_size, name=name, progress=PreallocLog(name))
+    except MemoryError:  # a backend's own bookkeeping for this size does not fit: the kernel's answer
+        raise fail(errno.ENOMEM, f"backend {backend!r} cannot keep track of a {format_size(size)} file "
+                                 "in this server's memory") from None
