@@ -270,3 +270,55 @@ def test_snapshot_cost_follows_what_is_allocated(gmem):
         snapshot = json.load(f)
     assert snapshot["size"] == 64 << 40
     assert sum(extent[2] for extent in snapshot["extents"]) == 2 * PS, snapshot["extents"]
+
+
+def as_user(uid: int, fn) -> str:
+    """``fn()`` in a forked child running as ``uid``: its result (str) or the errno name it raised."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            out = str(fn())
+        except OSError as exc:
+            out = errno.errorcode.get(exc.errno, str(exc.errno))
+        except BaseException as exc:  # noqa: BLE001
+            out = repr(exc)
+        os.write(write_end, out.encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as r:
+        return r.read()
+
+
+def test_allow_other_files_belong_to_their_creator():
+    """mount --allow-other: any user may create; the file is theirs (0700/0600, default_permissions); another
+    user can neither open it nor destroy it; the owner and root can."""
+    alice, bob = 65534, 65533
+    with mounted(allow_other=True) as mount:
+        def ctl(request: str):
+            fd = os.open(os.path.join(mount.path, "ctl"), os.O_WRONLY)
+            try:
+                return os.write(fd, request.encode())
+            finally:
+                os.close(fd)
+
+        def map_mem():
+            fd = os.open(os.path.join(mount.path, "hers", "mem"), os.O_RDWR)
+            try:
+                m = __import__("mmap").mmap(fd, PS)
+                m[0] = 7
+                return m[0]
+            finally:
+                os.close(fd)
+
+        assert as_user(alice, lambda: ctl(f"create hers size={PS} flags=mmap|init_shared")) != "EACCES"
+        st = os.stat(os.path.join(mount.path, "hers"))
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (alice, 0o700)
+        assert os.stat(os.path.join(mount.path, "hers", "mem")).st_uid == alice
+        assert as_user(alice, map_mem) == "7"
+        assert as_user(bob, map_mem) == "EACCES", "another user opened her file"
+        assert as_user(bob, lambda: ctl("destroy hers")) == "EPERM", "another user destroyed her file"
+        assert as_user(alice, lambda: ctl("destroy hers")) == str(len("destroy hers"))

@@ -36,6 +36,10 @@ def configure(parser) -> None:
                         help="play a kernel booted with kvm.gmem_in_place_conversion=0: "
                              "ioctl(mem, KVM_SET_MEMORY_ATTRIBUTES2) is ENOTTY, so a VMM can test its fallback "
                              "(a file created with in_place_conversion=1 still converts)")
+    parser.add_argument("--allow-other", action="store_true",
+                        help="serve other users too (a VMM rarely runs as root): any user may create files through "
+                             "MOUNTPOINT/ctl, each file belongs to its creator (mode 0600, enforced by the kernel: "
+                             "default_permissions), and only its owner, you, or root may destroy it")
     parser.add_argument("--cpus", metavar="LIST",
                         help="pin the server to these CPUs (e.g. 0 or 0,2-3): lower conversion latency for a "
                              "caller pinned to the same CPU, lower first-touch throughput (see docs/performance.md)")
@@ -49,18 +53,18 @@ def run(args) -> int:
     cpus = parse_cpu_list(args.cpus) if args.cpus else None  # checked here, before anything starts
     if args.foreground:
         server.serve(args.mountpoint, default_backend=args.backend, debug=args.debug, cpus=cpus,
-                     in_place_conversion=not args.no_in_place_conversion,
+                     in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other,
                      ready=lambda: print(f"ufsgmem: mounted at {args.mountpoint} (pid {os.getpid()})",
                                          file=sys.stderr, flush=True))
         return 0
     pid = start_background(args.mountpoint, backend=args.backend, debug=args.debug, cpus=args.cpus,
-                           in_place_conversion=not args.no_in_place_conversion)
+                           in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other)
     print(f"ufsgmem: mounted at {args.mountpoint} (server pid {pid})")
     return 0
 
 
 def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = False,
-                     cpus: str | None = None, in_place_conversion: bool = True) -> int:
+                     cpus: str | None = None, in_place_conversion: bool = True, allow_other: bool = False) -> int:
     """Start the server detached; return its pid once the mount works, or raise OSError with its error."""
     from ..fuse import server
 
@@ -68,7 +72,7 @@ def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = Fa
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "ufsgmem.fuse.server", "--ready-fd", str(write_end),
                "--backend", backend, mountpoint] + (["--debug"] if debug else []) + (["--cpus", cpus] if cpus else []) \
-        + ([] if in_place_conversion else ["--no-in-place-conversion"])
+        + ([] if in_place_conversion else ["--no-in-place-conversion"]) + (["--allow-other"] if allow_other else [])
     # The log names files and requests: readable by its owner only (it stays after a crash).
     log_fd = os.open(server.logfile_path(mountpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(log_fd, "ab") as logfile:

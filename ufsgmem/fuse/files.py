@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 from .. import control
 from ..address import Range, align_down, align_up
@@ -258,20 +259,20 @@ class Files:
         return ""
 
     # --- MOUNTPOINT/ctl -----------------------------------------------------------------------------
-    def mount_request(self, data: bytes) -> tuple[bytes, OSError | None, str | None]:
-        """Run one create/destroy; return (read-back, error or None, name removed or None)."""
+    def mount_request(self, data: bytes, user: tuple[int, int] = (0, 0)) -> tuple[bytes, OSError | None, str | None]:
+        """Run one create/destroy as ``user`` (uid, gid); return (read-back, error or None, name removed)."""
         request = None
         try:
             request = control.parse_mount_request(bytes(data))
             if isinstance(request, control.CreateRequest):
-                detail, removed = self._create(request), None
+                detail, removed = self._create(request, user), None
             else:
-                detail, removed = self._destroy(request), request.name
+                detail, removed = self._destroy(request, user), request.name
         except OSError as exc:
             return control.error_result(request, exc), exc, None
         return control.ok_result(request, detail), None, removed
 
-    def _create(self, req: control.CreateRequest) -> str:
+    def _create(self, req: control.CreateRequest, user: tuple[int, int] = (0, 0)) -> str:
         if req.name in self.ns.by_name:
             raise fail(errno.EEXIST, f"{req.name!r} exists")
         backend = req.backend or self.default_backend
@@ -280,7 +281,7 @@ class Files:
         # Preallocating a large hugetlb file takes a while: it blocks this loop thread only.
         gm = creating.make(req.name, req.size, req.flags, backend, req.page_size)
         try:
-            entry = self.ns.add(req.name, gm)
+            entry = self.ns.add(req.name, gm, owner=user)
         except OSError:  # lost a race with another create of the same name
             gm.close()
             raise
@@ -288,7 +289,11 @@ class Files:
                                      else req.in_place_conversion)
         return control.describe_create(req, gm.folio_size)
 
-    def _destroy(self, req: control.DestroyRequest) -> str:
+    def _destroy(self, req: control.DestroyRequest, user: tuple[int, int] = (0, 0)) -> str:
+        entry = self.ns.by_name.get(req.name)
+        if entry is not None and user[0] not in (0, os.getuid(), (entry.owner or user)[0]):
+            raise fail(errno.EPERM, f"{req.name!r} belongs to uid {entry.owner[0]}: only its owner, the user who "
+                                    "mounted, or root may destroy it")
         entry = self.ns.unlink(req.name)
         if entry.dir_ino in self.write_back_files:
             with entry.lock:  # no revocation is using the descriptor meanwhile

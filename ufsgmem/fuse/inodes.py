@@ -72,6 +72,8 @@ class Entry:
     cached: RunMap | None = None
     #: KVM_SET_MEMORY_ATTRIBUTES2 works (else ENOTTY, as under kvm.gmem_in_place_conversion=0)
     in_place_conversion: bool = True
+    #: (uid, gid) of the user who created it: its directory and files belong to that user
+    owner: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.cached = RunMap(self.gm.size >> PAGE_SHIFT, 0)
@@ -96,6 +98,7 @@ class Handle:
     entry: Entry | None  # None for the mount control file
     kind: str
     writable: bool = False  # opened for writing (ioctl and fallocate need it)
+    opener: tuple[int, int] = (0, 0)  # (uid, gid) of the process that opened it: requests act as that user
     result: bytes = b""
     read_pos: int = 0
 
@@ -113,12 +116,12 @@ class Namespace:
         self.mount_ctl_lookups = 0
 
     # --- entries ------------------------------------------------------------------------------------
-    def add(self, name: str, gm: GuestMemfd) -> Entry:
+    def add(self, name: str, gm: GuestMemfd, owner: tuple[int, int] | None = None) -> Entry:
         """Give ``gm`` a name; EEXIST if another create won the race for it."""
         with self.lock:
             if name in self.by_name:
                 raise OSError(errno.EEXIST, f"{name!r} exists")
-            entry = Entry(name, gm, next(self._next_base))
+            entry = Entry(name, gm, next(self._next_base), owner=owner)
             for ino in range(entry.base, entry.base + 1 + len(FILES)):
                 self.by_ino[ino] = entry
             self.by_name[name] = entry

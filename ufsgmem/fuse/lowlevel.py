@@ -51,6 +51,7 @@ class Attr:
     size: int = 0
     blksize: int = 4096
     timeout: float = 3600.0
+    owner: tuple[int, int] | None = None  # (uid, gid); None: the user who mounted
 
 
 @dataclass(frozen=True)
@@ -177,9 +178,14 @@ def _call(req, name: str, *args):
     return _FAILED
 
 
+def _owner(s: Session, attr: Attr) -> tuple[int, int]:
+    return attr.owner if attr.owner is not None else (s.uid, s.gid)
+
+
 def _reply_attr(req, attr: Attr) -> None:
     s = _session(req)
-    lib.ufs_reply_attr(req, attr.ino, attr.mode, attr.nlink, s.uid, s.gid, attr.size, attr.blksize, s.time_ns,
+    uid, gid = _owner(s, attr)
+    lib.ufs_reply_attr(req, attr.ino, attr.mode, attr.nlink, uid, gid, attr.size, attr.blksize, s.time_ns,
                        attr.timeout)
 
 
@@ -188,7 +194,8 @@ def py_lookup(req, parent, name):
     attr = _call(req, "lookup", parent, ffi.string(name).decode("utf-8", "surrogateescape"))
     if attr is not _FAILED:
         s = _session(req)
-        lib.ufs_reply_entry(req, attr.ino, attr.mode, attr.nlink, s.uid, s.gid, attr.size, attr.blksize,
+        uid, gid = _owner(s, attr)
+        lib.ufs_reply_entry(req, attr.ino, attr.mode, attr.nlink, uid, gid, attr.size, attr.blksize,
                             s.time_ns, attr.timeout, attr.timeout)
 
 

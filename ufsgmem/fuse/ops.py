@@ -49,8 +49,15 @@ DIR_MODE = stat.S_IFDIR | 0o700
 
 
 class Operations:
-    def __init__(self, files: Files):
+    """``allow_other``: the mount serves other users (``ufsgmem mount --allow-other``, with the kernel's
+    ``default_permissions`` checking the modes below). The root directory is then 0755 and ``MOUNTPOINT/ctl``
+    0666: any user who can reach the mount may create files, and each file's directory and files belong to
+    the user who created it (0700/0600: only that user may map it or send it requests); only that user, the
+    user who mounted, or root may destroy it. Without it only the user who mounted can reach the mount."""
+
+    def __init__(self, files: Files, *, allow_other: bool = False):
         self.files = files
+        self.allow_other = allow_other
         self.ns: Namespace = files.ns
         self.started_ns = time.time_ns()
         self.on_destroy = None  # set by the server: invalidate a destroyed name's dentry
@@ -58,18 +65,18 @@ class Operations:
     # --- attributes ---------------------------------------------------------------------------------
     def _attr(self, ino: int) -> Attr:
         if ino == ROOT_INO:
-            return Attr(ino, DIR_MODE, nlink=2, timeout=ATTR_TIMEOUT)
+            return Attr(ino, stat.S_IFDIR | (0o755 if self.allow_other else 0o700), nlink=2, timeout=ATTR_TIMEOUT)
         if ino == MOUNT_CTL_INO:
-            return Attr(ino, stat.S_IFREG | 0o600, timeout=ATTR_TIMEOUT)
+            return Attr(ino, stat.S_IFREG | (0o666 if self.allow_other else 0o600), timeout=ATTR_TIMEOUT)
         entry = self._entry(ino)
         kind = entry.kind(ino)
         if kind == "dir":
-            return Attr(ino, DIR_MODE, nlink=2, timeout=ATTR_TIMEOUT)
+            return Attr(ino, DIR_MODE, nlink=2, timeout=ATTR_TIMEOUT, owner=entry.owner)
         if kind == "mem":
             return Attr(ino, stat.S_IFREG | 0o600, size=entry.gm.size, blksize=entry.gm.folio_size,
-                        timeout=ATTR_TIMEOUT)
+                        timeout=ATTR_TIMEOUT, owner=entry.owner)
         mode = stat.S_IFREG | (0o400 if kind in ("status", "snapshot") else 0o600)
-        return Attr(ino, mode, size=entry.gm.size if kind == "guest" else 0, timeout=ATTR_TIMEOUT)
+        return Attr(ino, mode, size=entry.gm.size if kind == "guest" else 0, timeout=ATTR_TIMEOUT, owner=entry.owner)
 
     def _entry(self, ino: int) -> Entry:
         entry = self.ns.entry_of(ino)
@@ -164,7 +171,7 @@ class Operations:
             result = self.files.status(entry)
         elif kind == "snapshot":
             result = self.files.snapshot(entry)
-        fh = self.ns.open(entry, kind, writable=accmode != os.O_RDONLY, result=result)
+        fh = self.ns.open(entry, kind, writable=accmode != os.O_RDONLY, result=result, opener=tuple(caller[:2]))
         if kind == "mem":
             return Opened(fh, direct_io=True, keep_cache=True, nonseekable=True)
         return Opened(fh, direct_io=True, nonseekable=kind == "ctl")
@@ -199,7 +206,7 @@ class Operations:
 
     def _request(self, handle: Handle, data: bytes) -> int:
         if handle.entry is None:
-            handle.result, error, removed = self.files.mount_request(data)
+            handle.result, error, removed = self.files.mount_request(data, handle.opener)
             if removed is not None and self.on_destroy is not None:
                 self.on_destroy(removed)
         else:

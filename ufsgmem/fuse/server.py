@@ -186,7 +186,7 @@ def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
 
 
 def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon", debug: bool = False,
-          cpus: set[int] | None = None, in_place_conversion: bool = True) -> None:
+          cpus: set[int] | None = None, in_place_conversion: bool = True, allow_other: bool = False) -> None:
     """Mount at ``mountpoint`` and serve until a signal; always unmount and free everything on the way out.
 
     ``cpus`` pins every thread of this process, before libfuse's workers exist (they inherit it).
@@ -198,8 +198,9 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
         pin_process(cpus)
     namespace = Namespace()
     files = Files(namespace, None, default_backend=default_backend, in_place_conversion=in_place_conversion)
-    ops = Operations(files)
-    options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"] + (["debug"] if debug else [])
+    ops = Operations(files, allow_other=allow_other)
+    options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"] + (["debug"] if debug else []) \
+        + (["allow_other", "default_permissions"] if allow_other else [])
     # Resolve every path before mounting: once mounted, touching the mount point from this thread
     # before the loop runs would wait forever for ourselves.
     mountpoint = os.path.realpath(mountpoint)
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", help="pin the server to these CPUs (kernel CPU-list format)")
     parser.add_argument("--no-in-place-conversion", action="store_true",
                         help="play a kernel booted with kvm.gmem_in_place_conversion=0")
+    parser.add_argument("--allow-other", action="store_true", help="serve other users (files belong to their creator)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -268,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cpus = parse_cpu_list(args.cpus) if args.cpus else None
         serve(args.mountpoint, ready=lambda: report(f"ready {os.getpid()}\n"), default_backend=args.backend,
-              debug=args.debug, cpus=cpus, in_place_conversion=not args.no_in_place_conversion)
+              debug=args.debug, cpus=cpus, in_place_conversion=not args.no_in_place_conversion,
+              allow_other=args.allow_other)
     except Exception as exc:  # noqa: BLE001 - reported to the waiting parent, then fatal
         report(f"error {exc}\n")
         log.exception("server failed")
