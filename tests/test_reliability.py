@@ -322,3 +322,25 @@ def test_allow_other_files_belong_to_their_creator():
         assert as_user(bob, map_mem) == "EACCES", "another user opened her file"
         assert as_user(bob, lambda: ctl("destroy hers")) == "EPERM", "another user destroyed her file"
         assert as_user(alice, lambda: ctl("destroy hers")) == str(len("destroy hers"))
+
+
+def test_mount_point_must_be_yours_and_a_symlink_is_resolved(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    proc = subprocess.run([sys.executable, "-m", "ufsgmem", "mount", str(theirs)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and "belongs to uid 65534" in proc.stderr, proc.stderr
+    assert fuse_server.mount_type(str(theirs)) is None
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    proc = subprocess.run([sys.executable, "-m", "ufsgmem", "mount", str(link)], capture_output=True, text=True,
+                          timeout=60)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert f"mounted at {real} " in proc.stdout, proc.stdout
+    finally:
+        if fuse_server.mount_type(str(real)):
+            unmount(str(real))

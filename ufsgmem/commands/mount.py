@@ -50,6 +50,7 @@ def run(args) -> int:
     from ..syscalls import parse_cpu_list
 
     server.check_mountpoint(args.mountpoint)
+    args.mountpoint = os.path.realpath(args.mountpoint)  # a symlink is followed: say where it really went
     cpus = parse_cpu_list(args.cpus) if args.cpus else None  # checked here, before anything starts
     if args.foreground:
         server.serve(args.mountpoint, default_backend=args.backend, debug=args.debug, cpus=cpus,

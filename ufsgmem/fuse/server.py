@@ -103,7 +103,8 @@ def ufsgmem_mounts() -> set[str]:
 
 
 def check_mountpoint(mountpoint: str) -> None:
-    """Refuse a missing, non-directory or busy mount point with a clear OSError."""
+    """Refuse a missing, non-directory, busy mount point, or one the caller does not own, with a clear
+    OSError."""
     try:
         st = os.stat(mountpoint)
     except OSError as exc:
@@ -114,6 +115,9 @@ def check_mountpoint(mountpoint: str) -> None:
     import stat as _stat
     if not _stat.S_ISDIR(st.st_mode):
         raise OSError(errno.ENOTDIR, f"mount point {mountpoint} is not a directory")
+    if st.st_uid != os.getuid():  # mounting over someone else's directory would hide their files
+        raise OSError(errno.EPERM, f"mount point {mountpoint} belongs to uid {st.st_uid}, not to you "
+                                   f"(uid {os.getuid()}): mount on a directory you own")
     mounted = mount_type(mountpoint)
     if mounted == FSTYPE:
         try:
