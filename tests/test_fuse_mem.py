@@ -311,3 +311,17 @@ def test_a_mount_can_play_a_kernel_without_in_place_conversion():
                 assert json.load(f)["in_place_conversion"] is (expected is None)
         mount.ctl("destroy old")
         mount.ctl("destroy new")
+
+
+def test_status_reports_the_page_cache_side(gmem):
+    """Mapped memory costs twice (backend + FUSE page cache): status says how much of each, the page-cache
+    figure as an upper bound that falls when a range is revoked."""
+    g = gmem(64 * PS)
+    assert g.status()["page_cache_bytes_max"] == 0
+    m = map_mem(g)
+    m[:16 * PS] = b"\x01" * 16 * PS
+    st = g.status()
+    assert st["page_cache_bytes_max"] >= 16 * PS and st["backend_bytes"] >= 16 * PS
+    g.convert(0, 16 * PS, private=True)
+    assert g.status()["page_cache_bytes_max"] <= st["page_cache_bytes_max"] - 16 * PS
+    m.close()

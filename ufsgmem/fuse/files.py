@@ -339,6 +339,9 @@ class Files:
     def status(entry: Entry) -> bytes:
         with entry.state:
             status = entry.gm.status()
+            # Pages a page-cache fill handed out since their last revocation: an upper bound on the kernel's
+            # page cache of mem (the kernel may have dropped some). Mapped memory costs this *plus* backend_bytes.
+            status["page_cache_bytes_max"] = entry.cached.count(1) * PAGE_SIZE
         status["in_place_conversion"] = entry.in_place_conversion
         return (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
 
