@@ -19,7 +19,7 @@ import pytest
 
 from ufsgmem import control
 from ufsgmem.address import Range
-from ufsgmem.fuse.files import FUSE_IOCTL_COMPAT, Files
+from ufsgmem.fuse.files import Files
 from ufsgmem.fuse.inodes import Namespace
 from ufsgmem.gmem import PRIVATE, SHARED, GuestMemfd
 from ufsgmem.uapi import (
@@ -123,9 +123,9 @@ def attrs2(offset, size, attributes, flags=0, error_offset=0x1230000, reserved=(
     return KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, error_offset, *reserved)
 
 
-def ioctl(files, entry, arg, cmd=KVM_SET_MEMORY_ATTRIBUTES2, flags=0, writable=True):
+def ioctl(files, entry, arg, cmd=KVM_SET_MEMORY_ATTRIBUTES2, compat=False, writable=True):
     try:
-        return files.ioctl(entry, cmd, flags, arg, writable=writable)
+        return files.ioctl(entry, cmd, arg, compat=compat, writable=writable)
     except OSError as exc:
         return exc.errno
 
@@ -144,7 +144,7 @@ def test_ioctl_copies_the_struct_back_only_on_eagain(setup):
 
 @pytest.mark.parametrize("case, expected", [
     (dict(cmd=0xC080AED3), errno.ENOTTY),
-    (dict(flags=FUSE_IOCTL_COMPAT), errno.ENOTTY),  # v8 has no compat_ioctl
+    (dict(compat=True), errno.ENOTTY),  # v8 has no compat_ioctl
     (dict(writable=False), errno.EBADF),
 ])
 def test_ioctl_refusals_come_first_and_change_nothing(setup, case, expected):

@@ -42,7 +42,6 @@ int fuse_session_exited(struct fuse_session *se);
 void fuse_session_unmount(struct fuse_session *se);
 void fuse_session_destroy(struct fuse_session *se);
 int fuse_session_fd(struct fuse_session *se);
-int ufs_init_flags(uint64_t *want_out, uint64_t *granted_out);
 const char *fuse_pkgversion(void);
 
 /* --- notifications (block until the kernel is done; call where other threads keep serving) --- */
@@ -214,16 +213,12 @@ static void ll_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
 }
 
 /* ---- INIT: what we ask of the kernel ---- */
-static uint64_t init_want, init_granted;
-
 static void ll_init(void *userdata, struct fuse_conn_info *conn)
 {
     /* Dirty pages must come back as FUSE WRITE when a range is revoked, and write(2) must reach us before
        it touches the page cache: no writeback cache. Attributes never change behind the kernel's back, so
        there is nothing for auto_inval_data to do but drop whole page caches on a GETATTR. */
     conn->want &= ~(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_AUTO_INVAL_DATA);
-    init_want = conn->want;
-    init_granted = conn->capable;
 }
 
 static const struct fuse_lowlevel_ops ufs_ops = {
@@ -257,13 +252,6 @@ struct fuse_session *ufs_session_new(int argc, char **argv, void *userdata)
     struct fuse_session *se = fuse_session_new(&args, &ufs_ops, sizeof(ufs_ops), userdata);
     fuse_opt_free_args(&args);
     return se;
-}
-
-int ufs_init_flags(uint64_t *want_out, uint64_t *granted_out)
-{
-    *want_out = init_want;
-    *granted_out = init_granted;
-    return 0;
 }
 
 /* ---- custom I/O: plain read/writev, and the INIT reply gets FUSE_DIRECT_IO_ALLOW_MMAP ---- */

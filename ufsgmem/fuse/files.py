@@ -68,9 +68,6 @@ from . import creating
 from .inodes import Entry, Namespace
 from .revoke import Revoker, WriteBackFiles, write_back
 
-#: ioctl flag: the caller is a 32-bit process on a 64-bit kernel (fuse_common.h FUSE_IOCTL_COMPAT)
-FUSE_IOCTL_COMPAT = 1
-
 
 class Files:
     def __init__(self, namespace: Namespace, revoker: Revoker | None, *, default_backend: str = "anon",
@@ -188,13 +185,13 @@ class Files:
         return len(data)
 
     # --- mem: the system calls ----------------------------------------------------------------------
-    def ioctl(self, entry: Entry, cmd: int, flags: int, arg: bytes, *, writable: bool) -> tuple[int, bytes]:
+    def ioctl(self, entry: Entry, cmd: int, arg: bytes, *, compat: bool, writable: bool) -> tuple[int, bytes]:
         """guest_memfd's ioctl (v8): ``(0, b"")`` on success (nothing is copied back), ``(-errno, struct)``
         where the kernel copies the struct back (EAGAIN, ENOMEM: ``error_offset`` set); other errors raise.
         """
         if cmd != KVM_SET_MEMORY_ATTRIBUTES2 or not entry.in_place_conversion:
             raise OSError(errno.ENOTTY, f"ioctl {cmd:#x} is not a guest_memfd ioctl here")
-        if flags & FUSE_IOCTL_COMPAT:  # v8 sets no compat_ioctl: the VFS answers a 32-bit caller ENOTTY
+        if compat:  # a 32-bit caller: v8 sets no compat_ioctl, so the VFS answers it ENOTTY
             raise OSError(errno.ENOTTY, "guest_memfd has no 32-bit compat ioctl")
         if not writable:
             raise OSError(errno.EBADF, "the file is not open for writing")

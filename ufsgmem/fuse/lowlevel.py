@@ -35,10 +35,8 @@ MAX_THREADS = 32
 
 #: fuse_setattr's to_set bits (fuse_lowlevel.h)
 FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_UID, FUSE_SET_ATTR_GID, FUSE_SET_ATTR_SIZE = 1, 2, 4, 8
-#: ioctl flags (fuse_common.h)
-FUSE_IOCTL_COMPAT, FUSE_IOCTL_UNRESTRICTED, FUSE_IOCTL_32BIT = 1, 2, 8
-#: FUSE_DIRECT_IO_ALLOW_MMAP as the INIT flags word carries it (bit 36: flags2 bit 4)
-FUSE_DIRECT_IO_ALLOW_MMAP = 1 << 36
+#: ioctl flag: the caller is a 32-bit process on a 64-bit kernel (fuse_common.h)
+FUSE_IOCTL_COMPAT = 1
 
 
 @dataclass(frozen=True)
@@ -119,12 +117,6 @@ class Session:
             self.mounted = False
         lib.fuse_session_destroy(self._se)
         self._se = ffi.NULL
-
-    def init_flags(self) -> tuple[int, int]:
-        """(the capabilities we asked for, those the kernel offered) once INIT was answered."""
-        want, granted = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        lib.ufs_init_flags(want, granted)
-        return want[0], granted[0]
 
     # --- notifications: block until the kernel is done (never from a READ or write-back handler of the
     # --- same pages: the kernel waits for those pages' locks, which the request itself holds) ---------

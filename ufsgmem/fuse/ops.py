@@ -41,8 +41,8 @@ import time
 from .. import control
 from .files import Files
 from .inodes import FILES, MOUNT_CTL_INO, ROOT_INO, Entry, Handle, Namespace
-from .lowlevel import FUSE_SET_ATTR_GID, FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_SIZE, FUSE_SET_ATTR_UID, Attr, \
-    IoctlReply, Opened
+from .lowlevel import FUSE_IOCTL_COMPAT, FUSE_SET_ATTR_GID, FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_SIZE, \
+    FUSE_SET_ATTR_UID, Attr, IoctlReply, Opened
 
 ATTR_TIMEOUT = 3600.0  # nothing about an inode changes behind the kernel's back except file contents
 DIR_MODE = stat.S_IFDIR | 0o700
@@ -220,7 +220,8 @@ class Operations:
         handle = self.ns.handle(fh)
         if handle.kind != "mem":
             raise OSError(errno.ENOTTY, f"{handle.kind} has no ioctls")
-        result, out = self.files.ioctl(handle.entry, cmd, flags, arg, writable=handle.writable)
+        result, out = self.files.ioctl(handle.entry, cmd, arg, compat=bool(flags & FUSE_IOCTL_COMPAT),
+                                       writable=handle.writable)
         return IoctlReply(result, out)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:

@@ -84,7 +84,6 @@ class Revoker:
 
     def __init__(self, session):
         self.session = session
-        self.sent = 0
 
     def revoke(self, ino: int, ranges, fd: int | None = None) -> None:
         """Unmap ``ranges`` (byte :class:`Range` s) of inode ``ino`` from every process, dirty pages written
@@ -93,4 +92,3 @@ class Revoker:
         for rng in ranges:
             if rng.size > 0:
                 self.session.inval_inode(ino, rng.start, rng.size)
-                self.sent += 1
