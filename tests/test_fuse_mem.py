@@ -315,13 +315,19 @@ def test_a_mount_can_play_a_kernel_without_in_place_conversion():
 
 def test_status_reports_the_page_cache_side(gmem):
     """Mapped memory costs twice (backend + FUSE page cache): status says how much of each, the page-cache
-    figure as an upper bound that falls when a range is revoked."""
+    figure as an upper bound that falls when a range is revoked. Pages read in but not yet written back
+    hold no backend memory, and are committed all the same (their write-back will need it)."""
     g = gmem(64 * PS)
     assert g.status()["page_cache_bytes_max"] == 0
     m = map_mem(g)
     m[:16 * PS] = b"\x01" * 16 * PS
     st = g.status()
-    assert st["page_cache_bytes_max"] >= 16 * PS and st["backend_bytes"] >= 16 * PS
-    g.convert(0, 16 * PS, private=True)
-    assert g.status()["page_cache_bytes_max"] <= st["page_cache_bytes_max"] - 16 * PS
+    assert st["page_cache_bytes_max"] >= 16 * PS and st["backend_bytes"] == 0
+    assert st["committed_bytes"] == st["page_cache_bytes_max"]
+    g.convert(0, 16 * PS, private=True)  # writes the dirty pages back: now the backend holds them
+    after = g.status()
+    assert after["page_cache_bytes_max"] <= st["page_cache_bytes_max"] - 16 * PS
+    assert after["backend_bytes"] >= 16 * PS and after["allocated_bytes"] == 16 * PS
+    assert after["committed_bytes"] == after["page_cache_bytes_max"] + 16 * PS
+    assert bytes(g.guest_read(0, 16 * PS)) == b"\x01" * 16 * PS
     m.close()

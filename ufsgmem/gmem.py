@@ -67,6 +67,14 @@ VFS_FALLOCATE_MODES = frozenset({
 Revoker = Callable[[tuple[Range, ...]], None]
 
 
+_ZEROS = bytes(1 << 20)
+
+
+def zeros(size: int) -> memoryview:
+    """``size`` zero bytes, shared and read-only when they fit the common buffer (a fill is at most 1 MiB)."""
+    return memoryview(_ZEROS)[:size] if size <= len(_ZEROS) else memoryview(bytes(size))
+
+
 class HostFault(GuestMemfdError):
     """A host access the kernel would answer with SIGBUS (private page, or past EOF)."""
 
@@ -135,7 +143,7 @@ class GuestMemfd:
                  page_size: int | None = None, backend_options: dict | None = None,
                  progress: Progress | None = None, revoker: Revoker | None = None, name: str = ""):
         backend_cls = load_backend(backend) if isinstance(backend, str) else backend
-        page_size = self._check_create(size, flags, backend_cls, page_size)
+        page_size = self.check_create(size, flags, backend_cls, page_size)
         self.name = name
         self.size = size
         self.flags = flags
@@ -154,7 +162,7 @@ class GuestMemfd:
         self.closed = False
 
     @staticmethod
-    def _check_create(size: int, flags: int, backend_cls, page_size: int | None) -> int:
+    def check_create(size: int, flags: int, backend_cls, page_size: int | None) -> int:
         if flags < 0 or flags & ~GUEST_MEMFD_SUPPORTED_FLAGS:
             raise fail(errno.EINVAL, f"unknown flag bits {flags & ~GUEST_MEMFD_SUPPORTED_FLAGS:#x} "
                                      f"(supported: mmap=0x1, init_shared=0x2)")
@@ -205,7 +213,7 @@ class GuestMemfd:
 
     def prepare_fallocate(self, mode: int, offset: int, length: int) -> Transition | None:
         """Validate; allocate at once, or return the punch transition (None when there is nothing to do)."""
-        self._check_fallocate(mode, offset, length)
+        self.check_fallocate(mode, offset, length)
         if not mode & FALLOC_FL_PUNCH_HOLE:
             self._allocate(offset, length)
             return None
@@ -215,7 +223,7 @@ class GuestMemfd:
         rng = Range(offset, end)
         return self._begin("punch_hole", rng, (rng,), lambda: self._punch(rng))
 
-    def _check_fallocate(self, mode: int, offset: int, length: int) -> None:
+    def check_fallocate(self, mode: int, offset: int, length: int) -> None:
         # The VFS's own checks come first (vfs_fallocate), then guest_memfd's (kvm_gmem_fallocate).
         if offset < 0 or length <= 0:
             raise fail(errno.EINVAL, f"offset {offset} must be >= 0 and length {length} > 0")
@@ -349,6 +357,32 @@ class GuestMemfd:
         self._check_host(offset, size, writing=False)
         self._use(offset, size)
         return self.backend.view(offset, size)
+
+    def host_fill(self, offset: int, size: int) -> memoryview:
+        """What the page cache of ``mem`` is filled with: ``host_read``'s checks and bytes, except that a
+        page never allocated reads as zeros *without* being allocated.
+
+        A fill is not a fault: readahead brings in pages around the faulting one that nobody touched, and
+        the kernel's guest_memfd (which has no readahead) allocates only the folio a fault needs. Pages a
+        mapping then writes are allocated when their write-back arrives (``host_write``); pages it only
+        reads cost page cache and no backend memory.
+        """
+        self._check_host(offset, size, writing=False)
+        first, last = offset >> PAGE_SHIFT, (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        if size == 0 or self._allocated.is_uniform(first, last, 1):
+            return self.backend.view(offset, size)
+        if self._allocated.is_uniform(first, last, 0):
+            return zeros(size)
+        out = bytearray(size)
+        for s, e, v in self._allocated.runs(first, last):
+            if v:
+                start, end = max(offset, s << PAGE_SHIFT), min(offset + size, e << PAGE_SHIFT)
+                out[start - offset:end - offset] = self.backend.view(start, end - start)
+        return memoryview(out)
+
+    def allocated_runs(self, first: int, last: int):
+        """``(start, end)`` page runs of ``[first, last)`` the backend holds memory for."""
+        return [(s, e) for s, e, v in self._allocated.runs(first, last) if v]
 
     def host_write(self, offset: int, data) -> None:
         """What a host mapping writes (or a dirty page written back while its range is being revoked)."""

@@ -40,9 +40,26 @@ def configure(parser) -> None:
                         help="serve other users too (a VMM rarely runs as root): any user may create files through "
                              "MOUNTPOINT/ctl, each file belongs to its creator (mode 0600, enforced by the kernel: "
                              "default_permissions), and only its owner, you, or root may destroy it")
+    parser.add_argument("--max-memory", metavar="SIZE", type=_size,
+                        help="cap the guest memory this mount commits (e.g. 8G): backend memory plus pages a mapping "
+                             "has read in but not yet written; past the cap the request that needs more gets ENOMEM "
+                             "(a faulting mapping SIGBUS), never the server an OOM kill (see docs/reliability.md)")
     parser.add_argument("--cpus", metavar="LIST",
                         help="pin the server to these CPUs (e.g. 0 or 0,2-3): lower conversion latency for a "
                              "caller pinned to the same CPU, lower first-touch throughput (see docs/performance.md)")
+
+
+def _size(text: str) -> int:
+    import argparse
+
+    from ..address import parse_size
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the cap must be positive")
+    return size
 
 
 def run(args) -> int:
@@ -55,17 +72,19 @@ def run(args) -> int:
     if args.foreground:
         server.serve(args.mountpoint, default_backend=args.backend, debug=args.debug, cpus=cpus,
                      in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other,
-                     ready=lambda: print(f"ufsgmem: mounted at {args.mountpoint} (pid {os.getpid()})",
+                     max_memory=args.max_memory, ready=lambda: print(f"ufsgmem: mounted at {args.mountpoint} (pid {os.getpid()})",
                                          file=sys.stderr, flush=True))
         return 0
     pid = start_background(args.mountpoint, backend=args.backend, debug=args.debug, cpus=args.cpus,
-                           in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other)
+                           in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other,
+                           max_memory=args.max_memory)
     print(f"ufsgmem: mounted at {args.mountpoint} (server pid {pid})")
     return 0
 
 
 def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = False,
-                     cpus: str | None = None, in_place_conversion: bool = True, allow_other: bool = False) -> int:
+                     cpus: str | None = None, in_place_conversion: bool = True, allow_other: bool = False,
+                     max_memory: int | None = None) -> int:
     """Start the server detached; return its pid once the mount works, or raise OSError with its error."""
     from ..fuse import server
 
@@ -73,7 +92,8 @@ def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = Fa
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "ufsgmem.fuse.server", "--ready-fd", str(write_end),
                "--backend", backend, mountpoint] + (["--debug"] if debug else []) + (["--cpus", cpus] if cpus else []) \
-        + ([] if in_place_conversion else ["--no-in-place-conversion"]) + (["--allow-other"] if allow_other else [])
+        + ([] if in_place_conversion else ["--no-in-place-conversion"]) + (["--allow-other"] if allow_other else []) \
+        + ([] if max_memory is None else ["--max-memory", str(max_memory)])
     # The log names files and requests: readable by its owner only (it stays after a crash).
     log_fd = os.open(server.logfile_path(mountpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(log_fd, "ab") as logfile:

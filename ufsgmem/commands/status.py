@@ -1,7 +1,8 @@
 """Show the state of a guest_memfd file: MOUNTPOINT/NAME/status, summarised for people.
 
 Size, flags, backend and page size; allocated, shared, private and pinned bytes; whole and split huge
-folios; conversion, revocation and punch counters; and the attribute runs (the first few). --json prints
+folios; memory (backend, page cache, committed against the mount's --max-memory); conversion, revocation
+and punch counters; and the attribute runs (the first few). --json prints
 the status file as it is, for scripts.
 
 examples:
@@ -58,6 +59,13 @@ def summary(status: dict, runs: list[tuple[int, int, int]] | None = None) -> str
     if conv:
         lines.append(f"  conversions: {conv.get('to_private', 0)} to private, {conv.get('to_shared', 0)} to "
                      f"shared, {conv.get('noop', 0)} no-op, {conv.get('eagain', 0)} refused (EAGAIN)")
+    if "committed_bytes" in status:
+        mount = status.get("mount_memory") or {}
+        cap = mount.get("max")
+        lines.append(f"  memory: backend {format_size(status.get('backend_bytes', 0))}, page cache at most "
+                     f"{format_size(status.get('page_cache_bytes_max', 0))}, committed "
+                     f"{format_size(status['committed_bytes'])} (the mount: {format_size(mount.get('committed', 0))}"
+                     + (f" of its {format_size(cap)} cap)" if cap else ", no cap)"))
     lines.append(f"  revocations: {status.get('revocations', 0)} ({format_size(status.get('revoked_bytes', 0))}"
                  f" unmapped), punches: {status.get('punches', 0)}")
     if runs is not None:

@@ -7,11 +7,17 @@
     READ that has no lock owner; read(2) arrives with one; a dirty mapped page comes back as a WRITE
     flagged ``writepage``, write(2) without. read(2) and write(2) are EINVAL, as guest_memfd has neither
     (and the kernel writes the range's dirty pages back before it sends a direct write, so a refused
-    write changes no byte any mapping sees). Page-cache fills are served from ``GuestMemfd.host_read``
-    (zero copy): a private page or a page past EOF anywhere in the request fails the *whole* request with
+    write changes no byte any mapping sees). Page-cache fills are served from ``GuestMemfd.host_fill``
+    (zero copy; pages never allocated are zeros and stay unallocated, so readahead costs no backend
+    memory): a private page or a page past EOF anywhere in the request fails the *whole* request with
     EIO, which the kernel turns into SIGBUS for the faulting access and then retries the faulting page
     alone, so shared neighbours still work. A short read would be taken as end of file and shrink the
-    file, so there are none. Write-backs go to ``host_write``.
+    file, so there are none. Write-backs go to ``host_write``, which allocates.
+
+    Every fill charges the folios it hands out to the mount's memory budget (``budget.py``) before it
+    answers: past ``--max-memory`` the fill is ENOMEM (SIGBUS for the fault; a failed readahead costs
+    nothing, the kernel retries the faulting page alone), and a write-back, which must never fail, finds
+    its folio already paid for.
 
     A fill that meets a pending punch-hole is answered with zeros (what the range holds once the punch
     commits) instead of waiting for the commit: the revocation that the punch is waiting for has to take
@@ -59,20 +65,24 @@ from .. import control
 from ..address import Range, align_down, align_up
 from ..errors import fail
 from ..gmem import SHARED, GuestMemfd, HostFault, Transition, TransitionPending
-from ..plugins import available, BACKENDS
+from ..plugins import available, load_backend, BACKENDS
 from ..uapi import (
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTES2_STRUCT,
     KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SHIFT, PAGE_SIZE,
 )
 from . import creating
+from .budget import Charges, MemoryBudget
 from .inodes import Entry, Namespace
 from .revoke import Revoker, WriteBackFiles, write_back
 
 
 class Files:
     def __init__(self, namespace: Namespace, revoker: Revoker | None, *, default_backend: str = "anon",
-                 in_place_conversion: bool = True):
+                 in_place_conversion: bool = True, max_memory: int | None = None):
         self.ns = namespace
+        #: what the mount has committed, against --max-memory (``budget.py``)
+        self.charges = Charges(MemoryBudget(max_memory))
+        namespace.on_free = self.charges.free
         self.revoker = revoker
         self.default_backend = default_backend
         #: the mount's default for files created without saying (kvm.gmem_in_place_conversion)
@@ -91,7 +101,7 @@ class Files:
         except BaseException:
             with entry.state:  # fail closed: still possibly mapped, so the next conversion revokes again
                 for part in parts:
-                    entry.cached.set(part.start >> PAGE_SHIFT, part.end >> PAGE_SHIFT, 1)
+                    self._mark_cached(entry, part.start >> PAGE_SHIFT, part.end >> PAGE_SHIFT, 1)
             raise
 
     def write_back(self, entry: Entry, ranges) -> None:
@@ -118,16 +128,19 @@ class Files:
         if self.revoker is not None and entry.cached.count(1):
             self.revoker.revoke(entry.ino("mem"), (Range(0, entry.gm.size),), None)
 
-    @staticmethod
-    def _cached_parts(entry: Entry, ranges) -> tuple[Range, ...]:
+    def _cached_parts(self, entry: Entry, ranges) -> tuple[Range, ...]:
         """The parts of ``ranges`` that may be cached, marked uncached *before* revoking them: a page read
         while the revocation runs is marked again and so included in the next one. entry.state held."""
         parts = []
         for rng in ranges:
             first, last = rng.start >> PAGE_SHIFT, -(-rng.end // PAGE_SIZE)
             parts += [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for s, e, v in entry.cached.runs(first, last) if v]
-            entry.cached.set(first, last, 0)
+            self._mark_cached(entry, first, last, 0)
         return tuple(parts)
+
+    def _mark_cached(self, entry: Entry, first: int, last: int, value: int) -> None:
+        """Set pages ``[first, last)`` possibly cached (1) or not (0), keeping the file's charge. entry.state held."""
+        self.charges.recount(entry, first, last, lambda: entry.cached.set(first, last, value))
 
     def run_transition(self, entry: Entry, transition: Transition | None) -> None:
         """Revoke, then commit; abort (nothing changes) if the revocation fails. entry.lock held."""
@@ -140,7 +153,8 @@ class Files:
                 transition.abort()
             raise
         with entry.state:
-            transition.commit()
+            first, last = transition.range.start >> PAGE_SHIFT, -(-transition.range.end // PAGE_SIZE)
+            self.charges.recount(entry, first, last, transition.commit)  # a punch gives memory back
             if transition.revoke:  # the counters GuestMemfd._run keeps when it revokes in-process
                 entry.gm.counters.revocations += 1
                 entry.gm.counters.revoked_bytes += sum(r.size for r in transition.revoke)
@@ -153,12 +167,14 @@ class Files:
         with entry.state:
             size = max(0, min(size, gm.size - offset)) if offset < gm.size else size
             try:
-                data = gm.host_read(offset, size)
+                data = gm.host_fill(offset, size)
             except TransitionPending as exc:
                 data = self._read_around_punch(gm, exc.transition.range, offset, size)
             except HostFault:
                 raise OSError(errno.EIO, "host access to a private page or past EOF") from None
-            entry.cached.set(offset >> PAGE_SHIFT, -(-(offset + len(data)) // PAGE_SIZE), 1)
+            first, last = offset >> PAGE_SHIFT, -(-(offset + len(data)) // PAGE_SIZE)
+            self.charges.reserve(entry, first, last)  # ENOMEM past --max-memory: the fault gets SIGBUS
+            entry.cached.set(first, last, 1)
         return data
 
     @staticmethod
@@ -169,7 +185,7 @@ class Files:
                      Range(min(want.end, max(offset, punched.end)), want.end)):
             if part.size:
                 try:
-                    out[part.start - offset:part.end - offset] = gm.host_read(part.start, part.size)
+                    out[part.start - offset:part.end - offset] = gm.host_fill(part.start, part.size)
                 except (HostFault, TransitionPending):
                     raise OSError(errno.EIO, "host access to a private page") from None
         return bytes(out)
@@ -177,12 +193,16 @@ class Files:
     def mem_write(self, entry: Entry, offset: int, data, *, writepage: bool) -> int:
         if not writepage:
             raise OSError(errno.EINVAL, "guest_memfd has no write(): map the file instead")
+        size = len(data)
+        first, last = offset >> PAGE_SHIFT, -(-(offset + size) // PAGE_SIZE)
         with entry.state:
             try:
-                entry.gm.host_write(offset, data)
+                # Allocates the pages a mapping wrote; their fill charged them (never refused here: the
+                # kernel would drop a page whose write-back fails).
+                self.charges.recount(entry, first, last, lambda: entry.gm.host_write(offset, data))
             except HostFault:
                 raise OSError(errno.EIO, "write-back of a private page or past EOF") from None
-        return len(data)
+        return size
 
     # --- mem: the system calls ----------------------------------------------------------------------
     def ioctl(self, entry: Entry, cmd: int, arg: bytes, *, compat: bool, writable: bool) -> tuple[int, bytes]:
@@ -212,8 +232,23 @@ class Files:
         gm = entry.gm
         with entry.lock:
             with entry.state:
-                transition = gm.prepare_fallocate(mode, offset, length)
+                if mode & FALLOC_FL_PUNCH_HOLE:
+                    transition = gm.prepare_fallocate(mode, offset, length)
+                else:  # the kernel's checks first, then ENOMEM past --max-memory, then allocate
+                    gm.check_fallocate(mode, offset, length)
+                    transition = self._committing(entry, offset, length,
+                                                  lambda: gm.prepare_fallocate(mode, offset, length))
             self.run_transition(entry, transition)
+
+    def _committing(self, entry: Entry, offset: int, size: int, change):
+        """Charge the folios of ``[offset, offset + size)`` that ``change`` will commit (ENOMEM past the
+        cap), run it, refund if it fails. entry.state held."""
+        charged = self.charges.reserve(entry, offset >> PAGE_SHIFT, -(-(offset + size) // PAGE_SIZE))
+        try:
+            return change()
+        except BaseException:
+            self.charges.refund(entry, charged)
+            raise
 
     def set_memory_attributes(self, entry: Entry, req: control.FileRequest) -> None:
         if not entry.in_place_conversion:
@@ -275,13 +310,31 @@ class Files:
         backend = req.backend or self.default_backend
         if backend not in available(BACKENDS):
             raise fail(errno.EINVAL, f"unknown backend {backend!r}; available: {', '.join(available(BACKENDS))}")
-        # Preallocating a large hugetlb file takes a while: it blocks this loop thread only.
-        gm = creating.make(req.name, req.size, req.flags, backend, req.page_size)
+        # The kernel's checks first, then ENOMEM if preallocating would pass --max-memory (before any
+        # allocation where the backend's class says it preallocates, after it where a file decides).
+        backend_cls = load_backend(backend)
+        GuestMemfd.check_create(req.size, req.flags, backend_cls, req.page_size)
+        budget = self.charges.budget
+        charged = req.size if backend_cls.preallocates else 0
+        budget.charge(charged)
+        gm = None
         try:
-            entry = self.ns.add(req.name, gm, owner=user)
-        except OSError:  # lost a race with another create of the same name
-            gm.close()
+            # Preallocating a large hugetlb file takes a while: it blocks this loop thread only.
+            gm = creating.make(req.name, req.size, req.flags, backend, req.page_size)
+            allocated = sum(e - s for s, e in gm.allocated_runs(0, gm.size >> PAGE_SHIFT)) << PAGE_SHIFT
+            if allocated > charged:
+                budget.charge(allocated - charged)
+            else:
+                budget.uncharge(charged - allocated)
+            charged = allocated
+            entry = self.ns.add(req.name, gm, owner=user)  # EEXIST if another create won the race
+        except BaseException:
+            if gm is not None:
+                gm.close()
+            budget.uncharge(charged)
             raise
+        with entry.state:  # a fill may already have found the new file
+            entry.charged += charged
         entry.in_place_conversion = (self.in_place_conversion if req.in_place_conversion is None
                                      else req.in_place_conversion)
         return control.describe_create(req, gm.folio_size)
@@ -314,8 +367,8 @@ class Files:
                 with entry.state:
                     shared = self._shared_pages(gm, offset, size)
                 self.write_back(entry, shared)
-            with entry.state:
-                return bytes(gm.guest_read(offset, size))
+            with entry.state:  # a vCPU's first access allocates, as a guest fault does
+                return bytes(self._committing(entry, offset, size, lambda: gm.guest_read(offset, size)))
 
     def guest_write(self, entry: Entry, offset: int, data) -> int:
         gm = entry.gm
@@ -327,18 +380,20 @@ class Files:
                 shared = self._shared_pages(gm, offset, len(data)) if gm.flags & GUEST_MEMFD_FLAG_MMAP else []
             self.write_back(entry, shared)
             with entry.state:
-                gm.guest_write(offset, data)
+                self._committing(entry, offset, len(data), lambda: gm.guest_write(offset, data))
             self.revoke(entry, shared)
         return len(data)
 
     # --- status and snapshot ------------------------------------------------------------------------
-    @staticmethod
-    def status(entry: Entry) -> bytes:
+    def status(self, entry: Entry) -> bytes:
         with entry.state:
             status = entry.gm.status()
             # Pages a page-cache fill handed out since their last revocation: an upper bound on the kernel's
             # page cache of mem (the kernel may have dropped some). Mapped memory costs this *plus* backend_bytes.
             status["page_cache_bytes_max"] = entry.cached.count(1) * PAGE_SIZE
+            # Folios the backend holds or a fill promised (budget.py): what counts against --max-memory.
+            status["committed_bytes"] = entry.charged
+        status["mount_memory"] = self.charges.budget.status()
         status["in_place_conversion"] = entry.in_place_conversion
         return (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
 

@@ -74,6 +74,8 @@ class Entry:
     in_place_conversion: bool = True
     #: (uid, gid) of the user who created it: its directory and files belong to that user
     owner: tuple[int, int] | None = None
+    #: bytes of the mount's memory budget this file holds (``budget.py``; guarded by ``state``)
+    charged: int = 0
 
     def __post_init__(self) -> None:
         self.cached = RunMap(self.gm.size >> PAGE_SHIFT, 0)
@@ -108,6 +110,8 @@ class Namespace:
 
     def __init__(self):
         self.lock = threading.Lock()
+        #: called with entry.state held when a file's memory goes back (``Files`` releases its charge)
+        self.on_free = lambda entry: None
         self.by_name: dict[str, Entry] = {}
         self.by_ino: dict[int, Entry] = {}
         self.handles: dict[int, Handle] = {}
@@ -148,6 +152,7 @@ class Namespace:
                 self.by_ino.pop(ino, None)
             with entry.state:
                 entry.gm.close()
+                self.on_free(entry)
             return True
         return False
 
@@ -208,5 +213,6 @@ class Namespace:
         with self.lock:
             for entry in {id(e): e for e in self.by_ino.values()}.values():
                 entry.gm.close()
+                self.on_free(entry)
             self.by_name.clear()
             self.by_ino.clear()

@@ -190,18 +190,21 @@ def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
 
 
 def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon", debug: bool = False,
-          cpus: set[int] | None = None, in_place_conversion: bool = True, allow_other: bool = False) -> None:
+          cpus: set[int] | None = None, in_place_conversion: bool = True, allow_other: bool = False,
+          max_memory: int | None = None) -> None:
     """Mount at ``mountpoint`` and serve until a signal; always unmount and free everything on the way out.
 
     ``cpus`` pins every thread of this process, before libfuse's workers exist (they inherit it).
     ``in_place_conversion`` False plays a kernel booted with ``kvm.gmem_in_place_conversion=0``: files
-    created without saying otherwise answer KVM_SET_MEMORY_ATTRIBUTES2 with ENOTTY.
+    created without saying otherwise answer KVM_SET_MEMORY_ATTRIBUTES2 with ENOTTY. ``max_memory``
+    caps the guest memory the mount commits (``budget.py``): past it a fill, allocation or create is ENOMEM.
     """
     check_mountpoint(mountpoint)
     if cpus:
         pin_process(cpus)
     namespace = Namespace()
-    files = Files(namespace, None, default_backend=default_backend, in_place_conversion=in_place_conversion)
+    files = Files(namespace, None, default_backend=default_backend, in_place_conversion=in_place_conversion,
+                  max_memory=max_memory)
     ops = Operations(files, allow_other=allow_other)
     options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"] + (["debug"] if debug else []) \
         + (["allow_other", "default_permissions"] if allow_other else [])
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-in-place-conversion", action="store_true",
                         help="play a kernel booted with kvm.gmem_in_place_conversion=0")
     parser.add_argument("--allow-other", action="store_true", help="serve other users (files belong to their creator)")
+    parser.add_argument("--max-memory", type=int, help="cap on committed guest memory, in bytes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus = parse_cpu_list(args.cpus) if args.cpus else None
         serve(args.mountpoint, ready=lambda: report(f"ready {os.getpid()}\n"), default_backend=args.backend,
               debug=args.debug, cpus=cpus, in_place_conversion=not args.no_in_place_conversion,
-              allow_other=args.allow_other)
+              allow_other=args.allow_other, max_memory=args.max_memory)
     except Exception as exc:  # noqa: BLE001 - reported to the waiting parent, then fatal
         report(f"error {exc}\n")
         log.exception("server failed")

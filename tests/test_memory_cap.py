@@ -1,0 +1,139 @@
+"""Memory bounds of a mount (issue 9): readahead allocates nothing, and ``--max-memory`` is a real cap.
+
+* Reading one byte of a mapping fills the page cache with a whole readahead window. Those pages are served
+  as zeros without allocating backend memory (the kernel's guest_memfd has no readahead and allocates only
+  at a fault); pages the mapping then writes are allocated when their write-back arrives, and no others.
+  Before, reading one byte allocated the whole window (up to 4 MiB).
+* Under ``ufsgmem mount --max-memory`` the request that needs memory past the cap fails: a fault gets
+  SIGBUS (its fill is ENOMEM), ``allocate``, a guest write and a preallocating ``create`` get ENOMEM with a
+  message, and nothing of a refused request changes. Every byte a mapping wrote before the cap is kept
+  (a write-back is never refused), the server lives on, and punching a range gives its memory back.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fusefix import Gmem, gmem, fuse_mount, mounted, requires_fuse  # noqa: F401 (fixtures)
+
+pytestmark = [requires_fuse, pytest.mark.fuse]
+PS = 4096
+MiB = 1 << 20
+
+
+def test_reading_one_byte_allocates_nothing(gmem):
+    g = gmem(64 * MiB)
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    try:
+        with mmap.mmap(fd, g.size) as m:
+            assert m[5 * MiB] == 0
+            st = g.status()
+            assert st["page_cache_bytes_max"] >= PS, "the read was served through the page cache"
+            assert st["allocated_bytes"] == 0 and st["backend_bytes"] == 0, st
+            m[5 * MiB] = 7
+            assert g.guest_read(5 * MiB, 2) == b"\x07\x00"  # the dirty page is written back first
+            st = g.status()
+            assert st["allocated_bytes"] == PS and st["backend_bytes"] == PS, st
+    finally:
+        os.close(fd)
+
+
+WRITER = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+size = int(sys.argv[2])
+m = mmap.mmap(fd, size)
+for page in range(size // 4096):
+    m[page * 4096:page * 4096 + 8] = (page + 1).to_bytes(8, "little")  # SIGBUS ends us at the cap
+    os.write(1, b"%d\\n" % page)
+"""
+
+
+def write_until_refused(g: Gmem) -> list[int]:
+    """Pages a child process wrote (one mapping, in order) before a fault was refused with SIGBUS."""
+    child = subprocess.run([sys.executable, "-c", WRITER, g.path("mem"), str(g.size)], capture_output=True,
+                           timeout=120)
+    assert child.returncode == -signal.SIGBUS, (child.returncode, child.stderr.decode()[-2000:])
+    return [int(n) for n in child.stdout.split()]
+
+
+def refused(fn) -> OSError:
+    with pytest.raises(OSError) as info:
+        fn()
+    return info.value
+
+
+def test_max_memory_refuses_the_request_that_needs_more():
+    cap = 8 * MiB
+    with mounted(max_memory=cap) as mount:
+        mount.ctl(f"create vm size={64 * MiB} flags=mmap|init_shared")
+        g = Gmem(mount, "vm", 64 * MiB)
+        written = write_until_refused(g)
+        assert written == list(range(len(written))), "pages were written in order, each acknowledged"
+        assert cap - MiB <= len(written) * PS <= cap, len(written) * PS  # readahead ahead of the writer is committed
+        st = g.status()
+        assert st["committed_bytes"] <= cap and st["mount_memory"] == {"max": cap, "committed": st["committed_bytes"]}
+
+        # refused, with a reason, and nothing changed
+        allocated = st["allocated_bytes"]
+        exc = refused(lambda: g.request(f"allocate offset={32 * MiB:#x} size={8 * MiB:#x}"))
+        assert exc.errno == errno.ENOMEM
+        exc = refused(lambda: g.guest_write(40 * MiB, b"x"))
+        assert exc.errno == errno.ENOMEM
+        exc = refused(lambda: mount.ctl(f"create big size={64 * MiB} backend=sim page_size=2M"))
+        assert exc.errno == errno.ENOMEM, "a preallocating create past the cap"
+        assert not os.path.exists(os.path.join(mount.path, "big"))
+        exc = refused(lambda: g.guest_read(40 * MiB, 1))
+        assert exc.errno == errno.ENOMEM, "a vCPU's first touch allocates, as a guest fault does"
+        st = g.status()
+        assert st["allocated_bytes"] >= allocated and st["committed_bytes"] <= cap
+
+        # every acknowledged write is there (the guest read writes the dirty pages back first)
+        data = g.guest_read(0, len(written) * PS)
+        for page in written:
+            assert data[page * PS:page * PS + 8] == (page + 1).to_bytes(8, "little"), f"page {page} lost"
+        assert g.status()["committed_bytes"] <= cap, "write-backs of charged pages need nothing more"
+
+        # punching gives the memory back: the next writer gets as far again
+        g.request(f"punch_hole offset=0 size={64 * MiB:#x}")
+        st = g.status()
+        assert st["committed_bytes"] == 0 and st["mount_memory"]["committed"] == 0, st
+        assert abs(len(write_until_refused(g)) - len(written)) * PS <= MiB
+
+
+def test_max_memory_is_given_back_when_a_file_goes():
+    cap = 4 * MiB
+    with mounted(max_memory=cap) as mount:
+        mount.ctl(f"create a size={16 * MiB} flags=mmap|init_shared")
+        a = Gmem(mount, "a", 16 * MiB)
+        a.request(f"allocate offset=0 size={4 * MiB:#x}")
+        mount.ctl(f"create b size={16 * MiB} flags=mmap|init_shared")
+        b = Gmem(mount, "b", 16 * MiB)
+        assert refused(lambda: b.request(f"allocate offset=0 size={PS:#x}")).errno == errno.ENOMEM
+        assert b.status()["mount_memory"]["committed"] == cap
+        mount.ctl("destroy a")
+        b.request(f"allocate offset=0 size={4 * MiB:#x}")
+        assert b.status()["mount_memory"] == {"max": cap, "committed": cap}
+
+
+def test_max_memory_messages():
+    out = subprocess.run([sys.executable, "-m", "ufsgmem", "mount", "/nonexistent", "--max-memory", "lots"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "not a size" in out.stderr, out.stderr
+    with mounted(max_memory=MiB) as mount:
+        mount.ctl(f"create c size={4 * MiB} flags=mmap|init_shared")
+        fd = os.open(os.path.join(mount.path, "c", "ctl"), os.O_RDWR)
+        try:
+            with pytest.raises(OSError):
+                os.write(fd, f"allocate offset=0 size={2 * MiB:#x}".encode())
+            reason = os.read(fd, 4096).decode()
+        finally:
+            os.close(fd)
+        assert "ENOMEM" in reason and "--max-memory" in reason and "0 of 1M committed" in reason, reason

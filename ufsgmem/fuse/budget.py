@@ -1,0 +1,122 @@
+"""The mount's memory cap (``ufsgmem mount --max-memory``): what guest memory the mount has committed.
+
+A folio of a file is *committed* when the backend holds memory for it or when some page of it was handed
+to the kernel's page cache since its last revocation (``Entry.cached``): a page served as zeros without
+being allocated (``GuestMemfd.host_fill``) still needs its folio the moment a mapping writes it and the
+write-back arrives. Charging at the fill, not at the write-back, is what makes the cap safe: a write-back
+is never refused for want of memory (the kernel would drop the page's data), and the request that meets
+the cap is the one that asks for more (a fill: the faulting process gets SIGBUS; ``fallocate``, a guest
+access or ``create``: ENOMEM), never an OOM kill of the server.
+
+The count is folio-granular (a 2 MiB THP or hugetlb folio costs 2 MiB however little of it is used) and
+conservative: the kernel may drop clean page-cache pages without telling FUSE, so a folio stays committed
+until a conversion or punch-hole revokes it or the file is freed. The page cache itself (one more copy of
+every mapped page) is not counted; ``status`` reports it separately as ``page_cache_bytes_max``.
+
+Every change to the count is made under the file's ``Entry.state`` lock together with the change of the
+maps it derives from, so concurrent fills and revocations of one file never count a folio twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import TYPE_CHECKING
+
+from ..address import format_size
+from ..errors import fail
+from ..uapi import PAGE_SHIFT
+
+if TYPE_CHECKING:
+    from .inodes import Entry
+
+
+class MemoryBudget:
+    """Committed bytes of a mount against an optional cap; thread-safe."""
+
+    def __init__(self, cap: int | None = None):
+        if cap is not None and cap <= 0:
+            raise ValueError(f"a memory cap must be positive, not {cap}")
+        self.cap = cap
+        self.committed = 0
+        self._lock = threading.Lock()
+
+    def charge(self, nbytes: int, *, force: bool = False) -> None:
+        """Commit ``nbytes`` more; ENOMEM (and nothing committed) past the cap unless ``force``d."""
+        with self._lock:
+            if not force and self.cap is not None and self.committed + nbytes > self.cap:
+                raise fail(errno.ENOMEM, f"{format_size(nbytes)} more would pass the mount's memory cap: "
+                                         f"{format_size(self.committed)} of {format_size(self.cap)} committed "
+                                         "(ufsgmem mount --max-memory)")
+            self.committed += nbytes
+
+    def uncharge(self, nbytes: int) -> None:
+        with self._lock:
+            self.committed -= nbytes
+
+    def status(self) -> dict:
+        return {"max": self.cap, "committed": self.committed}
+
+
+def committed_folios(entry: "Entry", first: int, last: int) -> int:
+    """Committed folios among those overlapping pages ``[first, last)``. entry.state held."""
+    step = entry.gm.folio_size >> PAGE_SHIFT
+    f0, f1 = first // step, -(-last // step)
+    p0, p1 = f0 * step, min(f1 * step, entry.gm.size >> PAGE_SHIFT)
+    spans = [(s // step, -(-e // step)) for s, e in entry.gm.allocated_runs(p0, p1)]
+    spans += [(s // step, -(-e // step)) for s, e, v in entry.cached.runs(p0, p1) if v]
+    total, reach = 0, f0
+    for s, e in sorted(spans):
+        s = max(s, reach)
+        if e > s:
+            total += e - s
+            reach = e
+    return total
+
+
+def overlapping_folios(entry: "Entry", first: int, last: int) -> int:
+    step = entry.gm.folio_size >> PAGE_SHIFT
+    return -(-last // step) - first // step
+
+
+class Charges:
+    """Keeps each file's share of a mount's :class:`MemoryBudget` equal to its committed folios."""
+
+    def __init__(self, budget: MemoryBudget):
+        self.budget = budget
+
+    def reserve(self, entry: "Entry", first: int, last: int) -> int:
+        """Before pages ``[first, last)`` become committed (a fill, an allocation): charge the folios that
+        are not yet, ENOMEM past the cap. Returns the bytes charged, for :meth:`refund` if the change fails.
+        entry.state held."""
+        if first >= last:
+            return 0
+        need = (overlapping_folios(entry, first, last) - committed_folios(entry, first, last)) * entry.gm.folio_size
+        if need:
+            self.budget.charge(need)
+            entry.charged += need
+        return need
+
+    def refund(self, entry: "Entry", nbytes: int) -> None:
+        if nbytes:
+            self.budget.uncharge(nbytes)
+            entry.charged -= nbytes
+
+    def recount(self, entry: "Entry", first: int, last: int, change) -> None:
+        """Run ``change`` (which may commit or release pages of ``[first, last)`` only) and follow it: a
+        release gives the memory back, a commit it could not refuse (a write-back) is charged over the cap.
+        entry.state held."""
+        before = committed_folios(entry, first, last)
+        try:
+            change()
+        finally:
+            delta = (committed_folios(entry, first, last) - before) * entry.gm.folio_size
+            if delta > 0:
+                self.budget.charge(delta, force=True)
+            elif delta < 0:
+                self.budget.uncharge(-delta)
+            entry.charged += delta
+
+    def free(self, entry: "Entry") -> None:
+        """The file's memory went back (its last reference is gone). entry.state held."""
+        self.refund(entry, entry.charged)
