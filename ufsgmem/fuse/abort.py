@@ -113,6 +113,9 @@ def start_watcher(mountpoint: str) -> subprocess.Popen:
     parent = os.getpid()
 
     def die_with_parent() -> None:
+        # Blocked before exec (a blocked mask survives it): a server dying while the watcher's Python
+        # still starts leaves the signal pending for its sigwait, instead of killing it unheard.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
     return subprocess.Popen([sys.executable, "-m", "ufsgmem.fuse.abort", "--watch", str(parent), mountpoint],
