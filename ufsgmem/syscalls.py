@@ -1,9 +1,13 @@
-"""System calls the standard library lacks (``fallocate(2)`` with a mode, ``mincore(2)``), a liveness
+"""System calls the standard library lacks (``fallocate(2)`` with a mode, ``mincore(2)``, a ``madvise(2)``
+that lets other threads run), a liveness
 check of a process by pid, and the kernel's CPU-list format (``0,2-3``) for pinning the server.
 
 ``os.posix_fallocate`` takes no mode, so PUNCH_HOLE needs libc's ``fallocate``; ``mincore`` tells which
 pages of a mapping are resident (how the tests and benchmarks see revocation and page-cache cost without
-timing anything). Errors are ``OSError`` with the kernel's errno.
+timing anything). ``mmap.madvise`` holds the GIL for the whole call, and MADV_POPULATE_WRITE allocates:
+under a memory cgroup limit it can wait in reclaim for a FUSE write-back that another thread of the same
+server must serve, in Python, which then needs the GIL (measured: a hang). ctypes releases it.
+Errors are ``OSError`` with the kernel's errno.
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ from .uapi import PAGE_SIZE
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2) on ``[address, address + length)``, without holding the GIL; OSError with the errno."""
+    if _libc.madvise(address, length, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise({address:#x}, {length:#x}, {advice}): {os.strerror(err)}")
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

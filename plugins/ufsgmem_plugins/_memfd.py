@@ -29,7 +29,7 @@ import numpy as np
 
 from ufsgmem.backend import Backend, PhysExtent
 from ufsgmem.errors import fail
-from ufsgmem.syscalls import fallocate
+from ufsgmem.syscalls import fallocate, madvise
 from ufsgmem.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, MADV_POPULATE_READ, MADV_POPULATE_WRITE, \
     PAGE_SHIFT, PAGE_SIZE
 
@@ -134,8 +134,9 @@ class MemfdBackend(Backend):
         self._view[offset:offset + len(data)] = data
 
     def allocate(self, offset, size):
-        # Fault the pages into our mapping so pagemap can see them (fallocate alone would not map them).
-        self._map.madvise(MADV_POPULATE_WRITE, offset, size)
+        # Fault the pages into our mapping so pagemap can see them (fallocate alone would not map them),
+        # with the GIL released: the allocation may wait in reclaim for write-backs other threads serve.
+        madvise(self._address + offset, size, MADV_POPULATE_WRITE)
 
     def punch_hole(self, offset, size):
         fallocate(self._fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, size)
@@ -157,7 +158,7 @@ class MemfdBackend(Backend):
     def _fault_in_for_pagemap(self, start: int, end: int) -> bool:
         """Fault ``[start, end)``, which the file holds, into our mapping so pagemap can name its frames;
         True if anything was done."""
-        self._map.madvise(MADV_POPULATE_READ, start, end - start)
+        madvise(self._address + start, end - start, MADV_POPULATE_READ)
         return True
 
     def physical_extents(self):

@@ -32,6 +32,7 @@ import time
 from ufsgmem.address import format_size
 from ufsgmem.errors import fail
 from ufsgmem.runmap import RunMap
+from ufsgmem.syscalls import madvise
 from ufsgmem.uapi import MADV_POPULATE_WRITE, MFD_HUGETLB, MFD_HUGE_1GB, MFD_HUGE_2MB, SZ_1G, SZ_2M
 
 from ._memfd import MemfdBackend
@@ -115,7 +116,8 @@ class HugetlbBackend(MemfdBackend):
                 progress(start + length, self.size)
 
     def _populate(self, offset: int, size: int) -> None:
-        self._map.madvise(MADV_POPULATE_WRITE, offset, size)
+        # GIL released: other requests keep being served while gigabytes are preallocated
+        madvise(self._address + offset, size, MADV_POPULATE_WRITE)
         self._folios.set(offset // self.page_size, (offset + size) // self.page_size, 1)
 
     def allocate(self, offset, size):

@@ -28,6 +28,7 @@ import resource
 import threading
 
 from ..syscalls import parse_cpu_list, pin_process, prctl
+from . import memcg
 from .abort import mount_path, start_watcher, unescape
 from .files import Files
 from .inodes import ROOT_INO, Namespace
@@ -165,6 +166,7 @@ def harden() -> None:
     * ``PR_SET_IO_FLUSHER``: this process writes back dirty pages for others (its WRITE handlers), so its
       own allocations must not wait on that write-back when memory is tight (the kernel then avoids
       reclaim that would recurse into FUSE I/O), as for other userspace block and filesystem servers.
+      Without it, a warning when this process's memory cgroup has a limit (``memcg.py``).
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -174,6 +176,9 @@ def harden() -> None:
     except OSError as exc:  # needs CAP_SYS_RESOURCE, which some containers withhold even from root
         log.info("PR_SET_IO_FLUSHER unavailable (%s): keep the server out of memory cgroups it serves "
                  "(docs/reliability.md)", os.strerror(exc.errno))
+        warning = memcg.limit_warning()
+        if warning:  # the deadlock the deployment rule avoids is possible: say so where it will be read
+            log.warning("%s", warning)
     # A caller with these blocked (they are inherited through fork and exec) would get a server that
     # ignores `ufsgmem umount`.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, LOOP_SIGNALS)
