@@ -134,8 +134,10 @@ class Files:
         parts = []
         for rng in ranges:
             first, last = rng.start >> PAGE_SHIFT, -(-rng.end // PAGE_SIZE)
-            parts += [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for s, e, v in entry.cached.runs(first, last) if v]
-            self._mark_cached(entry, first, last, 0)
+            cached = [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for s, e, v in entry.cached.runs(first, last) if v]
+            if cached:
+                self._mark_cached(entry, first, last, 0)
+                parts += cached
         return tuple(parts)
 
     def _mark_cached(self, entry: Entry, first: int, last: int, value: int) -> None:
@@ -153,8 +155,11 @@ class Files:
                 transition.abort()
             raise
         with entry.state:
-            first, last = transition.range.start >> PAGE_SHIFT, -(-transition.range.end // PAGE_SIZE)
-            self.charges.recount(entry, first, last, transition.commit)  # a punch gives memory back
+            if transition.kind == "punch_hole":  # gives memory back; a conversion keeps what it had
+                first, last = transition.range.start >> PAGE_SHIFT, -(-transition.range.end // PAGE_SIZE)
+                self.charges.recount(entry, first, last, transition.commit)
+            else:
+                transition.commit()
             if transition.revoke:  # the counters GuestMemfd._run keeps when it revokes in-process
                 entry.gm.counters.revocations += 1
                 entry.gm.counters.revoked_bytes += sum(r.size for r in transition.revoke)
