@@ -9,24 +9,25 @@ no swap:
   limit ~500 000 times: clean pages are dropped and fault back from the server), and every byte reads back,
   in the mapper and through ``guest``. Limits down to 12 MiB complete too; at 8 MiB the mapper's own
   interpreter does not fit and the OOM killer takes it.
-* **Server and mapper in one limited cgroup**: with 64 or 128 MiB (little above what the three Python
-  processes need, ~40 MiB) the OOM killer takes the server within a second and the mapper gets SIGBUS. With
-  more room (160-240 MiB for a 256 MiB file, 256 MiB for 1 GiB) it hangs every time: a server thread
-  allocates, the charge reclaims, reclaim waits in ``folio_wait_writeback`` for a FUSE page under
-  write-back that only the server can finish, and the threads holding those write-backs wait for the GIL.
-  Releasing the GIL around the backend's MADV_POPULATE_WRITE did not end it (measured after that change:
-  one thread in ``folio_wait_bit``, six on a futex, nine idle): any allocation made with the GIL held,
-  Python's own heap included, can wait in that reclaim. The mapper waits on its fault. Raising the limit
-  does not end it; aborting the FUSE connection does.
-  (512 MiB for 1 GiB hung in ``reclaim_throttle`` instead, which raising the limit did end.)
-  ``PR_SET_IO_FLUSHER`` would keep that reclaim from waiting on write-back, but needs CAP_SYS_RESOURCE
-  (EPERM in this container). Hence ``test_a_server_sharing_a_limited_cgroup_hangs_no_mapper`` is a strict
-  xfail: it turns red when a fix lands, and it aborts the connection so nothing stays wedged.
+* **Server and mapper in one limited cgroup**, as it was: with 64 or 128 MiB (little above what the three
+  Python processes need, ~40 MiB) the OOM killer took the server within a second and the mapper got
+  SIGBUS. With more room (160-240 MiB for a 256 MiB file, 256 MiB for 1 GiB) it hung every time: a server
+  thread allocates, the charge reclaims, reclaim waits in ``folio_wait_writeback`` for a FUSE page under
+  write-back that only the server can finish, and the threads serving those write-backs wait for the
+  lock or the GIL the first one holds. Neither releasing the GIL around the backend's allocation nor
+  allocating before taking the file's lock ended it (then six threads waited in reclaim at once, each for
+  a write-back another was serving): every write-back needs memory, and only write-backs free it there.
+  Raising the limit did not end it; aborting the FUSE connection did. ``PR_SET_IO_FLUSHER`` would keep
+  that reclaim from waiting, but needs CAP_SYS_RESOURCE (EPERM in this container).
+* **So a server started in a limited cgroup leaves it** (``server.harden``): it moves to the nearest
+  cgroup no limit binds and keeps the tightest limit as its ``--max-memory``. The mapper in that cgroup
+  then completes, with reclaim writing pages back (176 MiB under 200 MiB), or meets the cap with SIGBUS
+  (256 MiB): ``test_a_server_started_in_a_limited_cgroup_leaves_it_and_hangs_no_mapper``.
 
 Every wait is bounded by the mapper's progress (it reports every 8 MiB); on a stall the connection is
 aborted first, the processes are ours and are ended by pid, and each cgroup made here is removed even when
-the test fails. The last tests check :mod:`ufsgmem.fuse.memcg` (the warning the server logs when its own
-memory cgroup has a limit) on fake cgroup trees and on a real one.
+the test fails. The last tests check :mod:`ufsgmem.fuse.memcg` (finding the limits that bind a process,
+and the warning the server logs where it cannot leave them) on fake cgroup trees and on a real one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
 import os
 import selectors
 import signal
@@ -92,6 +94,12 @@ class Cgroup:
     def oom_kills(self) -> int:
         text = self._read("memory.oom_control" if self.version == 1 else "memory.events")
         return int(dict(line.split() for line in text.splitlines()).get("oom_kill", 0))
+
+    def limit_hits(self) -> int:
+        """How often a charge met the limit (v1 memory.failcnt; v2 the "max" events)."""
+        if self.version == 1:
+            return int(self._read("memory.failcnt"))
+        return int(dict(line.split() for line in self._read("memory.events").splitlines()).get("max", 0))
 
     def pids(self) -> list[int]:
         with contextlib.suppress(OSError):
@@ -363,22 +371,27 @@ def server_in(cg: Cgroup):
 @requires_fuse
 @pytest.mark.fuse
 @pytest.mark.timeout(400)
-@pytest.mark.xfail(strict=True, raises=Hang, reason=(
-    "deadlock (Linux 6.18, cgroup v1): a server thread allocates while holding the GIL; the memcg charge "
-    "reclaims and waits in folio_wait_writeback for a FUSE page under write-back whose WRITE another server "
-    "thread holds, waiting for the GIL; raising the limit does not end it. PR_SET_IO_FLUSHER "
-    "would keep that reclaim from waiting but needs CAP_SYS_RESOURCE (EPERM here); the deployment rule "
-    "(docs/reliability.md) keeps the server out of its mappers' limited cgroup"))
-def test_a_server_sharing_a_limited_cgroup_hangs_no_mapper():
+@pytest.mark.parametrize("size, ending", [(176 * MIB, "completed"), (256 * MIB, "SIGBUS")])
+def test_a_server_started_in_a_limited_cgroup_leaves_it_and_hangs_no_mapper(size, ending):
+    """Started inside its mappers' limited cgroup (where it used to hang them all, see the module
+    docstring), the server moves itself out at start and keeps the limit as its memory cap. A mapper in
+    that cgroup then completes (176 MiB: more than the cgroup holds beside the mapper's own ~35 MiB, so
+    reclaim writes pages back, and less than the cap) with every byte checked, or runs into the cap with
+    SIGBUS (256 MiB): never a hang."""
+    limit = 200 * MIB
     with contextlib.ExitStack() as stack:
-        cg = stack.enter_context(memory_cgroup())
+        cg = stack.enter_context(memory_cgroup(limit))
         mount = stack.enter_context(server_in(cg))
-        # Room for the mapper's interpreter and some page cache, not for the 256 MiB backend. With ~80 MiB of
-        # room or less (limits of 64 and 128 MiB here) the OOM killer takes the server at once instead: no
-        # hang, but nothing learned about reclaim waiting on write-back.
-        cg.set_limit(cg.usage() + 160 * MIB)
-        result = run_mapper(cg, mount.path, 256 * MIB, stall=20, watch={"server": mount.pid})
-        assert result in ENDINGS
+        with open(cg.procs) as f:
+            assert str(mount.pid) not in f.read().split(), "the server is still in the limited cgroup"
+        assert "left memory cgroup" in mount.log and "= 200M)" in mount.log, mount.log
+        assert run_mapper(cg, mount.path, size, stall=20, watch={"server": mount.pid}) == ending
+        if ending == "completed":
+            assert cg.limit_hits() > 0, "the mapper's cgroup never met its limit: nothing was tested"
+        with open(os.path.join(mount.path, "ctl"), "w") as f:
+            f.write("create probe size=4096 flags=mmap|init_shared")
+        with open(os.path.join(mount.path, "probe", "status")) as f:
+            assert json.load(f)["mount_memory"]["max"] == limit
 
 
 # --- ufsgmem.fuse.memcg: the warning the server logs -----------------------------------------------------
@@ -457,18 +470,3 @@ def test_warning_in_a_real_limited_cgroup():
         assert (cg.directory, 96 * MIB) in eval(limits)  # noqa: S307 (our own repr of a list of tuples)
         assert warning.startswith("this server runs under a memory limit ")
 
-
-@requires_fuse
-@pytest.mark.fuse
-@pytest.mark.timeout(120)
-def test_a_server_started_in_a_limited_cgroup_logs_the_rule():
-    """The warning reaches the server's log at start (PR_SET_IO_FLUSHER is refused in this container; where
-    it is granted, sharing is safe and nothing is logged)."""
-    with memory_cgroup() as cg:
-        cg.set_limit(cg.usage() + 1024 * MIB)  # room enough: this test is about the log, not reclaim
-        with server_in(cg) as mount:
-            log = mount.log
-            if "PR_SET_IO_FLUSHER unavailable" not in log:
-                assert "memory limit" not in log
-            else:
-                assert "WARNING this server runs under a memory limit" in log, log

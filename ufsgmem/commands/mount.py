@@ -13,6 +13,12 @@ shared→private→shared round trip through ``ctl`` took ~165 µs with the call
 first-touch throughput of a mapping halved here (2.0 → 1.0 GB/s). So pin when conversion latency
 matters most, and pin the VMM thread that converts to the same CPU.
 
+--max-memory SIZE bounds the guest memory the mount commits (a folio counts from the moment a mapping
+reads any of it in until it is revoked, punched or freed): past it the request that needs more fails,
+a fault with SIGBUS, fallocate, guest accesses and preallocating creates with ENOMEM. A server started
+inside a limited memory cgroup leaves it (where the kernel refuses PR_SET_IO_FLUSHER, sharing such a
+cgroup with the processes that map its files can deadlock them all) and takes the limit as its cap.
+
 The layout: MOUNTPOINT/ctl creates and destroys guest_memfd files (`echo create vm size=1G
 flags=mmap|init_shared > MOUNTPOINT/ctl`); each one appears as MOUNTPOINT/NAME/{mem,ctl,guest,status,
 snapshot}.

@@ -1,4 +1,4 @@
-"""Is this server in a memory cgroup with a limit? The deployment rule of docs/reliability.md, checked.
+"""Is this server in a memory cgroup with a limit? If so, leave it (or say why not): docs/reliability.md.
 
 The server writes back dirty pages for the processes that map its files, and a write-back can allocate
 backend memory. If the server shares a *limited* memory cgroup with those processes, reclaim in that cgroup
@@ -9,12 +9,14 @@ to 160-240 MiB, hung every time (a server thread in ``folio_wait_writeback`` und
 or 128 MiB the OOM killer took the server. With the server outside, a mapper limited to 64 MiB dirtied
 1 GiB and every byte came back.
 
-:func:`limit_warning` is what the server calls at start: one line to log, or None. It reads the calling
-process's memory cgroup from ``/proc/self/cgroup`` and the cgroup mounts from ``/proc/self/mountinfo``, and
-walks from that cgroup up to the root of its hierarchy: a cgroup v1 ``memory.limit_in_bytes`` or a cgroup
-v2 ``memory.max`` anywhere on the way counts (a limit on an ancestor binds the server too). Every input can
-be given instead, so a fake directory tree can be checked. It never raises for what it cannot read.
-``server.harden`` logs it as a warning when ``PR_SET_IO_FLUSHER`` (which would make sharing safe) is refused.
+:func:`memory_limits` reads the calling process's memory cgroup from ``/proc/self/cgroup`` and the cgroup
+mounts from ``/proc/self/mountinfo``, and walks from that cgroup up to the root of its hierarchy: a cgroup v1
+``memory.limit_in_bytes`` or a cgroup v2 ``memory.max`` anywhere on the way counts (a limit on an ancestor
+binds the server too). Every input can be given instead, so a fake directory tree can be checked; nothing
+raises for what it cannot read. When ``PR_SET_IO_FLUSHER`` (which would make sharing safe) is refused,
+``server.harden`` calls :func:`leave_limits` at start: the server moves to the parent of the topmost limited
+cgroup and keeps the tightest limit as its memory cap; where it cannot (a container that sees only its own
+subtree), it logs :func:`limit_warning`.
 """
 
 from __future__ import annotations
@@ -175,3 +177,26 @@ def limit_warning(proc_cgroup: str | None = None, mountinfo: str | None = None) 
             f"{tightest.cgroup}): if processes that map its files share that cgroup, reclaim there can wait for "
             f"write-backs only this server serves and hang them all; run the server in its own memory cgroup "
             f"(docs/reliability.md)")
+
+
+def leave_limits(proc_cgroup: str | None = None, mountinfo: str | None = None) -> tuple[list[MemoryLimit], str | None]:
+    """Move this process out of every limited memory cgroup, into the parent of the topmost limited one
+    (limits bind a whole subtree, so that is the nearest place none applies). Returns the limits it was
+    under and None, or the limits and why it could not leave them (a container that sees only its own
+    subtree, no permission, cgroup v2's rule against processes in inner cgroups)."""
+    limits = memory_limits(proc_cgroup, mountinfo)
+    if not limits:
+        return [], None
+    for knob in {lim.knob for lim in limits}:
+        top = [lim for lim in limits if lim.knob == knob][-1]  # nearest first: the last is the topmost
+        target = os.path.dirname(top.directory.rstrip("/"))
+        try:
+            with open(os.path.join(target, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as exc:
+            return limits, f"cannot move to {target}: {exc.strerror}"
+    if proc_cgroup is None:  # this very process: see where it ended up (a fake tree cannot tell)
+        left = memory_limits()
+        if left:
+            return limits, f"still under {left[0].knob} = {_size(left[0].limit)} on {left[0].cgroup} after moving"
+    return limits, None

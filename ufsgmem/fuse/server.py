@@ -27,6 +27,7 @@ import urllib.parse
 import resource
 import threading
 
+from ..address import format_size
 from ..syscalls import parse_cpu_list, pin_process, prctl
 from . import memcg
 from .abort import mount_path, start_watcher, unescape
@@ -158,30 +159,44 @@ BDI_TUNING = {"read_ahead_kb": 4096, "max_ratio": 100}
 PR_SET_IO_FLUSHER = 57
 
 
-def harden() -> None:
-    """Process settings a server needs to stay up (docs/reliability.md):
+def harden() -> int | None:
+    """Process settings a server needs to stay up (docs/reliability.md); returns a memory limit the server
+    left behind, which the caller applies as its ``--max-memory``:
 
     * the descriptor limit raised to the hard limit: each file costs a backend memfd and a write-back
       descriptor, and a revocation that cannot open one must not fail for that;
     * ``PR_SET_IO_FLUSHER``: this process writes back dirty pages for others (its WRITE handlers), so its
       own allocations must not wait on that write-back when memory is tight (the kernel then avoids
-      reclaim that would recurse into FUSE I/O), as for other userspace block and filesystem servers.
-      Without it, a warning when this process's memory cgroup has a limit (``memcg.py``).
+      reclaim that would recurse into FUSE I/O), as for other userspace block and filesystem servers;
+    * without it, no limited memory cgroup: there a write-back's allocation can wait in reclaim for other
+      write-backs only this server serves, and every thread ends up waiting (measured: a hang, see
+      ``memcg.py``). The server moves itself to the nearest cgroup no limit binds, and the tightest limit
+      it left becomes its cap, enforced as ENOMEM at the request instead of by reclaim. Where it cannot
+      move (a container), it says so as a warning.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        prctl(PR_SET_IO_FLUSHER, 1)
-    except OSError as exc:  # needs CAP_SYS_RESOURCE, which some containers withhold even from root
-        log.info("PR_SET_IO_FLUSHER unavailable (%s): keep the server out of memory cgroups it serves "
-                 "(docs/reliability.md)", os.strerror(exc.errno))
-        warning = memcg.limit_warning()
-        if warning:  # the deadlock the deployment rule avoids is possible: say so where it will be read
-            log.warning("%s", warning)
     # A caller with these blocked (they are inherited through fork and exec) would get a server that
     # ignores `ufsgmem umount`.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, LOOP_SIGNALS)
+    try:
+        prctl(PR_SET_IO_FLUSHER, 1)
+        return None
+    except OSError as exc:  # needs CAP_SYS_RESOURCE, which some containers withhold even from root
+        log.info("PR_SET_IO_FLUSHER unavailable (%s): keep the server out of memory cgroups it serves "
+                 "(docs/reliability.md)", os.strerror(exc.errno))
+    limits, failed = memcg.leave_limits()
+    if not limits:
+        return None
+    tightest = min(limits, key=lambda lim: lim.limit)
+    if failed:
+        log.warning("%s (%s)", memcg.limit_warning() or "this server runs under a memory limit", failed)
+        return None
+    log.warning("left memory cgroup %s (%s = %s): a server sharing a limited cgroup with the processes that map "
+                "its files can hang them all; that limit now caps this mount as --max-memory would "
+                "(docs/reliability.md)", tightest.cgroup, tightest.knob, format_size(tightest.limit))
+    return tightest.limit
 
 
 def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
@@ -207,6 +222,9 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     check_mountpoint(mountpoint)
     if cpus:
         pin_process(cpus)
+    limit = harden()  # a memory cgroup limit it had to leave becomes the cap (the tighter one wins)
+    if limit is not None:
+        max_memory = limit if max_memory is None else min(max_memory, limit)
     namespace = Namespace()
     files = Files(namespace, None, default_backend=default_backend, in_place_conversion=in_place_conversion,
                   max_memory=max_memory)
@@ -218,7 +236,6 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     mountpoint = os.path.realpath(mountpoint)
     pidfile = pidfile_path(mountpoint)
     os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-    harden()
     session = Session(ops, options, uid=os.getuid(), gid=os.getgid(), time_ns=ops.started_ns)
     ops.on_destroy = lambda name: session.inval_entry(ROOT_INO, name)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # libfuse installs its handlers only over the defaults
