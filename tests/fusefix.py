@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -56,6 +57,25 @@ def wait_freed(pid: int, memory: set[int], poke: str) -> bool:
             return True
         os.stat(poke)
     return not memory & memfds(pid)
+
+
+def wchan(pid: int) -> str:
+    """Where in the kernel ``pid`` waits ('' if gone): e.g. ``request_wait_answer`` for a FUSE request."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def wait_for(predicate, timeout: float, what) -> None:
+    """Poll ``predicate`` until true; after ``timeout`` s fail, saying ``what`` (or ``what()``, computed
+    then, for a report of the state at the time of failure)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
+        time.sleep(0.01)
 
 
 #: Why a real mount cannot work here (no /dev/fuse, no fusermount3, no compiled binding), or None.

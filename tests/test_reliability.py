@@ -23,11 +23,10 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
-from fusefix import fuse_mount, gmem, mounted, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import fuse_mount, gmem, mounted, requires_fuse, wait_for, wchan  # noqa: F401 (fixtures)
 from ufsgmem.client import GmemFile, Mount
 from ufsgmem.commands.umount import unmount
 from ufsgmem.fuse import server as fuse_server
@@ -71,22 +70,6 @@ try:
 except Exception as exc:
     print("error", exc)
 """
-
-
-def wchan(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/wchan") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 @contextlib.contextmanager

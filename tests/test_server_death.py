@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from fusefix import requires_fuse
+from fusefix import Mount, requires_fuse, wait_for, wchan
 from ufsgmem.commands.mount import start_background
 from ufsgmem.commands.umount import unmount
 from ufsgmem.fuse import server as fuse_server
@@ -61,14 +61,6 @@ BOUND = 30.0  # seconds a client may take to finish once its server is dead: a h
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
-def wchan(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/wchan") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def proc_state(pid: int) -> str:
     """State letter from /proc/PID/stat (R, S, D, T, Z...), '' if gone."""
     try:
@@ -90,29 +82,10 @@ def describe(pid: int) -> str:
     return f"pid {pid}:\n" + ("\n".join(lines) or "  (gone)")
 
 
-def wait_for(predicate, timeout: float, what) -> None:
-    """Poll ``predicate`` until true; after ``timeout`` s fail, saying ``what`` (or ``what()``, computed
-    then, for a report of the state at the time of failure)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
-        time.sleep(0.01)
-
-
 @dataclass
-class DyingMount:
-    path: str
-    pid: int
-    started: int | None
+class DyingMount(Mount):
+    started: int | None = None
     clients: list[subprocess.Popen] = field(default_factory=list)
-
-    def ctl(self, request: str) -> None:
-        fd = os.open(os.path.join(self.path, "ctl"), os.O_WRONLY)
-        try:
-            os.write(fd, request.encode())
-        finally:
-            os.close(fd)
 
     def server_is_ours(self) -> bool:
         """The server process still exists (maybe a zombie) and is the one we started (not a reused pid)."""
@@ -124,14 +97,6 @@ class DyingMount:
 
     def server_gone(self) -> bool:
         return not (self.server_is_ours() and pid_alive(self.pid))
-
-    @property
-    def log(self) -> str:
-        try:
-            with open(fuse_server.logfile_path(self.path)) as f:
-                return f.read()
-        except OSError:
-            return ""
 
     def client(self, code: str, *args: str) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
