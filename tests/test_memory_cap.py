@@ -137,3 +137,22 @@ def test_max_memory_messages():
         finally:
             os.close(fd)
         assert "ENOMEM" in reason and "--max-memory" in reason and "0 of 1M committed" in reason, reason
+
+
+def test_a_preallocating_create_past_the_cap_takes_no_huge_page(hugepages):
+    """hugetlb preallocates at create: past the cap the create is ENOMEM *before* it asks the pool (the
+    pool holds 8 MiB here, so a create that tried would fail for the pool, and say so), and one that fits
+    is charged in full at once."""
+    with hugepages(2 * MiB, 4), mounted(max_memory=8 * MiB) as mount:
+        fd = os.open(os.path.join(mount.path, "ctl"), os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as info:
+                os.write(fd, f"create big size={16 * MiB} flags=mmap backend=hugetlb page_size=2M".encode())
+            reason = os.read(fd, 4096).decode()
+        finally:
+            os.close(fd)
+        assert info.value.errno == errno.ENOMEM and "--max-memory" in reason, reason
+        mount.ctl(f"create fits size={8 * MiB} flags=mmap backend=hugetlb page_size=2M")
+        st = Gmem(mount, "fits", 8 * MiB).status()
+        assert st["committed_bytes"] == 8 * MiB and st["mount_memory"]["committed"] == 8 * MiB
+        mount.ctl("destroy fits")
