@@ -368,6 +368,8 @@ def test_file_ctl_fuzz(fuse_mount, gmem, requests):
             if data.split(b" ", 1)[0].rstrip(b"\n") == b"get_attributes":
                 assert after == before, f"{data[:120]!r} changed the state"
         assert sorted(os.listdir(fuse_mount.path)) == names, f"{data[:120]!r} changed the mount's files"
+        status = g.status()  # nothing maps the file, so what the memory budget counts is what is allocated
+        assert status["committed_bytes"] == status["allocated_bytes"], f"{data[:120]!r}: the budget lost count"
 
 
 def fuzz_file(gmem):
