@@ -410,6 +410,12 @@ def test_writers_and_a_converter_lose_nothing_and_see_nothing_foreign(gmem, tmp_
             compare(m[:], "host view (a fresh mapping)")
     finally:
         os.close(fd)
+    # The memory budget kept count through ~10 000 conversions racing fills and write-backs: a page is
+    # committed when allocated or possibly cached (4 KiB folios), and the mount holds only this file.
+    st = g.status()
+    allocated, cached, committed = st["allocated_bytes"], st["page_cache_bytes_max"], st["committed_bytes"]
+    assert max(allocated, cached) <= committed <= allocated + cached, st
+    assert st["mount_memory"]["committed"] >= committed, st
     # The run must have exercised what it is about: writes that died on a private page and were redone.
     assert conv["to_private"] > 0 and sigbus > 0, (conv, sigbus)
     assert acked == WRITERS * NEW_WRITES  # each write planned was acknowledged once, first try or retried
