@@ -156,3 +156,27 @@ def test_a_preallocating_create_past_the_cap_takes_no_huge_page(hugepages):
         st = Gmem(mount, "fits", 8 * MiB).status()
         assert st["committed_bytes"] == 8 * MiB and st["mount_memory"]["committed"] == 8 * MiB
         mount.ctl("destroy fits")
+
+
+def test_a_huge_folio_is_committed_whole(gmem, hugepages):
+    """The budget counts folios: one byte read from a punched 2 MiB hugetlb folio commits the whole folio
+    (its write-back will take a whole huge page), while nothing is allocated until that write-back."""
+    with hugepages(2 * MiB, 4):
+        g = gmem(8 * MiB, flags="mmap", backend="hugetlb", page_size="2M")
+        g.convert(0, g.size, private=False)
+        g.request(f"punch_hole offset={2 * MiB:#x} size={2 * MiB:#x}")
+        assert g.status()["committed_bytes"] == 6 * MiB
+        fd = os.open(g.path("mem"), os.O_RDWR)
+        try:
+            with mmap.mmap(fd, g.size) as m:
+                m.madvise(mmap.MADV_RANDOM)  # no readahead: exactly one page is filled
+                assert m[3 * MiB] == 0
+                st = g.status()
+                assert st["allocated_bytes"] == 6 * MiB and st["committed_bytes"] == 8 * MiB, st
+                m[3 * MiB] = 1
+                assert g.guest_read(3 * MiB, 1) == b"\x01"  # written back: the huge page comes back whole
+                st = g.status()
+                assert st["allocated_bytes"] == 8 * MiB and st["committed_bytes"] == 8 * MiB, st
+        finally:
+            os.close(fd)
+            g.mount.ctl(f"destroy {g.name}")  # its huge pages go back before the pool shrinks
