@@ -448,6 +448,28 @@ def test_warning_for_a_v2_memory_max(tmp_path):
                                info.replace("cgroup2 cgroup2", "tmpfs tmpfs")) is None
 
 
+def test_leaving_goes_to_the_parent_of_the_topmost_limit(tmp_path):
+    """Limits bind a whole subtree: leaving /vms/server/x under limits on /vms/server and /vms means
+    moving into / (here a fake tree, whose cgroup.procs is a plain file)."""
+    root = tmp_path / "memory"
+    tree(root, {"/": V1_UNLIMITED, "vms": str(512 * MIB), "vms/server": str(2 << 30), "vms/server/x": ""})
+    limits, failed = memcg.leave_limits("4:memory:/vms/server/x\n", mountinfo_v1(root))
+    assert failed is None and [lim.cgroup for lim in limits] == ["/vms/server", "/vms"]
+    assert (root / "cgroup.procs").read_text() == str(os.getpid())
+    assert (root / "vms" / "cgroup.procs").read_text() == ""
+
+
+def test_leaving_says_why_it_cannot(tmp_path):
+    """A container that sees only its own limited subtree has nowhere to go: the reason comes back."""
+    root = tmp_path / "memory"
+    tree(root, {"/": str(256 * MIB)})
+    limits, failed = memcg.leave_limits("4:memory:/\n", mountinfo_v1(root))
+    assert [lim.limit for lim in limits] == [256 * MIB]
+    assert failed is not None and "nowhere to go" in failed, failed
+    assert not (tmp_path / "cgroup.procs").exists(), "it wrote outside the cgroup hierarchy"
+    assert memcg.leave_limits("4:memory:/\n", "") == ([], None)  # nothing mounted: nothing to leave
+
+
 def test_a_container_sees_only_its_subtree(tmp_path):
     """mountinfo's root is the container's cgroup: paths are relative to it, and the walk stops at the top
     of what is mounted (the host's limits above are not visible, and not guessed)."""

@@ -190,9 +190,14 @@ def leave_limits(proc_cgroup: str | None = None, mountinfo: str | None = None) -
     for knob in {lim.knob for lim in limits}:
         top = [lim for lim in limits if lim.knob == knob][-1]  # nearest first: the last is the topmost
         target = os.path.dirname(top.directory.rstrip("/"))
-        try:
-            with open(os.path.join(target, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
+        if top.cgroup in ("/", "") or not os.path.exists(os.path.join(target, "cgroup.procs")):
+            return limits, f"nowhere to go: {top.cgroup} is the top of the hierarchy this server sees"
+        try:  # no O_CREAT: only ever into a cgroup's own file
+            fd = os.open(os.path.join(target, "cgroup.procs"), os.O_WRONLY)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
         except OSError as exc:
             return limits, f"cannot move to {target}: {exc.strerror}"
     if proc_cgroup is None:  # this very process: see where it ended up (a fake tree cannot tell)
