@@ -203,8 +203,12 @@ class Files:
         with entry.state:
             try:
                 # Allocates the pages a mapping wrote; their fill charged them (never refused here: the
-                # kernel would drop a page whose write-back fails).
-                self.charges.recount(entry, first, last, lambda: entry.gm.host_write(offset, data))
+                # kernel would drop a page whose write-back fails). Only a write-back racing its page's
+                # revocation (cached mark already cleared) can change the count.
+                if entry.cached.is_uniform(first, last, 1):
+                    entry.gm.host_write(offset, data)
+                else:
+                    self.charges.recount(entry, first, last, lambda: entry.gm.host_write(offset, data))
             except HostFault:
                 raise OSError(errno.EIO, "write-back of a private page or past EOF") from None
         return size
