@@ -274,13 +274,16 @@ class GuestMemfd:
         if attributes == SHARED:
             self._flip(first, last, SHARED)
             return None
-        pinned = self._pins.first(first, last, lambda count: count > 0)
+        pinned = None if self._pins.count(0) == self._npages else self._pins.first(first, last, lambda n: n > 0)
         if pinned is not None:
             self.counters.eagain += 1
             raise fail(errno.EAGAIN, f"page {pinned << PAGE_SHIFT:#x} is pinned; unpin it and retry",
                        error_offset=pinned << PAGE_SHIFT)
-        revoke = tuple(Range(s << PAGE_SHIFT, e << PAGE_SHIFT)
-                       for s, e, v in self._attrs.runs(first, last) if v == SHARED)
+        if self._attrs.is_uniform(first, last, SHARED):
+            revoke = (Range(offset, offset + size),)
+        else:
+            revoke = tuple(Range(s << PAGE_SHIFT, e << PAGE_SHIFT)
+                           for s, e, v in self._attrs.runs(first, last) if v == SHARED)
         return self._begin("to_private", Range(offset, offset + size), revoke,
                            lambda: self._flip(first, last, PRIVATE))
 
@@ -379,6 +382,10 @@ class GuestMemfd:
                 start, end = max(offset, s << PAGE_SHIFT), min(offset + size, e << PAGE_SHIFT)
                 out[start - offset:end - offset] = self.backend.view(start, end - start)
         return memoryview(out)
+
+    def any_allocated(self, first: int, last: int) -> bool:
+        """Whether the backend holds memory for any page of ``[first, last)``."""
+        return not self._allocated.is_uniform(first, last, 0)
 
     def allocated_runs(self, first: int, last: int):
         """``(start, end)`` page runs of ``[first, last)`` the backend holds memory for."""

@@ -13,7 +13,9 @@ overlaps plus one neighbour on each side, and moves at most one chunk's tail. A 
 bound is split; one that shrinks below a quarter of it is merged with a neighbour, so chunks stay between
 ``CHUNK_RUNS // 4`` and ``CHUNK_RUNS`` runs (a map with a single chunk may hold fewer) and the index stays
 ~1/300 of the runs. An update therefore costs O(log runs + runs touched) Python steps and no work that
-grows with the map.
+grows with the map. The update a 4 KiB conversion, fill or write-back makes (a range inside one run) is
+done in place by :meth:`RunMap._rewrite_in_run` without building the replacement lists: conversions go
+through a FUSE request each, so every Python step of it is on a caller's round trip.
 
 Per-value page counts are kept up to date by every update, so ``count(value)`` over the whole map (what
 ``GuestMemfd.status()`` asks for) is O(1); a ranged count walks the runs in the range.
@@ -114,6 +116,14 @@ class RunMap:
 
     def first(self, start: int, end: int, predicate) -> int | None:
         """The first page in ``[start, end)`` whose value satisfies ``predicate``, or None."""
+        self._check_range(start, end)
+        if start == end:
+            return None
+        c, j = self._locate(start)  # the common case, a range inside one run, without the generator
+        if predicate(self._cv[c][j]):
+            return start
+        if self._end_of(c, j) >= end:
+            return None
         for run_start, _, value in self.runs(start, end):
             if predicate(value):
                 return run_start
@@ -166,6 +176,8 @@ class RunMap:
         each side, build their canonical replacement, splice it in and move the page counts."""
         cs, cv = self._cs, self._cv
         c, j = self._locate(start)
+        if self._rewrite_in_run(c, j, start, end, operand, adding):
+            return
         if j > 0:  # step back to the left neighbour, so a merge with it happens in the rewrite
             j -= 1
         elif c > 0:
@@ -222,6 +234,83 @@ class RunMap:
                 new_values.append(v)
                 prev = v
         self._splice(lc, lj, c, j, new_starts, new_values)
+
+    def _rewrite_in_run(self, c: int, j: int, start: int, end: int, operand: int, adding: bool) -> bool:
+        """``[start, end)`` inside run ``j`` of chunk ``c`` (what a 4 KiB conversion or fill touches),
+        changed in place: the run is split, shrunk, or merged into a neighbour, with at most two runs
+        inserted or deleted in that one chunk. False, having changed nothing, when the range leaves the
+        run or a merge would reach into another chunk: the general rewrite handles those."""
+        cs, cv = self._cs, self._cv
+        starts, values = cs[c], cv[c]
+        n = len(starts)
+        s, v = starts[j], values[j]
+        e = self._end_of(c, j)
+        if end > e:
+            return False
+        w = v + operand if adding else operand
+        if w == v:
+            return True
+        left = values[j - 1] if j > 0 else (cv[c - 1][-1] if c > 0 else None)
+        right = values[j + 1] if j + 1 < n else (cv[c + 1][0] if c + 1 < len(cs) else None)
+        if s < start and end < e:                    # split in three
+            starts[j + 1:j + 1] = array("q", (start, end))
+            values[j + 1:j + 1] = array("q", (w, v))
+            grown = 2
+        elif s < start:                              # the run's tail changes
+            if right == w:
+                if j + 1 == n:
+                    return False
+                starts[j + 1] = start                # ... and joins the next run
+                grown = 0
+            else:
+                starts.insert(j + 1, start)
+                values.insert(j + 1, w)
+                grown = 1
+        elif end < e:                                # the run's head changes
+            if left == w:
+                if j == 0:
+                    return False
+                starts[j] = end                      # ... and joins the previous run
+                grown = 0
+            else:
+                values[j] = w
+                starts.insert(j + 1, end)
+                values.insert(j + 1, v)
+                grown = 1
+        elif left == w and right == w:               # the whole run, and both neighbours merge
+            if j == 0 or j + 1 == n:
+                return False
+            del starts[j:j + 2], values[j:j + 2]
+            grown = -2
+        elif left == w:
+            if j == 0:
+                return False
+            del starts[j], values[j]
+            grown = -1
+        elif right == w:
+            if j + 1 == n:
+                return False
+            del starts[j], values[j]
+            starts[j] = start
+            grown = -1
+        else:
+            values[j] = w
+            grown = 0
+        self._n += grown
+        self._move_count(v, w, end - start)
+        n += grown
+        if n > self.CHUNK_RUNS or (n < self.CHUNK_RUNS // 4 and len(cs) > 1):
+            self._fix_chunk(c)
+        return True
+
+    def _move_count(self, old: int, new: int, pages: int) -> None:
+        counts = self._counts
+        left = counts[old] - pages
+        if left:
+            counts[old] = left
+        else:
+            del counts[old]
+        counts[new] = counts.get(new, 0) + pages
 
     def _splice(self, lc: int, lj: int, rc: int, rj: int, new_starts: list[int],
                 new_values: list[int]) -> None:

@@ -63,6 +63,8 @@ def committed_folios(entry: "Entry", first: int, last: int) -> int:
     step = entry.gm.folio_size >> PAGE_SHIFT
     f0, f1 = first // step, -(-last // step)
     p0, p1 = f0 * step, min(f1 * step, entry.gm.size >> PAGE_SHIFT)
+    if f1 - f0 == 1:  # one folio (a 4 KiB conversion or write-back): two lookups, no run lists
+        return int(entry.gm.any_allocated(p0, p1) or not entry.cached.is_uniform(p0, p1, 0))
     spans = [(s // step, -(-e // step)) for s, e in entry.gm.allocated_runs(p0, p1)]
     spans += [(s // step, -(-e // step)) for s, e, v in entry.cached.runs(p0, p1) if v]
     total, reach = 0, f0
