@@ -31,7 +31,8 @@ def test_quick_bench_writes_every_target(tmp_path):
         assert figure["raw"]["value"]["repetitions"], f"{target} has no raw repetitions"
     for target in ("P1", "P2", "P3", "P4", "P6"):
         assert result[target]["reference"] is not None, f"{target} is compared with nothing"
-    assert {"P3.clean", "P3.onecpu", "P3.onecpu.clean"} <= set(result["context"]), "the P3 variants are reported"
+    assert {"P3.clean", "P3.onecpu", "P3.onecpu.clean", "P3.lowlat", "P3.lowlat.clean"} <= set(result["context"]), \
+        "the P3 variants are reported"
     assert result["machine"]["kernel"] and result["machine"]["libfuse"]
     assert "P1" in proc.stdout and "ratio" in proc.stdout
     assert ufsgmem_mounts() == mounts, "bench left a mount behind"

@@ -13,7 +13,7 @@ P6    backend bytes of a preallocated hugetlb file after 10 000 conversions     
 ====  ==========================================================================  ==========================
 
 Besides the targets it reports the context a reader needs: read throughput, 4 KiB and 1 GiB round trips
-(4 KiB also with the caller and a ``--cpus`` server on one CPU),
+(4 KiB also with the caller and a ``--cpus`` server on one CPU, and on a ``--low-latency`` mount),
 conversions per second over a 1 GiB file, and the page-cache bytes the FUSE mount holds for shared
 mappings (a real cost of the design: mapped pages live in the FUSE page cache *and* in the backend).
 
@@ -244,6 +244,34 @@ def p3_one_cpu(cfg: Config, progress: Progress) -> list[Figure]:
                    f"server on CPU {cpu}", clean, None, "context (P3's 150 µs)")]
 
 
+def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
+    """P3 and P3.clean again on a mount with ``--low-latency``: idle CPUs poll while requests flow.
+
+    On a VM whose idle vCPUs halt into the host, waking one is most of a FUSE request's cost; this is what
+    a VMM gets from the option (``ufsgmem/fuse/latency.py``). Nothing is pinned. Needs root.
+    """
+    from ..fuse.latency import DEVICE
+    if not os.access(DEVICE, os.W_OK):
+        progress.step("P3 with --low-latency: skipped (needs root)")
+        return []
+    size = cfg.size
+    with mounted("--low-latency") as mount, created(mount, "bench-lowlat", size) as f, \
+            Dirtier(os.path.join(f.path, "mem"), size) as dirtier:
+        dirty = Series("ufsgmem 4 KiB round trip, --low-latency", "s")
+        for rep in range(cfg.latency_reps):
+            offset = (rep * SZ_4K) % size
+            dirtier.dirty(offset, SZ_4K)
+            dirty.values.append(round_trip(f, offset, SZ_4K))
+        start = size // 2  # pages nobody has mapped
+        clean = Series("ufsgmem 4 KiB round trip, page not mapped, --low-latency", "s",
+                       [round_trip(f, start + rep * SZ_4K, SZ_4K) for rep in range(cfg.latency_reps)])
+    progress.step("P3 with --low-latency")
+    return [Figure("P3.lowlat", "4 KiB round trip through the ioctl, dirty in another process, mount --low-latency",
+                   dirty, None, "context (P3's 150 µs)"),
+            Figure("P3.lowlat.clean", "4 KiB round trip through the ioctl of a page no process maps, "
+                   "mount --low-latency", clean, None, "context (P3.clean's 60 µs)")]
+
+
 # --- P4: cost follows the range, not the file -------------------------------------------------------
 def p4_file_size(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
     series = {}
@@ -375,7 +403,7 @@ def machine() -> dict:
 
 
 def run(cfg: Config) -> dict:
-    progress = Progress(cfg.reps + 11)
+    progress = Progress(cfg.reps + 12)
     figures: list[Figure] = []
     with mounted() as mount:
         figures += p1_first_touch(cfg, mount, progress)
@@ -385,6 +413,7 @@ def run(cfg: Config) -> dict:
         figures += page_cache_cost(cfg, mount, progress)
         figures += late_mmap(cfg, mount, progress)
     figures += p3_one_cpu(cfg, progress)
+    figures += p3_low_latency(cfg, progress)
     figures += p5_layout(cfg, progress)
     figures += p6_hugetlb_bytes(cfg, progress)
     return {"machine": machine(), "config": cfg.__dict__, "figures": figures}

@@ -13,6 +13,12 @@ shared→private→shared round trip through ``ctl`` took ~165 µs with the call
 first-touch throughput of a mapping halved here (2.0 → 1.0 GB/s). So pin when conversion latency
 matters most, and pin the VMM thread that converts to the same CPU.
 
+--low-latency keeps idle CPUs polling instead of sleeping while requests flow (a 0 µs CPU latency limit
+through /dev/cpu_dma_latency, root only, dropped after 0.2 s without a request). On a VM whose idle vCPUs
+halt into the host, most of a conversion's latency is waking a halted vCPU: a 4 KiB round trip measured
+roughly half as long with it (docs/performance.md). The price: while it holds, every idle CPU of the
+machine spins.
+
 --max-memory SIZE bounds the guest memory the mount commits (a folio counts from the moment a mapping
 reads any of it in until it is revoked, punched or freed): past it the request that needs more fails,
 a fault with SIGBUS, fallocate, guest accesses and preallocating creates with ENOMEM. A server started
@@ -50,6 +56,10 @@ def configure(parser) -> None:
                         help="cap the guest memory this mount commits (e.g. 8G): backend memory plus pages a mapping "
                              "has read in but not yet written; past the cap the request that needs more gets ENOMEM "
                              "(a faulting mapping SIGBUS), never the server an OOM kill (see docs/reliability.md)")
+    parser.add_argument("--low-latency", action="store_true",
+                        help="while requests flow (and 0.2 s after), keep idle CPUs polling instead of sleeping "
+                             "(a 0 µs CPU latency limit, root only): faster conversions on a VM whose idle vCPUs halt, "
+                             "paid for in CPU time on every CPU (see docs/performance.md)")
     parser.add_argument("--cpus", metavar="LIST",
                         help="pin the server to these CPUs (e.g. 0 or 0,2-3): lower conversion latency for a "
                              "caller pinned to the same CPU, lower first-touch throughput (see docs/performance.md)")
@@ -78,19 +88,19 @@ def run(args) -> int:
     if args.foreground:
         server.serve(args.mountpoint, default_backend=args.backend, debug=args.debug, cpus=cpus,
                      in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other,
-                     max_memory=args.max_memory, ready=lambda: print(f"ufsgmem: mounted at {args.mountpoint} (pid {os.getpid()})",
+                     max_memory=args.max_memory, low_latency=args.low_latency, ready=lambda: print(f"ufsgmem: mounted at {args.mountpoint} (pid {os.getpid()})",
                                          file=sys.stderr, flush=True))
         return 0
     pid = start_background(args.mountpoint, backend=args.backend, debug=args.debug, cpus=args.cpus,
                            in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other,
-                           max_memory=args.max_memory)
+                           max_memory=args.max_memory, low_latency=args.low_latency)
     print(f"ufsgmem: mounted at {args.mountpoint} (server pid {pid})")
     return 0
 
 
 def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = False,
                      cpus: str | None = None, in_place_conversion: bool = True, allow_other: bool = False,
-                     max_memory: int | None = None) -> int:
+                     max_memory: int | None = None, low_latency: bool = False) -> int:
     """Start the server detached; return its pid once the mount works, or raise OSError with its error."""
     from ..fuse import server
 
@@ -99,7 +109,8 @@ def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = Fa
     command = [sys.executable, "-m", "ufsgmem.fuse.server", "--ready-fd", str(write_end),
                "--backend", backend, mountpoint] + (["--debug"] if debug else []) + (["--cpus", cpus] if cpus else []) \
         + ([] if in_place_conversion else ["--no-in-place-conversion"]) + (["--allow-other"] if allow_other else []) \
-        + ([] if max_memory is None else ["--max-memory", str(max_memory)])
+        + ([] if max_memory is None else ["--max-memory", str(max_memory)]) \
+        + (["--low-latency"] if low_latency else [])
     # The log names files and requests: readable by its owner only (it stays after a crash).
     log_fd = os.open(server.logfile_path(mountpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(log_fd, "ab") as logfile:

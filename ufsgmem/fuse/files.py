@@ -89,6 +89,7 @@ class Files:
         self.in_place_conversion = in_place_conversion
         self.mountpoint: str | None = None  # set once mounted: lets revocations write back in bulk
         self.write_back_files = WriteBackFiles()  # our own descriptor of each mem, for bulk write-back
+        self.latency = None  # the mount's latency.LatencyHold under --low-latency (for status)
 
     # --- revocation (entry.lock held) ---------------------------------------------------------------
     def revoke(self, entry: Entry, ranges) -> None:
@@ -403,6 +404,7 @@ class Files:
             # Folios the backend holds or a fill promised (budget.py): what counts against --max-memory.
             status["committed_bytes"] = entry.charged
         status["mount_memory"] = self.charges.budget.status()
+        status["low_latency"] = None if self.latency is None else self.latency.status()
         status["in_place_conversion"] = entry.in_place_conversion
         return (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
 

@@ -75,11 +75,13 @@ class Session:
     """One FUSE connection: ``mount``, ``loop`` (blocks until a signal or unmount), ``close``.
 
     ``handler`` answers requests (see ``ops.Operations``); ``uid``/``gid``/``time_ns`` are the owner and
-    times every inode shows.
+    times every inode shows; ``on_request``, if set, is called as each request arrives, before its
+    handler (``latency.LatencyHold.touch``).
     """
 
-    def __init__(self, handler, options: list[str], *, uid: int, gid: int, time_ns: int):
+    def __init__(self, handler, options: list[str], *, uid: int, gid: int, time_ns: int, on_request=None):
         self.handler = handler
+        self.on_request = on_request
         self.uid, self.gid, self.time_ns = uid, gid, time_ns
         self._handle = ffi.new_handle(self)  # kept alive as long as the session
         argv = [ffi.new("char[]", a.encode()) for a in ["ufsgmem", "-o", ",".join(options)]]
@@ -161,7 +163,10 @@ def _session(req) -> Session:
 def _call(req, name: str, *args):
     """``handler.<name>(*args)``; on an exception, reply with its errno and return ``_FAILED``."""
     try:
-        return getattr(_session(req).handler, name)(*args)
+        session = _session(req)
+        if session.on_request is not None:
+            session.on_request()
+        return getattr(session.handler, name)(*args)
     except OSError as exc:
         lib.fuse_reply_err(req, exc.errno or errno.EIO)
     except BaseException:  # noqa: BLE001 - a bug: keep serving, say so in the log

@@ -33,6 +33,7 @@ from . import memcg
 from .abort import mount_path, start_watcher, unescape
 from .files import Files
 from .inodes import ROOT_INO, Namespace
+from .latency import LatencyHold
 from .lowlevel import Session
 from .ops import Operations
 from .revoke import Revoker
@@ -211,13 +212,14 @@ def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
 
 def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon", debug: bool = False,
           cpus: set[int] | None = None, in_place_conversion: bool = True, allow_other: bool = False,
-          max_memory: int | None = None) -> None:
+          max_memory: int | None = None, low_latency: bool = False) -> None:
     """Mount at ``mountpoint`` and serve until a signal; always unmount and free everything on the way out.
 
     ``cpus`` pins every thread of this process, before libfuse's workers exist (they inherit it).
     ``in_place_conversion`` False plays a kernel booted with ``kvm.gmem_in_place_conversion=0``: files
     created without saying otherwise answer KVM_SET_MEMORY_ATTRIBUTES2 with ENOTTY. ``max_memory``
     caps the guest memory the mount commits (``budget.py``): past it a fill, allocation or create is ENOMEM.
+    ``low_latency`` holds a CPU latency limit of 0 µs while requests flow (``latency.py``; root only).
     """
     check_mountpoint(mountpoint)
     if cpus:
@@ -225,9 +227,11 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     limit = harden()  # a memory cgroup limit it had to leave becomes the cap (the tighter one wins)
     if limit is not None:
         max_memory = limit if max_memory is None else min(max_memory, limit)
+    hold = LatencyHold() if low_latency else None  # before mounting: a refusal is the mount's error
     namespace = Namespace()
     files = Files(namespace, None, default_backend=default_backend, in_place_conversion=in_place_conversion,
                   max_memory=max_memory)
+    files.latency = hold
     ops = Operations(files, allow_other=allow_other)
     options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"] + (["debug"] if debug else []) \
         + (["allow_other", "default_permissions"] if allow_other else [])
@@ -236,7 +240,8 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     mountpoint = os.path.realpath(mountpoint)
     pidfile = pidfile_path(mountpoint)
     os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
-    session = Session(ops, options, uid=os.getuid(), gid=os.getgid(), time_ns=ops.started_ns)
+    session = Session(ops, options, uid=os.getuid(), gid=os.getgid(), time_ns=ops.started_ns,
+                      on_request=None if hold is None else hold.touch)
     ops.on_destroy = lambda name: session.inval_entry(ROOT_INO, name)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # libfuse installs its handlers only over the defaults
     failure: list[OSError] = []
@@ -253,6 +258,8 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
         helper = threading.Thread(target=_report_ready, name="ufsgmem-ready", daemon=True,
                                   args=(mountpoint, ready, lambda exc: (failure.append(exc), session.exit())))
         helper.start()
+        if hold is not None:
+            hold.start()
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         result = session.loop()
         if failure:
@@ -265,6 +272,8 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
             session.close()
         finally:
             files.write_back_files.close_all()  # the connection is gone: nothing to flush
+            if hold is not None:
+                hold.close()
             namespace.close_all()
             try:
                 if read_pid(mountpoint) == os.getpid():
@@ -284,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="play a kernel booted with kvm.gmem_in_place_conversion=0")
     parser.add_argument("--allow-other", action="store_true", help="serve other users (files belong to their creator)")
     parser.add_argument("--max-memory", type=int, help="cap on committed guest memory, in bytes")
+    parser.add_argument("--low-latency", action="store_true", help="hold a 0 µs CPU latency limit while requests flow")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -301,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus = parse_cpu_list(args.cpus) if args.cpus else None
         serve(args.mountpoint, ready=lambda: report(f"ready {os.getpid()}\n"), default_backend=args.backend,
               debug=args.debug, cpus=cpus, in_place_conversion=not args.no_in_place_conversion,
-              allow_other=args.allow_other, max_memory=args.max_memory)
+              allow_other=args.allow_other, max_memory=args.max_memory, low_latency=args.low_latency)
     except Exception as exc:  # noqa: BLE001 - reported to the waiting parent, then fatal
         report(f"error {exc}\n")
         log.exception("server failed")
