@@ -243,59 +243,61 @@ class RunMap:
         cs, cv = self._cs, self._cv
         starts, values = cs[c], cv[c]
         n = len(starts)
-        s, v = starts[j], values[j]
-        e = self._end_of(c, j)
+        e = starts[j + 1] if j + 1 < n else self._end_of(c, j)
         if end > e:
             return False
+        s, v = starts[j], values[j]
         w = v + operand if adding else operand
         if w == v:
             return True
-        left = values[j - 1] if j > 0 else (cv[c - 1][-1] if c > 0 else None)
-        right = values[j + 1] if j + 1 < n else (cv[c + 1][0] if c + 1 < len(cs) else None)
-        if s < start and end < e:                    # split in three
-            starts[j + 1:j + 1] = array("q", (start, end))
-            values[j + 1:j + 1] = array("q", (w, v))
-            grown = 2
-        elif s < start:                              # the run's tail changes
-            if right == w:
-                if j + 1 == n:
-                    return False
-                starts[j + 1] = start                # ... and joins the next run
+        if s < start:
+            if end < e:                              # split in three
+                starts[j + 1:j + 1] = array("q", (start, end))
+                values[j + 1:j + 1] = array("q", (w, v))
+                grown = 2
+            elif j + 1 < n and values[j + 1] == w:   # the tail joins the next run
+                starts[j + 1] = start
                 grown = 0
-            else:
+            elif j + 1 == n and c + 1 < len(cs) and cv[c + 1][0] == w:
+                return False                         # ... which starts the next chunk
+            else:                                    # the tail becomes a run
                 starts.insert(j + 1, start)
                 values.insert(j + 1, w)
                 grown = 1
-        elif end < e:                                # the run's head changes
-            if left == w:
-                if j == 0:
-                    return False
-                starts[j] = end                      # ... and joins the previous run
-                grown = 0
-            else:
-                values[j] = w
-                starts.insert(j + 1, end)
-                values.insert(j + 1, v)
-                grown = 1
-        elif left == w and right == w:               # the whole run, and both neighbours merge
-            if j == 0 or j + 1 == n:
-                return False
-            del starts[j:j + 2], values[j:j + 2]
-            grown = -2
-        elif left == w:
-            if j == 0:
-                return False
-            del starts[j], values[j]
-            grown = -1
-        elif right == w:
-            if j + 1 == n:
-                return False
-            del starts[j], values[j]
-            starts[j] = start
-            grown = -1
         else:
-            values[j] = w
-            grown = 0
+            left = values[j - 1] if j > 0 else (cv[c - 1][-1] if c > 0 else None)
+            if end < e:
+                if left == w:                        # the head joins the previous run
+                    if j == 0:
+                        return False
+                    starts[j] = end
+                    grown = 0
+                else:                                # the head becomes a run
+                    values[j] = w
+                    starts.insert(j + 1, end)
+                    values.insert(j + 1, v)
+                    grown = 1
+            else:                                    # the whole run
+                right = values[j + 1] if j + 1 < n else (cv[c + 1][0] if c + 1 < len(cs) else None)
+                if left == w and right == w:
+                    if j == 0 or j + 1 == n:
+                        return False
+                    del starts[j:j + 2], values[j:j + 2]
+                    grown = -2
+                elif left == w:
+                    if j == 0:
+                        return False
+                    del starts[j], values[j]
+                    grown = -1
+                elif right == w:
+                    if j + 1 == n:
+                        return False
+                    del starts[j], values[j]
+                    starts[j] = start
+                    grown = -1
+                else:
+                    values[j] = w
+                    grown = 0
         self._n += grown
         self._move_count(v, w, end - start)
         n += grown

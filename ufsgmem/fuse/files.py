@@ -135,6 +135,8 @@ class Files:
         parts = []
         for rng in ranges:
             first, last = rng.start >> PAGE_SHIFT, -(-rng.end // PAGE_SIZE)
+            if entry.cached.is_uniform(first, last, 0):  # nobody read it in: nothing to revoke
+                continue
             cached = [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for s, e, v in entry.cached.runs(first, last) if v]
             if cached:
                 self._mark_cached(entry, first, last, 0)
