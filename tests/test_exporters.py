@@ -10,7 +10,7 @@ import pytest
 
 from layout_model import PAGE, Model, Pages, tib_snapshot
 from ufsgmem.errors import GuestMemfdError, PluginError
-from ufsgmem.exporter import export
+from ufsgmem.plugins import export
 from ufsgmem.layout import VIEWS, compute_layout
 from ufsgmem.plugins import EXPORTERS, available
 

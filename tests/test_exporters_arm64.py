@@ -11,7 +11,7 @@ import pytest
 
 from layout_model import PAGE, Model, Pages
 from ufsgmem.errors import GuestMemfdError
-from ufsgmem.exporter import export
+from ufsgmem.plugins import export
 from ufsgmem.layout import ARCHES, compute_layout
 
 CONTIG_SPAN = {(4096, 3): 16, (4096, 2): 16, (16384, 3): 128, (16384, 2): 32, (65536, 3): 32, (65536, 2): 32}

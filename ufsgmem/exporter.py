@@ -1,13 +1,19 @@
 """The exporter interface: pure functions from a frozen :class:`~ufsgmem.snapshot.Snapshot` to bytes.
 
 Exporters are *consumers* (vm-memory's split): they read a snapshot and never change state, so the same
-snapshot always gives the same output. They are plugins in entry-point group ``ufsgmem.exporters``.
+snapshot always gives the same output. They are plugins in entry-point group ``ufsgmem.exporters``;
+``ufsgmem.plugins.export`` runs one by name. This module sits below the plugin registry: it defines what
+an exporter must have, and the registry checks plugins against that (it imports nothing from there).
 """
 
 from __future__ import annotations
 
 import abc
+import errno
 from typing import ClassVar
+
+from .errors import fail
+from .layout import ARCHES, VIEWS, compute_layout
 
 
 class Exporter(abc.ABC):
@@ -37,26 +43,14 @@ class LayoutExporter(Exporter):
         """Bytes of ``layout`` (computed from ``snapshot``)."""
 
     def export(self, snapshot, *, view: str = "guest", arch: str = "x86_64") -> bytes:
-        from .layout import compute_layout
         check_choice(view, arch)
         return self.render(compute_layout(snapshot, view, arch), snapshot)
 
 
 def check_choice(view: str, arch: str) -> None:
     """EINVAL naming the valid choices for an unknown view or arch."""
-    import errno
-
-    from .errors import fail
-    from .layout import ARCHES, VIEWS
     if view not in VIEWS:
         raise fail(errno.EINVAL, f"unknown view {view!r}; available: {', '.join(VIEWS)}")
     if arch not in ARCHES:
         raise fail(errno.EINVAL, f"unknown arch {arch!r}; available: {', '.join(ARCHES)}")
 
-
-def export(name: str, snapshot, *, view: str = "guest", arch: str = "x86_64") -> bytes:
-    """Run the exporter plugin called ``name`` (PluginError listing the names if there is none)."""
-    from .plugins import load_exporter
-    plugin = load_exporter(name)
-    exporter = plugin() if isinstance(plugin, type) else plugin
-    return exporter.export(snapshot, view=view, arch=arch)

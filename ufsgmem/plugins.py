@@ -6,13 +6,16 @@ What we do borrow from pluggy is validation at load time: a plugin that lacks a 
 attribute is refused with a message naming what is missing, never discovered later as an AttributeError
 in the middle of a conversion. An unknown name is an error that lists the names that exist.
 
-``register()`` adds a plugin without installed metadata (tests inject fakes this way).
+``register()`` adds a plugin without installed metadata (tests inject fakes this way). The interfaces
+(``backend.py``, ``exporter.py``) sit below this module: they say what a plugin must have, and know
+nothing of how plugins are found.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import entry_points
 
+from . import backend, exporter
 from .errors import PluginError
 
 BACKENDS = "ufsgmem.backends"
@@ -25,11 +28,9 @@ _loaded: dict[tuple[str, str], object] = {}
 
 def _requirements(group: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if group == BACKENDS:
-        from .backend import REQUIRED_ATTRIBUTES, REQUIRED_METHODS
-        return REQUIRED_ATTRIBUTES, REQUIRED_METHODS
+        return backend.REQUIRED_ATTRIBUTES, backend.REQUIRED_METHODS
     if group == EXPORTERS:
-        from .exporter import REQUIRED_ATTRIBUTES, REQUIRED_METHODS
-        return REQUIRED_ATTRIBUTES, REQUIRED_METHODS
+        return exporter.REQUIRED_ATTRIBUTES, exporter.REQUIRED_METHODS
     raise PluginError(f"unknown plugin group {group!r}")
 
 
@@ -93,3 +94,11 @@ def load_backend(name: str):
 
 def load_exporter(name: str):
     return load(EXPORTERS, name)
+
+
+def export(name: str, snapshot, *, view: str = "guest", arch: str = "x86_64") -> bytes:
+    """Run the exporter plugin called ``name`` on ``snapshot`` (PluginError listing the names if there is
+    none; EINVAL naming the choices for an unknown view or arch)."""
+    plugin = load_exporter(name)
+    instance = plugin() if isinstance(plugin, type) else plugin
+    return instance.export(snapshot, view=view, arch=arch)

@@ -40,6 +40,7 @@ from .. import __version__, hugepages
 from ..client import GmemFile, Mount
 from ..uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, SZ_1G, SZ_2M, SZ_4K
 from . import memory
+from ..fuse.latency import DEVICE as CPU_LATENCY_DEVICE
 from .dirtier import Dirtier
 from .stats import Figure, Series, fmt, timed
 
@@ -250,8 +251,7 @@ def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
     On a VM whose idle vCPUs halt into the host, waking one is most of a FUSE request's cost; this is what
     a VMM gets from the option (``ufsgmem/fuse/latency.py``). Nothing is pinned. Needs root.
     """
-    from ..fuse.latency import DEVICE
-    if not os.access(DEVICE, os.W_OK):
+    if not os.access(CPU_LATENCY_DEVICE, os.W_OK):
         progress.step("P3 with --low-latency: skipped (needs root)")
         return []
     size = cfg.size
@@ -293,7 +293,7 @@ def p4_file_size(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
 # --- P5: layout export at 1 TiB ---------------------------------------------------------------------
 def p5_layout(cfg: Config, progress: Progress) -> list[Figure]:
     """Snapshot + json export of all three views of a 1 TiB sim guest (1 GiB folios) with N shared holes."""
-    from ..exporter import export
+    from ..plugins import export
     from ..gmem import SHARED, GuestMemfd
 
     with GuestMemfd(cfg.p5_size, 0, backend="sim", page_size=SZ_1G) as gmem:

@@ -24,7 +24,7 @@ import sys
 
 from ..address import parse_size
 from ..errors import fail
-from ..exporter import export
+from ..plugins import export
 from ..layout import ARCHES, VIEWS
 from ..snapshot import Snapshot
 

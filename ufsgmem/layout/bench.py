@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from ..exporter import export
+from ..plugins import export
 from ..snapshot import Snapshot
 
 PAGE = 4096
