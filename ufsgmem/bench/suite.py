@@ -38,9 +38,9 @@ from typing import Callable
 
 from .. import __version__, hugepages
 from ..client import GmemFile, Mount
+from ..fuse.latency import DEVICE as CPU_LATENCY_DEVICE
 from ..uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, SZ_1G, SZ_2M, SZ_4K
 from . import memory
-from ..fuse.latency import DEVICE as CPU_LATENCY_DEVICE
 from .dirtier import Dirtier
 from .stats import Figure, Series, fmt, timed
 
