@@ -214,6 +214,22 @@ def conversion_stream(cfg: Config, mount: Mount, progress: Progress) -> list[Fig
                    "revocation)", clean, None, "context (P3's 150 µs)")]
 
 
+def p3_on_a_mount(cfg: Config, label: str, *options: str) -> tuple[Series, Series]:
+    """P3's dirty and clean 4 KiB round trips on a mount of their own, made with ``options``."""
+    size = cfg.size
+    with mounted(*options) as mount, created(mount, "bench-p3", size) as f, \
+            Dirtier(os.path.join(f.path, "mem"), size) as dirtier:
+        dirty = Series(f"ufsgmem 4 KiB round trip, {label}", "s")
+        for rep in range(cfg.latency_reps):
+            offset = (rep * SZ_4K) % size
+            dirtier.dirty(offset, SZ_4K)
+            dirty.values.append(round_trip(f, offset, SZ_4K))
+        start = size // 2  # pages nobody has mapped
+        clean = Series(f"ufsgmem 4 KiB round trip, page not mapped, {label}", "s",
+                       [round_trip(f, start + rep * SZ_4K, SZ_4K) for rep in range(cfg.latency_reps)])
+    return dirty, clean
+
+
 def p3_one_cpu(cfg: Config, progress: Progress) -> list[Figure]:
     """P3 again with this process, its dirtier and a server mounted ``--cpus`` all on one CPU.
 
@@ -223,19 +239,9 @@ def p3_one_cpu(cfg: Config, progress: Progress) -> list[Figure]:
     """
     saved = os.sched_getaffinity(0)
     cpu = min(saved)
-    size = cfg.size
     os.sched_setaffinity(0, {cpu})
     try:
-        with mounted("--cpus", str(cpu)) as mount, created(mount, "bench-onecpu", size) as f, \
-                Dirtier(os.path.join(f.path, "mem"), size) as dirtier:
-            dirty = Series("ufsgmem 4 KiB round trip, one CPU", "s")
-            for rep in range(cfg.latency_reps):
-                offset = (rep * SZ_4K) % size
-                dirtier.dirty(offset, SZ_4K)
-                dirty.values.append(round_trip(f, offset, SZ_4K))
-            start = size // 2  # pages nobody has mapped
-            clean = Series("ufsgmem 4 KiB round trip, page not mapped, one CPU", "s",
-                           [round_trip(f, start + rep * SZ_4K, SZ_4K) for rep in range(cfg.latency_reps)])
+        dirty, clean = p3_on_a_mount(cfg, "one CPU", "--cpus", str(cpu))
     finally:
         os.sched_setaffinity(0, saved)
     progress.step("P3 with caller and server on one CPU")
@@ -254,17 +260,7 @@ def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
     if not os.access(CPU_LATENCY_DEVICE, os.W_OK):
         progress.step("P3 with --low-latency: skipped (needs root)")
         return []
-    size = cfg.size
-    with mounted("--low-latency") as mount, created(mount, "bench-lowlat", size) as f, \
-            Dirtier(os.path.join(f.path, "mem"), size) as dirtier:
-        dirty = Series("ufsgmem 4 KiB round trip, --low-latency", "s")
-        for rep in range(cfg.latency_reps):
-            offset = (rep * SZ_4K) % size
-            dirtier.dirty(offset, SZ_4K)
-            dirty.values.append(round_trip(f, offset, SZ_4K))
-        start = size // 2  # pages nobody has mapped
-        clean = Series("ufsgmem 4 KiB round trip, page not mapped, --low-latency", "s",
-                       [round_trip(f, start + rep * SZ_4K, SZ_4K) for rep in range(cfg.latency_reps)])
+    dirty, clean = p3_on_a_mount(cfg, "--low-latency", "--low-latency")
     progress.step("P3 with --low-latency")
     return [Figure("P3.lowlat", "4 KiB round trip through the ioctl, dirty in another process, mount --low-latency",
                    dirty, None, "context (P3's 150 µs)"),
