@@ -46,6 +46,20 @@ def test_a_request_raises_the_limit_and_a_quiet_window_drops_it(tmp_path):
     assert written(device) == [NO_LIMIT, 0, NO_LIMIT, 0]
 
 
+def test_a_refused_write_turns_the_hold_off_without_failing_the_request(tmp_path):
+    device = str(tmp_path / "cpu_dma_latency")
+    open(device, "wb").close()
+    hold = LatencyHold(window=60, device=device)
+    os.close(hold._fd)  # the write that raises the limit now fails with EBADF
+    hold._fd = os.open(device, os.O_RDONLY)
+    try:
+        hold.touch()  # must not raise: the request it rides on goes on
+        hold.touch()
+        assert hold.status()["held"] is False and hold.status()["raised"] == 0
+    finally:
+        hold.close()
+
+
 def test_a_device_it_cannot_open_is_an_error_that_says_so(tmp_path):
     with pytest.raises(OSError) as exc:
         LatencyHold(device=str(tmp_path / "missing"))

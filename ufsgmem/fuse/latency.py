@@ -24,6 +24,7 @@ that polls before halting) it gains little.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import threading
@@ -37,6 +38,7 @@ NO_LIMIT = 2_000_000_000
 WINDOW = 0.2
 
 _S32 = struct.Struct("=i")
+log = logging.getLogger("ufsgmem.fuse")
 
 
 def current_limit(device: str = DEVICE) -> int:
@@ -78,12 +80,18 @@ class LatencyHold:
         self._thread.start()
 
     def touch(self) -> None:
-        """A request arrived: make sure the limit is held for the next ``window`` seconds."""
+        """A request arrived: make sure the limit is held for the next ``window`` seconds. Never raises:
+        a latency hint must not fail the request it rides on (a refused write turns the hold off)."""
         self._last = time.monotonic()
         if not self._held:
             with self._lock:
                 if not self._held and not self._closed:
-                    self._write(0)
+                    try:
+                        self._write(0)
+                    except OSError as exc:
+                        log.warning("--low-latency: cannot raise the CPU latency limit, giving up: %s", exc)
+                        self._closed = True
+                        return
                     self._held = True
                     self.raised += 1
                     self._armed.set()
@@ -96,7 +104,10 @@ class LatencyHold:
                     return
                 left = self._last + self.window - time.monotonic()
                 if left <= 0:  # quiet for a whole window: let the CPUs sleep again
-                    self._write(NO_LIMIT)
+                    try:
+                        self._write(NO_LIMIT)
+                    except OSError as exc:  # cannot happen on the real device; closing ends the request too
+                        log.warning("--low-latency: cannot drop the CPU latency limit: %s", exc)
                     self._held = False
                     self._armed.clear()
                     continue
@@ -111,9 +122,10 @@ class LatencyHold:
     def close(self) -> None:
         """Drop the request for good (closing the device ends it; the kernel does that too if we die)."""
         with self._lock:
-            if self._closed:
+            if self._fd < 0:
                 return
             self._closed = True
             self._held = False
             self._armed.set()
             os.close(self._fd)
+            self._fd = -1
