@@ -86,6 +86,9 @@ def test_the_mount_holds_the_limit_only_while_requests_flow():
         wait_for(lambda: current_limit() == NO_LIMIT, 10, "the limit to go once requests stop")
         st = g.status()["low_latency"]
         assert st["window_s"] == 0.2 and st["raised"] >= 1, st
+        shown = subprocess.run([sys.executable, "-m", "ufsgmem", "status", g.path("")], capture_output=True,
+                               text=True, check=True).stdout
+        assert "low latency (mount --low-latency): CPU latency limit" in shown, shown
     assert current_limit() == NO_LIMIT, "the limit outlived the server"
 
 

@@ -66,6 +66,10 @@ def summary(status: dict, runs: list[tuple[int, int, int]] | None = None) -> str
                      f"{format_size(status.get('page_cache_bytes_max', 0))}, committed "
                      f"{format_size(status['committed_bytes'])} (the mount: {format_size(mount.get('committed', 0))}"
                      + (f" of its {format_size(cap)} cap)" if cap else ", no cap)"))
+    hold = status.get("low_latency")
+    if hold:
+        lines.append(f"  low latency (mount --low-latency): CPU latency limit {'held' if hold['held'] else 'idle'}, "
+                     f"raised {hold['raised']} times, dropped after {hold['window_s']} s without a request")
     lines.append(f"  revocations: {status.get('revocations', 0)} ({format_size(status.get('revoked_bytes', 0))}"
                  f" unmapped), punches: {status.get('punches', 0)}")
     if runs is not None:
