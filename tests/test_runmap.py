@@ -352,3 +352,30 @@ def test_chunked_runmap_matches_list_model(case, data, cls):
         assert list(rm.runs(a, b)) == model_runs(model, a, b)
         assert rm.is_uniform(a, b, v) == all(x == v for x in model[a:b])
         assert rm.count(v, a, b) == model[a:b].count(v)
+
+
+@pytest.mark.parametrize("cls", [TinyRunMap, SmallRunMap, RunMap])
+def test_long_runs_of_small_updates_match_the_model(cls):
+    """What conversions do: many 1-3 page updates, each inside one run, taking the in-place paths (split,
+    shrink, merge into a neighbour), across chunk edges for the small-chunk maps."""
+    import random
+    rng = random.Random(5)
+    for _ in range(40):
+        npages = rng.randint(1, 80)
+        rm, model = cls(npages, 0), [0] * npages
+        for _ in range(150):
+            start = rng.randrange(npages)
+            end = min(npages, start + rng.choice([1, 1, 1, 2, 3, 10]))
+            if rng.random() < 0.8:
+                value = rng.randint(0, 2)
+                rm.set(start, end, value)
+                model[start:end] = [value] * (end - start)
+            else:
+                delta = rng.randint(-1, 1)
+                rm.add(start, end, delta)
+                model[start:end] = [v + delta for v in model[start:end]]
+            rm.check()
+            assert list(rm.runs()) == model_runs(model)
+            a = rng.randrange(npages)
+            b = rng.randint(a, npages)
+            assert rm.first(a, b, lambda v: v == 1) == next((p for p in range(a, b) if model[p] == 1), None)
