@@ -38,7 +38,7 @@ from typing import Callable
 
 from .. import __version__, hugepages
 from ..client import GmemFile, Mount
-from ..fuse.latency import DEVICE as CPU_LATENCY_DEVICE
+from ..fuse.latency import DEVICE as CPU_LATENCY_DEVICE, NO_LIMIT, current_limit
 from ..uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, SZ_1G, SZ_2M, SZ_4K
 from . import memory
 from .dirtier import Dirtier
@@ -214,19 +214,32 @@ def conversion_stream(cfg: Config, mount: Mount, progress: Progress) -> list[Fig
                    "revocation)", clean, None, "context (P3's 150 µs)")]
 
 
+@contextlib.contextmanager
+def p3_setting(cfg: Config, *options: str):
+    """P3's setting on a mount of its own made with ``options``: a file, and a dirtier mapping it."""
+    with mounted(*options) as mount, created(mount, "bench-p3", cfg.size) as f, \
+            Dirtier(os.path.join(f.path, "mem"), cfg.size) as dirtier:
+        yield f, dirtier
+
+
+def p3_round_trips(setting, size: int, reps: range, dirty: Series, clean: Series) -> None:
+    """Add ``len(reps)`` round trips of a page dirty in the dirtier to ``dirty``, and as many of a page
+    nobody maps to ``clean``."""
+    f, dirtier = setting
+    for rep in reps:
+        offset = (rep * SZ_4K) % size
+        dirtier.dirty(offset, SZ_4K)
+        dirty.values.append(round_trip(f, offset, SZ_4K))
+    start = size // 2  # pages nobody has mapped
+    clean.values.extend(round_trip(f, start + rep * SZ_4K, SZ_4K) for rep in reps)
+
+
 def p3_on_a_mount(cfg: Config, label: str, *options: str) -> tuple[Series, Series]:
     """P3's dirty and clean 4 KiB round trips on a mount of their own, made with ``options``."""
-    size = cfg.size
-    with mounted(*options) as mount, created(mount, "bench-p3", size) as f, \
-            Dirtier(os.path.join(f.path, "mem"), size) as dirtier:
-        dirty = Series(f"ufsgmem 4 KiB round trip, {label}", "s")
-        for rep in range(cfg.latency_reps):
-            offset = (rep * SZ_4K) % size
-            dirtier.dirty(offset, SZ_4K)
-            dirty.values.append(round_trip(f, offset, SZ_4K))
-        start = size // 2  # pages nobody has mapped
-        clean = Series(f"ufsgmem 4 KiB round trip, page not mapped, {label}", "s",
-                       [round_trip(f, start + rep * SZ_4K, SZ_4K) for rep in range(cfg.latency_reps)])
+    dirty = Series(f"ufsgmem 4 KiB round trip, {label}", "s")
+    clean = Series(f"ufsgmem 4 KiB round trip, page not mapped, {label}", "s")
+    with p3_setting(cfg, *options) as setting:
+        p3_round_trips(setting, cfg.size, range(cfg.latency_reps), dirty, clean)
     return dirty, clean
 
 
@@ -252,20 +265,48 @@ def p3_one_cpu(cfg: Config, progress: Progress) -> list[Figure]:
 
 
 def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
-    """P3 and P3.clean again on a mount with ``--low-latency``: idle CPUs poll while requests flow.
+    """P3 and P3.clean on a ``--low-latency`` mount against a plain one, measured in alternating blocks.
 
     On a VM whose idle vCPUs halt into the host, waking one is most of a FUSE request's cost; this is what
-    a VMM gets from the option (``ufsgmem/fuse/latency.py``). Nothing is pinned. Needs root.
+    a VMM gets from the option (``ufsgmem/fuse/latency.py``). Nothing is pinned. The limit is global, so a
+    plain block starts only once the other mount's hold has lapsed. Needs root, and nobody else holding a
+    CPU latency limit (the plain mount would not be plain).
     """
     if not os.access(CPU_LATENCY_DEVICE, os.W_OK):
         progress.step("P3 with --low-latency: skipped (needs root)")
         return []
-    dirty, clean = p3_on_a_mount(cfg, "--low-latency", "--low-latency")
-    progress.step("P3 with --low-latency")
-    return [Figure("P3.lowlat", "4 KiB round trip through the ioctl, dirty in another process, mount --low-latency",
-                   dirty, None, "context (P3's 150 µs)"),
-            Figure("P3.lowlat.clean", "4 KiB round trip through the ioctl of a page no process maps, "
-                   "mount --low-latency", clean, None, "context (P3.clean's 60 µs)")]
+    if current_limit() != NO_LIMIT:
+        progress.step(f"P3 with --low-latency: skipped (another process holds a {current_limit()} µs CPU latency limit)")
+        return []
+    size, blocks = cfg.size, 4
+    per_block = max(cfg.latency_reps // blocks, 1)
+    series = {name: (Series(f"ufsgmem 4 KiB round trip, {name}", "s"),
+                     Series(f"ufsgmem 4 KiB round trip, page not mapped, {name}", "s"))
+              for name in ("plain mount", "--low-latency")}
+    with p3_setting(cfg) as plain, p3_setting(cfg, "--low-latency") as low:
+        settings = {"plain mount": plain, "--low-latency": low}
+        for block in range(blocks):
+            order = ("plain mount", "--low-latency") if block % 2 == 0 else ("--low-latency", "plain mount")
+            for name in order:
+                if name == "plain mount":
+                    wait_for_no_latency_limit()
+                reps = range(block * per_block, (block + 1) * per_block)
+                p3_round_trips(settings[name], size, reps, *series[name])
+    progress.step("P3 with --low-latency, alternating with a plain mount")
+    (low_dirty, low_clean), (plain_dirty, plain_clean) = series["--low-latency"], series["plain mount"]
+    return [Figure("P3.lowlat", "4 KiB round trip through the ioctl, dirty in another process, mount --low-latency "
+                   "vs a plain mount (alternating blocks)", low_dirty, plain_dirty, "context (P3's 150 µs)"),
+            Figure("P3.lowlat.clean", "4 KiB round trip through the ioctl of a page no process maps, mount "
+                   "--low-latency vs a plain mount", low_clean, plain_clean, "context (P3.clean's 60 µs)")]
+
+
+def wait_for_no_latency_limit(timeout: float = 5.0) -> None:
+    """Until no CPU latency limit is in force (a --low-latency hold lapses 0.2 s after its last request)."""
+    deadline = time.monotonic() + timeout
+    while current_limit() != NO_LIMIT:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"a CPU latency limit is still held after {timeout} s: the plain mount would not be plain")
+        time.sleep(0.01)
 
 
 # --- P4: cost follows the range, not the file -------------------------------------------------------

@@ -15,9 +15,9 @@ matters most, and pin the VMM thread that converts to the same CPU.
 
 --low-latency keeps idle CPUs polling instead of sleeping while requests flow (a 0 µs CPU latency limit
 through /dev/cpu_dma_latency, root only, dropped after 0.2 s without a request). On a VM whose idle vCPUs
-halt into the host, most of a conversion's latency is waking a halted vCPU: a 4 KiB round trip measured
-roughly half as long with it (docs/performance.md). The price: while it holds, every idle CPU of the
-machine spins.
+halt into the host, part of a conversion's latency is waking a halted vCPU: a dirty 4 KiB round trip
+measured 10-30 % shorter with it, alternating with a plain mount (docs/performance.md). The price: while
+it holds, every idle CPU of the machine spins.
 
 --max-memory SIZE bounds the guest memory the mount commits (a folio counts from the moment a mapping
 reads any of it in until it is revoked, punched or freed): past it the request that needs more fails,

@@ -5,8 +5,9 @@ the woken thread is idle, the wake-up costs what leaving that CPU's idle state c
 vCPUs halt into the host, that is tens of µs a wake-up: on these machines (booted with
 ``haltpoll.guest_halt_poll_ns=0``, so an idle vCPU halts at once) a pipe ping-pong between two processes
 on two vCPUs takes ~80 µs, and ~8 µs while a CPU latency limit of 0 µs is in force, because idle CPUs then
-poll instead of halting. A conversion is one FUSE request, a dirty one three (the ioctl, the write-back it
-waits for, and the reply), so most of a 4 KiB round trip on such a VM is wake-ups.
+poll instead of halting. A conversion is one FUSE request, a dirty one two (the ioctl and the write-back
+it waits for), and not every wake-up finds its CPU idle (the scheduler often runs the woken thread on the
+waker's CPU), so the gain on a 4 KiB round trip is smaller: 10-30 % here (docs/performance.md).
 
 How: the kernel's PM QoS CPU latency request, ``/dev/cpu_dma_latency``: a process writes a limit in µs as
 a 32-bit integer and the limit holds while that file stays open (reading it gives the limit in force,
