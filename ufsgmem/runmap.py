@@ -205,7 +205,6 @@ class RunMap:
 
         # Cut each old run into the pieces before, inside and after [start, end), change the inside
         # one, and append the pieces merging equal neighbours (``prev`` is the last value appended).
-        counts = self._counts
         new_starts: list[int] = []
         new_values: list[int] = []
         prev = None
@@ -223,12 +222,7 @@ class RunMap:
                     new_values.append(w)
                     prev = w
                 if w != v:
-                    left_over = counts[v] - (b - a)
-                    if left_over:
-                        counts[v] = left_over
-                    else:
-                        del counts[v]
-                    counts[w] = counts.get(w, 0) + (b - a)
+                    self._move_count(v, w, b - a)
             if e > end and v != prev:
                 new_starts.append(s if s > end else end)
                 new_values.append(v)
