@@ -267,8 +267,8 @@ def p3_one_cpu(cfg: Config, progress: Progress) -> list[Figure]:
 def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
     """P3 and P3.clean on a ``--low-latency`` mount against a plain one, measured in alternating blocks.
 
-    On a VM whose idle vCPUs halt into the host, waking one is most of a FUSE request's cost; this is what
-    a VMM gets from the option (``ufsgmem/fuse/latency.py``). Nothing is pinned. The limit is global, so a
+    On a VM whose idle vCPUs halt into the host, waking one is part of a FUSE request's cost (10-30 % of
+    P3 here, docs/performance.md); this is what a VMM gets from the option (``ufsgmem/fuse/latency.py``). Nothing is pinned. The limit is global, so a
     plain block starts only once the other mount's hold has lapsed. Needs root, and nobody else holding a
     CPU latency limit (the plain mount would not be plain).
     """
