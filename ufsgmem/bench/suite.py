@@ -13,7 +13,8 @@ P6    backend bytes of a preallocated hugetlb file after 10 000 conversions     
 ====  ==========================================================================  ==========================
 
 Besides the targets it reports the context a reader needs: read throughput, 4 KiB and 1 GiB round trips
-(4 KiB also with the caller and a ``--cpus`` server on one CPU, and on a ``--low-latency`` mount),
+(4 KiB also with the caller and a ``--cpus`` server on one CPU, on a ``--low-latency`` mount, and
+against the smallest C FUSE server that takes the same steps: the floor of P3 on this machine),
 conversions per second over a 1 GiB file, and the page-cache bytes the FUSE mount holds for shared
 mappings (a real cost of the design: mapped pages live in the FUSE page cache *and* in the backend).
 
@@ -40,7 +41,7 @@ from .. import __version__, hugepages
 from ..client import GmemFile, Mount
 from ..fuse.latency import DEVICE as CPU_LATENCY_DEVICE, NO_LIMIT, current_limit
 from ..uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, SZ_1G, SZ_2M, SZ_4K
-from . import memory
+from . import floor, memory
 from .dirtier import Dirtier
 from .stats import Figure, Series, fmt, timed
 
@@ -268,15 +269,16 @@ def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
     """P3 and P3.clean on a ``--low-latency`` mount against a plain one, measured in alternating blocks.
 
     On a VM whose idle vCPUs halt into the host, waking one is part of a FUSE request's cost (10-30 % of
-    P3 here, docs/performance.md); this is what a VMM gets from the option (``ufsgmem/fuse/latency.py``). Nothing is pinned. The limit is global, so a
-    plain block starts only once the other mount's hold has lapsed. Needs root, and nobody else holding a
-    CPU latency limit (the plain mount would not be plain).
+    P3 here, docs/performance.md); this is what a VMM gets from the option (``ufsgmem/fuse/latency.py``).
+    Nothing is pinned. The limit is global, so a plain block starts only once the other mount's hold has
+    lapsed. Needs root, and nobody else holding a CPU latency limit (the plain mount would not be plain).
     """
     if not os.access(CPU_LATENCY_DEVICE, os.W_OK):
         progress.step("P3 with --low-latency: skipped (needs root)")
         return []
     if current_limit() != NO_LIMIT:
-        progress.step(f"P3 with --low-latency: skipped (another process holds a {current_limit()} µs CPU latency limit)")
+        progress.step(f"P3 with --low-latency: skipped (another process holds a {current_limit()} µs CPU "
+                      "latency limit)")
         return []
     size, blocks = cfg.size, 4
     per_block = max(cfg.latency_reps // blocks, 1)
@@ -300,12 +302,55 @@ def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
                    "--low-latency vs a plain mount", low_clean, plain_clean, "context (P3.clean's 60 µs)")]
 
 
+@contextlib.contextmanager
+def p3_floor_setting(cfg: Config, exe: str):
+    """P3's setting on the floor server (``floor.py``): its ``mem``, and a dirtier mapping it."""
+    with floor.FloorMount(exe, cfg.size) as mount, Dirtier(os.path.join(mount.mountpoint, "mem"), cfg.size) as dirtier:
+        yield mount.file, dirtier
+
+
+def p3_floor(cfg: Config, progress: Progress) -> list[Figure]:
+    """P3 and P3.clean on a plain ufsgmem mount against the floor server, in alternating blocks.
+
+    The floor server (``fuse_floor.c``) takes the same steps through FUSE and nothing else, so its round
+    trip is the least any FUSE server shows on this machine and the ratio is what ufsgmem's own server
+    adds (docs/performance.md). Needs a C compiler and libfuse3's headers; without them the figure is
+    left out and the progress line says why.
+    """
+    size, blocks = cfg.size, 4
+    per_block = max(cfg.latency_reps // blocks, 1)
+    series = {name: (Series(f"4 KiB round trip, {name}", "s"),
+                     Series(f"4 KiB round trip, page not mapped, {name}", "s"))
+              for name in ("ufsgmem", "floor server")}
+    with tempfile.TemporaryDirectory(prefix="ufsgmem-floor-build-") as build_dir:
+        try:
+            exe = floor.build(build_dir)
+            with p3_setting(cfg) as ours, p3_floor_setting(cfg, exe) as bare:
+                settings = {"ufsgmem": ours, "floor server": bare}
+                for block in range(blocks):
+                    order = ("ufsgmem", "floor server") if block % 2 == 0 else ("floor server", "ufsgmem")
+                    for name in order:
+                        reps = range(block * per_block, (block + 1) * per_block)
+                        p3_round_trips(settings[name], size, reps, *series[name])
+        except floor.Unavailable as e:
+            progress.step(f"P3 against the FUSE floor: skipped ({e})")
+            return []
+    progress.step("P3 against the FUSE floor server, alternating with ufsgmem")
+    (ours_dirty, ours_clean), (floor_dirty, floor_clean) = series["ufsgmem"], series["floor server"]
+    return [Figure("P3.floor", "4 KiB round trip through the ioctl, dirty in another process, ufsgmem vs a C "
+                   "FUSE server that only revokes (bench/fuse_floor.c; alternating blocks)", ours_dirty,
+                   floor_dirty, "context (the FUSE floor of P3 here)"),
+            Figure("P3.floor.clean", "4 KiB round trip through the ioctl of a page no process maps, ufsgmem vs the "
+                   "C floor server", ours_clean, floor_clean, "context (the FUSE floor of P3.clean here)")]
+
+
 def wait_for_no_latency_limit(timeout: float = 5.0) -> None:
     """Until no CPU latency limit is in force (a --low-latency hold lapses 0.2 s after its last request)."""
     deadline = time.monotonic() + timeout
     while current_limit() != NO_LIMIT:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"a CPU latency limit is still held after {timeout} s: the plain mount would not be plain")
+            raise RuntimeError(f"a CPU latency limit is still held after {timeout} s: the plain mount would not "
+                               "be plain")
         time.sleep(0.01)
 
 
@@ -440,7 +485,7 @@ def machine() -> dict:
 
 
 def run(cfg: Config) -> dict:
-    progress = Progress(cfg.reps + 12)
+    progress = Progress(cfg.reps + 13)
     figures: list[Figure] = []
     with mounted() as mount:
         figures += p1_first_touch(cfg, mount, progress)
@@ -451,6 +496,7 @@ def run(cfg: Config) -> dict:
         figures += late_mmap(cfg, mount, progress)
     figures += p3_one_cpu(cfg, progress)
     figures += p3_low_latency(cfg, progress)
+    figures += p3_floor(cfg, progress)
     figures += p5_layout(cfg, progress)
     figures += p6_hugetlb_bytes(cfg, progress)
     return {"machine": machine(), "config": cfg.__dict__, "figures": figures}
