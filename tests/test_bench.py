@@ -37,8 +37,8 @@ def test_quick_bench_writes_every_target(tmp_path):
     for target in ("P1", "P2", "P3", "P4", "P6"):
         assert result[target]["reference"] is not None, f"{target} is compared with nothing"
     assert {"P3.clean", "P3.onecpu", "P3.onecpu.clean", "P3.lowlat", "P3.lowlat.clean", "P3.floor",
-            "P3.floor.clean"} <= set(result["context"]), "the P3 variants are reported"
-    for floor in ("P3.floor", "P3.floor.clean"):  # measured against the C floor server, not against nothing
+            "P3.floor.clean", "P2.floor"} <= set(result["context"]), "the P3 variants are reported"
+    for floor in ("P3.floor", "P3.floor.clean", "P2.floor"):  # against the C floor server, not against nothing
         assert result["context"][floor]["reference"] is not None, floor
     assert result["machine"]["kernel"] and result["machine"]["libfuse"]
     assert "P1" in proc.stdout and "ratio" in proc.stdout

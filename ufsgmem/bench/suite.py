@@ -303,45 +303,53 @@ def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
 
 
 @contextlib.contextmanager
-def p3_floor_setting(cfg: Config, exe: str):
+def floor_setting(cfg: Config, exe: str):
     """P3's setting on the floor server (``floor.py``): its ``mem``, and a dirtier mapping it."""
     with floor.FloorMount(exe, cfg.size) as mount, Dirtier(os.path.join(mount.mountpoint, "mem"), cfg.size) as dirtier:
         yield mount.file, dirtier
 
 
-def p3_floor(cfg: Config, progress: Progress) -> list[Figure]:
-    """P3 and P3.clean on a plain ufsgmem mount against the floor server, in alternating blocks.
+def floor_round_trips(cfg: Config, progress: Progress) -> list[Figure]:
+    """P3, P3.clean and P2 on a plain ufsgmem mount against the floor server, in alternating blocks.
 
     The floor server (``fuse_floor.c``) takes the same steps through FUSE and nothing else, so its round
     trip is the least any FUSE server shows on this machine and the ratio is what ufsgmem's own server
-    adds (docs/performance.md). Needs a C compiler and libfuse3's headers; without them the figure is
+    adds (docs/performance.md). Needs a C compiler and libfuse3's headers; without them the figures are
     left out and the progress line says why.
     """
     size, blocks = cfg.size, 4
-    per_block = max(cfg.latency_reps // blocks, 1)
+    per_block, per_block_2m = max(cfg.latency_reps // blocks, 1), max(cfg.reps, 2)
+    names = ("ufsgmem", "floor server")
     series = {name: (Series(f"4 KiB round trip, {name}", "s"),
-                     Series(f"4 KiB round trip, page not mapped, {name}", "s"))
-              for name in ("ufsgmem", "floor server")}
+                     Series(f"4 KiB round trip, page not mapped, {name}", "s"),
+                     Series(f"2 MiB round trip, {name}", "s")) for name in names}
     with tempfile.TemporaryDirectory(prefix="ufsgmem-floor-build-") as build_dir:
         try:
             exe = floor.build(build_dir)
-            with p3_setting(cfg) as ours, p3_floor_setting(cfg, exe) as bare:
+            with p3_setting(cfg) as ours, floor_setting(cfg, exe) as bare:
                 settings = {"ufsgmem": ours, "floor server": bare}
                 for block in range(blocks):
-                    order = ("ufsgmem", "floor server") if block % 2 == 0 else ("floor server", "ufsgmem")
-                    for name in order:
-                        reps = range(block * per_block, (block + 1) * per_block)
-                        p3_round_trips(settings[name], size, reps, *series[name])
+                    for name in (names if block % 2 == 0 else names[::-1]):
+                        dirty, clean, dirty_2m = series[name]
+                        p3_round_trips(settings[name], size, range(block * per_block, (block + 1) * per_block),
+                                       dirty, clean)
+                        f, dirtier = settings[name]
+                        for rep in range(block * per_block_2m, (block + 1) * per_block_2m):
+                            offset = size // 4 + rep * SZ_2M  # clear of P3's pages (from 0 and from size / 2)
+                            dirtier.dirty(offset, SZ_2M)
+                            dirty_2m.values.append(round_trip(f, offset, SZ_2M))
         except floor.Unavailable as e:
-            progress.step(f"P3 against the FUSE floor: skipped ({e})")
+            progress.step(f"P2/P3 against the FUSE floor: skipped ({e})")
             return []
-    progress.step("P3 against the FUSE floor server, alternating with ufsgmem")
-    (ours_dirty, ours_clean), (floor_dirty, floor_clean) = series["ufsgmem"], series["floor server"]
+    progress.step("P2/P3 against the FUSE floor server, alternating with ufsgmem")
+    (ours_dirty, ours_clean, ours_2m), (floor_dirty, floor_clean, floor_2m) = (series[name] for name in names)
     return [Figure("P3.floor", "4 KiB round trip through the ioctl, dirty in another process, ufsgmem vs a C "
                    "FUSE server that only revokes (bench/fuse_floor.c; alternating blocks)", ours_dirty,
                    floor_dirty, "context (the FUSE floor of P3 here)"),
             Figure("P3.floor.clean", "4 KiB round trip through the ioctl of a page no process maps, ufsgmem vs the "
-                   "C floor server", ours_clean, floor_clean, "context (the FUSE floor of P3.clean here)")]
+                   "C floor server", ours_clean, floor_clean, "context (the FUSE floor of P3.clean here)"),
+            Figure("P2.floor", "2 MiB round trip, dirty in another process, ufsgmem vs the C floor server",
+                   ours_2m, floor_2m, "context (the FUSE floor of P2 here; compare it with P2's reference)")]
 
 
 def wait_for_no_latency_limit(timeout: float = 5.0) -> None:
@@ -496,7 +504,7 @@ def run(cfg: Config) -> dict:
         figures += late_mmap(cfg, mount, progress)
     figures += p3_one_cpu(cfg, progress)
     figures += p3_low_latency(cfg, progress)
-    figures += p3_floor(cfg, progress)
+    figures += floor_round_trips(cfg, progress)
     figures += p5_layout(cfg, progress)
     figures += p6_hugetlb_bytes(cfg, progress)
     return {"machine": machine(), "config": cfg.__dict__, "figures": figures}
