@@ -19,7 +19,8 @@ SZ_2M = 2 << 20
 def fuse_mounts() -> set[tuple[str, str]]:
     """Every FUSE mount (ufsgmem's and the bench's floor server's alike), as (mount point, type)."""
     with open("/proc/self/mounts") as f:
-        return {(fields[1], fields[2]) for fields in (line.split() for line in f) if fields[2].startswith("fuse.")}
+        return {(fields[1], fields[2]) for fields in (line.split() for line in f)
+                if fields[2] == "fuse" or fields[2].startswith("fuse.")}
 
 
 def test_quick_bench_writes_every_target(tmp_path):

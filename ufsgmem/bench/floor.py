@@ -10,7 +10,8 @@ FUSE server could show here.
 Building needs a C compiler and libfuse3's headers (``pkg-config fuse3``), which setup installs; without
 them :func:`build` says why and the bench leaves the figure out. The binary goes to a temporary
 directory per run: nothing is installed. :class:`FloorMount` starts the server, waits (bounded) for it
-to report the mount, and on exit ends it by its pid and lazily unmounts whatever it left.
+to report the mount, and on exit ends it by its pid; if it does not end in time, or dies and leaves its
+mount, the connection is aborted (``fuse/abort.py``) so that nothing waits on it, and lazily unmounted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import tempfile
 
+from ..fuse import abort
 from ..uapi import KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2
 
 SOURCE = os.path.join(os.path.dirname(__file__), "fuse_floor.c")
@@ -79,13 +81,9 @@ class FloorMount:
         self.mountpoint = tempfile.mkdtemp(prefix="ufsgmem-floor-")
         self._proc = subprocess.Popen([exe, self.mountpoint, str(size)], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
+        self.file: FloorFile | None = None
         try:
             self._wait_ready()
-        except BaseException:
-            self.close()
-            raise
-        self.file = None
-        try:
             self.file = FloorFile(self.mountpoint)
         except BaseException:
             self.close()
@@ -100,22 +98,32 @@ class FloorMount:
             raise Unavailable(f"the floor server did not mount {self.mountpoint}: {err or 'no answer'}")
 
     def close(self) -> None:
-        if getattr(self, "file", None) is not None:
-            self.file.close()  # before the server goes: its RELEASE needs a server to answer
+        if self.file is not None:
+            self.file.close()  # opened noflush: the close never waits on the server
             self.file = None
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)
             try:
                 self._proc.wait(timeout=self.STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # stuck: end its connection, then the process
+                self._abort()
                 self._proc.kill()
-                self._proc.wait()
+                self._proc.wait(timeout=self.STOP_TIMEOUT)
+        if self._abort():  # it died and left its mount
+            subprocess.run(["umount", "-l", self.mountpoint], check=False, capture_output=True)
         for stream in (self._proc.stdout, self._proc.stderr):
             stream.close()
-        if os.path.ismount(self.mountpoint):  # the server died before unmounting
-            subprocess.run(["umount", "-l", self.mountpoint], check=False, capture_output=True)
         with contextlib.suppress(OSError):
             os.rmdir(self.mountpoint)
+
+    def _abort(self) -> bool:
+        """Abort the connection of the mount still at our mount point (read from the mount table: a stat
+        of a mount whose server died fails or waits). Whether there was one."""
+        connection = abort.connection_of(abort.mount_path(self.mountpoint), "fuse")
+        if connection is None:
+            return False
+        abort.abort_connection(connection)
+        return True
 
     def __enter__(self):
         return self
