@@ -223,16 +223,19 @@ def p3_setting(cfg: Config, *options: str):
         yield f, dirtier
 
 
+def dirty_round_trip(setting, offset: int, length: int) -> float:
+    """Dirty ``[offset, offset + length)`` in the setting's dirtier, then time its round trip."""
+    f, dirtier = setting
+    dirtier.dirty(offset, length)
+    return round_trip(f, offset, length)
+
+
 def p3_round_trips(setting, size: int, reps: range, dirty: Series, clean: Series) -> None:
     """Add ``len(reps)`` round trips of a page dirty in the dirtier to ``dirty``, and as many of a page
     nobody maps to ``clean``."""
-    f, dirtier = setting
-    for rep in reps:
-        offset = (rep * SZ_4K) % size
-        dirtier.dirty(offset, SZ_4K)
-        dirty.values.append(round_trip(f, offset, SZ_4K))
+    dirty.values.extend(dirty_round_trip(setting, (rep * SZ_4K) % size, SZ_4K) for rep in reps)
     start = size // 2  # pages nobody has mapped
-    clean.values.extend(round_trip(f, start + rep * SZ_4K, SZ_4K) for rep in reps)
+    clean.values.extend(round_trip(setting[0], start + rep * SZ_4K, SZ_4K) for rep in reps)
 
 
 def p3_on_a_mount(cfg: Config, label: str, *options: str) -> tuple[Series, Series]:
@@ -333,11 +336,9 @@ def floor_round_trips(cfg: Config, progress: Progress) -> list[Figure]:
                         dirty, clean, dirty_2m = series[name]
                         p3_round_trips(settings[name], size, range(block * per_block, (block + 1) * per_block),
                                        dirty, clean)
-                        f, dirtier = settings[name]
-                        for rep in range(block * per_block_2m, (block + 1) * per_block_2m):
-                            offset = size // 4 + rep * SZ_2M  # clear of P3's pages (from 0 and from size / 2)
-                            dirtier.dirty(offset, SZ_2M)
-                            dirty_2m.values.append(round_trip(f, offset, SZ_2M))
+                        # 2 MiB ranges from size / 4: clear of P3's pages (from 0 and from size / 2)
+                        dirty_2m.values.extend(dirty_round_trip(settings[name], size // 4 + rep * SZ_2M, SZ_2M)
+                                               for rep in range(block * per_block_2m, (block + 1) * per_block_2m))
         except floor.Unavailable as e:
             progress.step(f"P2/P3 against the FUSE floor: skipped ({e})")
             return []
