@@ -11,7 +11,8 @@
  * FUSE and this machine cost from what ufsgmem's server adds. It is not a guest_memfd: never use it
  * for anything but that measurement.
  *
- * usage: fuse_floor MOUNTPOINT SIZE     prints "ready" on stdout once mounted; SIGTERM unmounts.
+ * usage: fuse_floor MOUNTPOINT SIZE     prints "ready" on stdout once mounted; SIGTERM, or the death of
+ *                                      the process that started it, unmounts.
  */
 #define FUSE_USE_VERSION 312
 #define _GNU_SOURCE
@@ -25,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -251,6 +253,9 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	mountpoint = argv[1];
+	/* The bench that started us may be killed outright: then unmount and go, as on SIGTERM. */
+	if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || getppid() == 1)
+		return 1;
 	memfd = memfd_create("fuse_floor", MFD_CLOEXEC);
 	if (memfd < 0 || ftruncate(memfd, (off_t)file_size) != 0) {
 		perror("fuse_floor: memfd");
