@@ -4,8 +4,10 @@ P3's target (150 µs) is absolute, and this VM's wake-ups and page faults are sl
 it says nothing about *what* is slow. So the bench builds ``fuse_floor.c`` (libfuse's low-level API, the
 same INIT, open flags and revocation as ufsgmem's server, and none of its rules or bookkeeping), mounts
 it, and times the same round trip against it and against a ufsgmem mount in alternating blocks. The ratio
-is what ufsgmem's server adds; the floor is what FUSE costs on this machine, and the lowest P3 any
-FUSE server could show here.
+is what ufsgmem's server adds; the floor is what FUSE costs on this machine, and about the lowest P3 a
+FUSE server that writes dirty pages back and invalidates them (as a content-preserving conversion must)
+could show here. Caveat: it is measured through the bench's own Python caller and dirtier, which add to
+both sides alike (docs/performance.md has the floor from a C caller).
 
 Building needs a C compiler and libfuse3's headers (``pkg-config fuse3``), which setup installs; without
 them :func:`build` says why and the bench leaves the figure out. The binary goes to a temporary

@@ -316,8 +316,8 @@ def floor_round_trips(cfg: Config, progress: Progress) -> list[Figure]:
     """P3, P3.clean and P2 on a plain ufsgmem mount against the floor server, in alternating blocks.
 
     The floor server (``fuse_floor.c``) takes the same steps through FUSE and nothing else, so its round
-    trip is the least any FUSE server shows on this machine and the ratio is what ufsgmem's own server
-    adds (docs/performance.md). Needs a C compiler and libfuse3's headers; without them the figures are
+    trip is about the least a FUSE server that preserves content can show on this machine, and the ratio
+    is what ufsgmem's own server adds (docs/performance.md). Needs a C compiler and libfuse3's headers; without them the figures are
     left out and the progress line says why.
     """
     size, blocks = cfg.size, 4
