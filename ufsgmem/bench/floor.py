@@ -59,9 +59,8 @@ class FloorFile:
     """``MNT/mem`` of a floor mount, with the one call P3 makes, made as ``GmemFile.set_memory_attributes``
     makes it (one descriptor kept open, the 128-byte struct through ``fcntl.ioctl``)."""
 
-    def __init__(self, path: str):
-        self.path = path  # the directory holding ``mem``, as GmemFile.path
-        self._fd = os.open(os.path.join(path, "mem"), os.O_RDWR | os.O_CLOEXEC)
+    def __init__(self, directory: str):
+        self._fd = os.open(os.path.join(directory, "mem"), os.O_RDWR | os.O_CLOEXEC)
 
     def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0) -> None:
         arg = bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, 0, *(0,) * 11))
