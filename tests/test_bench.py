@@ -30,18 +30,43 @@ def test_quick_bench_writes_every_target(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
+    unavailable = result["unavailable"]
     for target in ("P1", "P2", "P3", "P4", "P5", "P6"):
         figure = result[target]
         assert set(figure) >= {"value", "reference", "ratio", "unit", "raw"}, target
+        if target == "P6" and "P6 (hugetlb backend)" in unavailable:
+            assert "not measured" in figure["note"]
+            continue
         assert isinstance(figure["value"], float | int) and math.isfinite(figure["value"]), target
         assert figure["raw"]["value"]["repetitions"], f"{target} has no raw repetitions"
-    for target in ("P1", "P2", "P3", "P4", "P6"):
-        assert result[target]["reference"] is not None, f"{target} is compared with nothing"
-    assert {"P3.clean", "P3.onecpu", "P3.onecpu.clean", "P3.lowlat", "P3.lowlat.clean", "P3.floor",
-            "P3.floor.clean", "P2.floor"} <= set(result["context"]), "the P3 variants are reported"
-    for floor in ("P3.floor", "P3.floor.clean", "P2.floor"):  # against the C floor server, not against nothing
-        assert result["context"][floor]["reference"] is not None, floor
+    # P1 always has a reference (shmem memfd where the kernel has no guest_memfd); P2/P3 have the floor
+    # server wherever it can be built, and otherwise say why not
+    assert result["P1"]["reference"] is not None
+    assert result["P1"]["reference_name"] == ("shmem memfd" if "kernel guest_memfd" in unavailable
+                                              else "kernel guest_memfd")
+    for target in ("P2", "P3"):
+        if "the FUSE floor server" in unavailable:
+            assert result[target]["reference"] is None and "no FUSE floor" in result[target]["note"]
+        else:
+            assert result[target]["reference_name"].endswith("floor server"), target
+    assert result["P4"]["reference"] is not None
+    assert result["P6"]["reference"] is not None or "P6 (hugetlb backend)" in unavailable
+    assert {"P3.clean", "P3.onecpu", "P3.onecpu.clean", "P3.kernel", "P2.kernel"} <= set(result["context"])
     assert result["machine"]["kernel"] and result["machine"]["libfuse"]
     assert "P1" in proc.stdout and "ratio" in proc.stdout
+    for what, reason in unavailable.items():  # each missing reference is named, with its reason, to people too
+        assert reason and f"{what}: {reason}" in proc.stdout
     assert fuse_mounts() == mounts, "bench left a mount behind"
     assert hugepages.read(SZ_2M) == pool, "bench left huge pages reserved"
+
+
+def test_bench_without_the_kernel_reference_says_why(tmp_path, monkeypatch):
+    """Where the kernel has no guest_memfd (this machine, and any without /dev/kvm), nothing is compared
+    with it and the reason is recorded; P1 falls back to shmem memfd."""
+    from ufsgmem import kvm
+    from ufsgmem.bench import suite
+
+    monkeypatch.setattr(kvm, "skip_reason", lambda: "/dev/kvm is absent (no KVM on this machine)")
+    refs = suite.References.probe()
+    assert refs.kernel_gmem == "/dev/kvm is absent (no KVM on this machine)"
+    assert refs.unavailable == {"kernel guest_memfd": refs.kernel_gmem}

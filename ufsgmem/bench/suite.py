@@ -1,22 +1,28 @@
 """``ufsgmem bench``: every figure of design §5 measured in one run, beside its reference, with the ratio.
 
-Targets (design §5):
+Targets (docs/design.md §5 once it exists; docs/performance.md says what limits each):
 
-====  ==========================================================================  ==========================
-P1    first-touch write throughput of a 1 GiB ``mem`` mapping vs kernel guest_memfd  ≥ 1.5× kernel, ≥ 0.8× shmem
-P2    2 MiB shared→private→shared, mapped and dirty in another process, vs the       ≤ 0.2×
-      kernel's discard model (punch-hole + refault of 2 MiB)
-P3    4 KiB round trip through the ioctl on ``mem``, dirty in another process        ≤ 150 µs median
-P4    4 KiB conversion latency, 1 GiB vs 64 GiB file                                  ≤ 1.25×
-P5    layout export of a 1 TiB guest with 100 000 shared holes; metadata per run      ≤ 2 s; ≤ 128 B/run
-P6    backend bytes of a preallocated hugetlb file after 10 000 conversions           = file size
-====  ==========================================================================  ==========================
+========  ======================================================================  =============================
+P1        first-touch write throughput of a 1 GiB ``mem`` mapping                   ≥ 1.5× kernel guest_memfd where
+                                                                                  the kernel has one; ≥ 0.8× shmem
+P2        2 MiB shared→private→shared, mapped and dirty in another process, vs     ≤ 1.15× the floor
+          the FUSE floor server (``fuse_floor.c``) in the same run
+P3        4 KiB round trip through the ioctl on ``mem``, dirty in another process,  ≤ 1.25× the floor
+          vs the FUSE floor server in the same run (P3.clean: a page nobody maps)
+P4        4 KiB conversion latency, 1 GiB vs 64 GiB file                            ≤ 1.25×
+P5        layout export of a 1 TiB guest with 100 000 shared holes; metadata/run    ≤ 2 s; ≤ 128 B/run
+P6        backend bytes of a preallocated hugetlb file after 10 000 conversions     = file size
+========  ======================================================================  =============================
 
-Besides the targets it reports the context a reader needs: read throughput, 4 KiB and 1 GiB round trips
-(4 KiB also with the caller and a ``--cpus`` server on one CPU, on a ``--low-latency`` mount, and
-against the smallest C FUSE server that takes the same steps: the floor of P3 on this machine),
-conversions per second over a 1 GiB file, and the page-cache bytes the FUSE mount holds for shared
-mappings (a real cost of the design: mapped pages live in the FUSE page cache *and* in the backend).
+Besides the targets it reports the context a reader needs: read throughput, the round trips against the
+kernel's discard model (punch-hole + refault) where the kernel has guest_memfd, 4 KiB round trips with the
+caller and a ``--cpus`` server on one CPU and on a ``--low-latency`` mount, conversions per second over a
+1 GiB file, and the page-cache bytes the FUSE mount holds for shared mappings (a real cost of the design:
+mapped pages live in the FUSE page cache *and* in the backend).
+
+A reference this machine lacks (the kernel's guest_memfd, huge pages, a C compiler for the floor server,
+the CPU latency device) is reported as unavailable with the reason, in the table and in the JSON's
+``unavailable``; the figure is still measured where it can be, and the run goes on.
 
 Every figure is the median of several repetitions, with min..max and the raw values in the JSON. Both
 sides of a ratio are measured in the same run, interleaved, so machine load hits both alike.
@@ -33,11 +39,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 
-from .. import __version__, hugepages
+from .. import __version__, hugepages, kvm
 from ..client import GmemFile, Mount
 from ..fuse.latency import DEVICE as CPU_LATENCY_DEVICE, NO_LIMIT, current_limit
 from ..uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, SZ_1G, SZ_2M, SZ_4K
@@ -64,6 +70,29 @@ class Config:
     def quick_config(cls) -> "Config":
         return cls(size=64 << 20, reps=2, latency_reps=20, stream=200, p4_large=4 * GiB,
                    p5_size=1 << 40, p5_holes=5_000, p6_conversions=500, quick=True)
+
+
+@dataclass
+class References:
+    """The optional references of this machine: why each one it lacks is missing.
+
+    ``kernel_gmem`` is None where the kernel can create a guest_memfd, else the reason it cannot (on the
+    machines ufsgmem is for, ``KVM_CREATE_GUEST_MEMFD`` is ENOTTY or ``/dev/kvm`` is absent). Every figure
+    that would have compared with a missing reference is still measured, beside what is there instead.
+    """
+
+    kernel_gmem: str | None
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def probe(cls) -> "References":
+        refs = cls(kernel_gmem=kvm.skip_reason())
+        if refs.kernel_gmem is not None:
+            refs.lack("kernel guest_memfd", refs.kernel_gmem)
+        return refs
+
+    def lack(self, what: str, reason: str) -> None:
+        self.unavailable[what] = reason
 
 
 class Progress:
@@ -103,18 +132,21 @@ def created(mount: Mount, name: str, size: int, flags: str = "mmap|init_shared",
 
 
 # --- P1: first touch --------------------------------------------------------------------------------
-def p1_first_touch(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
+def p1_first_touch(cfg: Config, mount: Mount, refs: References, progress: Progress) -> list[Figure]:
+    """P1 against the kernel's guest_memfd where there is one, and against shmem memfd always."""
     size = cfg.size
-    targets: dict[str, Callable] = {
-        "kernel guest_memfd": memory.kernel_gmem_mapping,
-        "shmem memfd": memory.shmem_mapping,
-        "anonymous": memory.anon_mapping,
-    }
+    targets: dict[str, Callable] = {"shmem memfd": memory.shmem_mapping, "anonymous": memory.anon_mapping}
+    if refs.kernel_gmem is None:
+        targets["kernel guest_memfd"] = memory.kernel_gmem_mapping
     backends = ["anon", "thp"]
     pool = contextlib.ExitStack()
-    if hugepages.unavailable_reason(SZ_2M) is None and pool.enter_context(
-            hugepages.reserved(SZ_2M, size // SZ_2M)) == size // SZ_2M:
+    reason = hugepages.unavailable_reason(SZ_2M)
+    if reason is None and pool.enter_context(hugepages.reserved(SZ_2M, size // SZ_2M)) < size // SZ_2M:
+        reason = f"the 2 MiB pool could not grow by {size // SZ_2M} pages"
+    if reason is None:
         backends.append("hugetlb")
+    else:
+        refs.lack("P1 on the hugetlb backend", reason)
     with pool:
         for backend in backends:
             targets[f"ufsgmem mem ({backend})"] = _ufsgmem_target(mount, backend)
@@ -127,15 +159,20 @@ def p1_first_touch(cfg: Config, mount: Mount, progress: Progress) -> list[Figure
                         series[name].values.append(size / memory.first_touch(m, is_write) / 1e9)
             progress.step(f"P1 first touch, repetition {rep + 1}/{cfg.reps}")
     best = max((n for n in targets if n.startswith("ufsgmem")), key=lambda n: write[n].median)
-    kernel, shmem = write["kernel guest_memfd"], write["shmem memfd"]
-    fig = Figure("P1", f"first-touch write of a {fmt(size, 'B')} mapping, {best} vs kernel guest_memfd",
-                 write[best], kernel, "≥ 1.5× kernel and ≥ 0.8× shmem memfd", better="higher")
-    vs_shmem = write[best].median / shmem.median
-    fig.met = bool(fig.ratio is not None and fig.ratio >= 1.5 and vs_shmem >= 0.8)
-    fig.note = f"vs shmem memfd {vs_shmem:.2f}×"
-    extra = [Figure(f"P1.write.{n}", f"first-touch write, {n}", s, kernel, "context", better="higher")
+    vs_shmem = write[best].median / write["shmem memfd"].median
+    ref_name = "kernel guest_memfd" if refs.kernel_gmem is None else "shmem memfd"
+    title = f"first-touch write of a {fmt(size, 'B')} mapping, {best} vs {ref_name}"
+    if refs.kernel_gmem is None:
+        fig = Figure("P1", title, write[best], write[ref_name], "≥ 1.5× kernel and ≥ 0.8× shmem memfd",
+                     better="higher", note=f"vs shmem memfd {vs_shmem:.2f}×")
+        fig.met = bool(fig.ratio is not None and fig.ratio >= 1.5 and vs_shmem >= 0.8)
+    else:
+        fig = Figure("P1", title, write[best], write[ref_name], "≥ 0.8× shmem memfd", better="higher",
+                     note=f"no kernel guest_memfd to compare with: {refs.kernel_gmem}")
+        fig.met = vs_shmem >= 0.8
+    extra = [Figure(f"P1.write.{n}", f"first-touch write, {n}", s, write[ref_name], "context", better="higher")
              for n, s in write.items()]
-    extra += [Figure(f"P1.read.{n}", f"first-touch read, {n}", s, read["kernel guest_memfd"], "context",
+    extra += [Figure(f"P1.read.{n}", f"first-touch read, {n}", s, read[ref_name], "context",
                      better="higher") for n, s in read.items()]
     return [fig, *extra]
 
@@ -163,35 +200,32 @@ def round_trip(f: GmemFile, offset: int, size: int) -> float:
     return time.perf_counter() - start
 
 
-def p2_p3_round_trips(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
+def kernel_round_trips(cfg: Config, mount: Mount, refs: References, progress: Progress) -> list[Figure]:
+    """Round trips of 4 KiB, 2 MiB and the whole mapping, dirty in another process, beside the kernel's
+    discard model (punch-hole + refault: how a VMM converts without in-place conversion) where the kernel
+    has guest_memfd. Context for P2/P3, whose targets are against the FUSE floor."""
     size = cfg.size
     figures = []
-    with created(mount, "bench-rt", size) as f, Dirtier(os.path.join(f.path, "mem"), size) as dirtier, \
-            memory.kernel_gmem_file(size) as kernel:
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(created(mount, "bench-rt", size))
+        dirtier = stack.enter_context(Dirtier(os.path.join(f.path, "mem"), size))
+        kernel = stack.enter_context(memory.kernel_gmem_file(size)) if refs.kernel_gmem is None else None
         for label, length, reps in (("4 KiB", SZ_4K, cfg.latency_reps), ("2 MiB", SZ_2M, max(cfg.reps * 4, 10)),
                                     ("1 GiB", size, cfg.reps)):
-            ours, ref = Series(f"ufsgmem {label} round trip", "s"), Series(f"kernel punch+refault {label}", "s")
+            ours = Series(f"ufsgmem {label} round trip", "s")
+            ref = Series(f"kernel punch+refault {label}", "s") if kernel is not None else None
             for rep in range(reps):
                 offset = (rep * length) % size
                 dirtier.dirty(offset, length)  # mapped and dirty in another process
                 ours.values.append(round_trip(f, offset, length))
-                ref.values.append(kernel.punch_and_refault(offset, length))
+                if kernel is not None:
+                    ref.values.append(kernel.punch_and_refault(offset, length))
             progress.step(f"round trips {label}")
             figures.append((label, ours, ref))
-    out = []
-    for label, ours, ref in figures:
-        if label == "2 MiB":
-            fig = Figure("P2", "2 MiB shared→private→shared, dirty in another process, vs kernel punch+refault",
-                         ours, ref, "≤ 0.2×")
-            fig.met = fig.ratio is not None and fig.ratio <= 0.2
-        elif label == "4 KiB":
-            fig = Figure("P3", "4 KiB round trip through the ioctl on mem, dirty in another process", ours, ref,
-                         "≤ 150 µs median")
-            fig.met = ours.median <= 150e-6
-        else:
-            fig = Figure("RT.1G", f"{label} round trip, dirty in another process", ours, ref, "context")
-        out.append(fig)
-    return out
+    note = "" if refs.kernel_gmem is None else f"no kernel guest_memfd to compare with: {refs.kernel_gmem}"
+    ids = {"4 KiB": "P3.kernel", "2 MiB": "P2.kernel", "1 GiB": "RT.1G"}
+    return [Figure(ids[label], f"{label} shared→private→shared, dirty in another process, vs the kernel's "
+                   "punch-hole + refault", ours, ref, "context", note=note) for label, ours, ref in figures]
 
 
 def conversion_stream(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
@@ -205,14 +239,9 @@ def conversion_stream(cfg: Config, mount: Mount, progress: Progress) -> list[Fig
                                      for p in pages]) + \
                 timed(lambda: [f.set_memory_attributes(p * SZ_4K, SZ_4K, 0) for p in pages])
             rate.values.append(2 * len(pages) / elapsed)
-        # design §5's P3 row read literally: the round trip alone, on pages nobody maps (no revocation)
-        clean = Series("ufsgmem 4 KiB round trip, page not mapped", "s",
-                       [round_trip(f, p * SZ_4K, SZ_4K) for p in pages[:cfg.latency_reps]])
     progress.step("conversion stream")
     return [Figure("STREAM", f"4 KiB conversions scattered over {fmt(size, 'B')}", rate, None, "context",
-                   better="higher"),
-            Figure("P3.clean", "4 KiB round trip through the ioctl of a page no process maps (P3 without the "
-                   "revocation)", clean, None, "context (P3's 150 µs)")]
+                   better="higher")]
 
 
 @contextlib.contextmanager
@@ -263,12 +292,12 @@ def p3_one_cpu(cfg: Config, progress: Progress) -> list[Figure]:
         os.sched_setaffinity(0, saved)
     progress.step("P3 with caller and server on one CPU")
     return [Figure("P3.onecpu", f"4 KiB round trip through the ioctl, dirty in another process, caller, dirtier and "
-                   f"server on CPU {cpu} (mount --cpus)", dirty, None, "context (P3's 150 µs)"),
+                   f"server on CPU {cpu} (mount --cpus)", dirty, None, "context"),
             Figure("P3.onecpu.clean", f"4 KiB round trip through the ioctl of a page no process maps, caller and "
-                   f"server on CPU {cpu}", clean, None, "context (P3's 150 µs)")]
+                   f"server on CPU {cpu}", clean, None, "context")]
 
 
-def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
+def p3_low_latency(cfg: Config, refs: References, progress: Progress) -> list[Figure]:
     """P3 and P3.clean on a ``--low-latency`` mount against a plain one, measured in alternating blocks.
 
     On a VM whose idle vCPUs halt into the host, waking one is part of a FUSE request's cost (10-30 % of
@@ -277,9 +306,11 @@ def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
     lapsed. Needs root, and nobody else holding a CPU latency limit (the plain mount would not be plain).
     """
     if not os.access(CPU_LATENCY_DEVICE, os.W_OK):
+        refs.lack("P3 on a --low-latency mount", f"{CPU_LATENCY_DEVICE} is not writable (needs root)")
         progress.step("P3 with --low-latency: skipped (needs root)")
         return []
     if current_limit() != NO_LIMIT:
+        refs.lack("P3 on a --low-latency mount", f"another process holds a {current_limit()} µs CPU latency limit")
         progress.step(f"P3 with --low-latency: skipped (another process holds a {current_limit()} µs CPU "
                       "latency limit)")
         return []
@@ -300,9 +331,9 @@ def p3_low_latency(cfg: Config, progress: Progress) -> list[Figure]:
     progress.step("P3 with --low-latency, alternating with a plain mount")
     (low_dirty, low_clean), (plain_dirty, plain_clean) = series["--low-latency"], series["plain mount"]
     return [Figure("P3.lowlat", "4 KiB round trip through the ioctl, dirty in another process, mount --low-latency "
-                   "vs a plain mount (alternating blocks)", low_dirty, plain_dirty, "context (P3's 150 µs)"),
+                   "vs a plain mount (alternating blocks)", low_dirty, plain_dirty, "context"),
             Figure("P3.lowlat.clean", "4 KiB round trip through the ioctl of a page no process maps, mount "
-                   "--low-latency vs a plain mount", low_clean, plain_clean, "context (P3.clean's 60 µs)")]
+                   "--low-latency vs a plain mount", low_clean, plain_clean, "context")]
 
 
 @contextlib.contextmanager
@@ -312,13 +343,17 @@ def floor_setting(cfg: Config, exe: str):
         yield mount.file, dirtier
 
 
-def floor_round_trips(cfg: Config, progress: Progress) -> list[Figure]:
-    """P3, P3.clean and P2 on a plain ufsgmem mount against the floor server, in alternating blocks.
+FLOOR_TARGETS = {"P3": 1.25, "P3.clean": 1.25, "P2": 1.15}
+
+
+def floor_round_trips(cfg: Config, refs: References, progress: Progress) -> list[Figure]:
+    """P3, P3.clean and P2: a plain ufsgmem mount against the floor server, in alternating blocks.
 
     The floor server (``fuse_floor.c``) takes the same steps through FUSE and nothing else, so its round
     trip is about the least a FUSE server that preserves content can show on this machine, and the ratio
-    is what ufsgmem's own server adds (docs/performance.md). Needs a C compiler and libfuse3's headers; without them the figures are
-    left out and the progress line says why.
+    is what ufsgmem's own server adds (docs/performance.md). Building it needs a C compiler and libfuse3's
+    headers; without them ufsgmem's side is still measured, with no reference and the reason in
+    ``refs``.
     """
     size, blocks = cfg.size, 4
     per_block, per_block_2m = max(cfg.latency_reps // blocks, 1), max(cfg.reps, 2)
@@ -326,31 +361,41 @@ def floor_round_trips(cfg: Config, progress: Progress) -> list[Figure]:
     series = {name: (Series(f"4 KiB round trip, {name}", "s"),
                      Series(f"4 KiB round trip, page not mapped, {name}", "s"),
                      Series(f"2 MiB round trip, {name}", "s")) for name in names}
-    with tempfile.TemporaryDirectory(prefix="ufsgmem-floor-build-") as build_dir:
+    with tempfile.TemporaryDirectory(prefix="ufsgmem-floor-build-") as build_dir, contextlib.ExitStack() as stack:
+        settings = {"ufsgmem": stack.enter_context(p3_setting(cfg))}
         try:
-            exe = floor.build(build_dir)
-            with p3_setting(cfg) as ours, floor_setting(cfg, exe) as bare:
-                settings = {"ufsgmem": ours, "floor server": bare}
-                for block in range(blocks):
-                    for name in (names if block % 2 == 0 else names[::-1]):
-                        dirty, clean, dirty_2m = series[name]
-                        p3_round_trips(settings[name], size, range(block * per_block, (block + 1) * per_block),
-                                       dirty, clean)
-                        # 2 MiB ranges from size / 4: clear of P3's pages (from 0 and from size / 2)
-                        dirty_2m.values.extend(dirty_round_trip(settings[name], size // 4 + rep * SZ_2M, SZ_2M)
-                                               for rep in range(block * per_block_2m, (block + 1) * per_block_2m))
+            settings["floor server"] = stack.enter_context(floor_setting(cfg, floor.build(build_dir)))
         except floor.Unavailable as e:
-            progress.step(f"P2/P3 against the FUSE floor: skipped ({e})")
-            return []
-    progress.step("P2/P3 against the FUSE floor server, alternating with ufsgmem")
+            refs.lack("the FUSE floor server", str(e))
+        for block in range(blocks):
+            for name in (names if block % 2 == 0 else names[::-1]):
+                if name not in settings:
+                    continue
+                dirty, clean, dirty_2m = series[name]
+                p3_round_trips(settings[name], size, range(block * per_block, (block + 1) * per_block),
+                               dirty, clean)
+                # 2 MiB ranges from size / 4: clear of P3's pages (from 0 and from size / 2)
+                dirty_2m.values.extend(dirty_round_trip(settings[name], size // 4 + rep * SZ_2M, SZ_2M)
+                                       for rep in range(block * per_block_2m, (block + 1) * per_block_2m))
+        have_floor = "floor server" in settings
+    progress.step("P2/P3 against the FUSE floor server, alternating with ufsgmem" if have_floor else
+                  f"P2/P3 without the FUSE floor ({refs.unavailable['the FUSE floor server']})")
     (ours_dirty, ours_clean, ours_2m), (floor_dirty, floor_clean, floor_2m) = (series[name] for name in names)
-    return [Figure("P3.floor", "4 KiB round trip through the ioctl, dirty in another process, ufsgmem vs a C "
-                   "FUSE server that only revokes (bench/fuse_floor.c; alternating blocks)", ours_dirty,
-                   floor_dirty, "context (the FUSE floor of P3 here)"),
-            Figure("P3.floor.clean", "4 KiB round trip through the ioctl of a page no process maps, ufsgmem vs the "
-                   "C floor server", ours_clean, floor_clean, "context (the FUSE floor of P3.clean here)"),
-            Figure("P2.floor", "2 MiB round trip, dirty in another process, ufsgmem vs the C floor server",
-                   ours_2m, floor_2m, "context (the FUSE floor of P2 here; compare it with P2's reference)")]
+    note = "" if have_floor else f"no FUSE floor to compare with: {refs.unavailable['the FUSE floor server']}"
+    figures = [
+        Figure("P3", "4 KiB shared→private→shared through the ioctl on mem, dirty in another process, ufsgmem vs a "
+               "C FUSE server that only revokes (bench/fuse_floor.c; alternating blocks)", ours_dirty, floor_dirty,
+               "≤ 1.25× the floor", note=note),
+        Figure("P3.clean", "4 KiB round trip through the ioctl of a page no process maps, ufsgmem vs the C floor "
+               "server", ours_clean, floor_clean, "≤ 1.25× the floor", note=note),
+        Figure("P2", "2 MiB shared→private→shared, dirty in another process, ufsgmem vs the C floor server",
+               ours_2m, floor_2m, "≤ 1.15× the floor", note=note)]
+    for fig in figures:
+        if not have_floor:
+            fig.reference = None
+        elif fig.ratio is not None:
+            fig.met = fig.ratio <= FLOOR_TARGETS[fig.id]
+    return figures
 
 
 def wait_for_no_latency_limit(timeout: float = 5.0) -> None:
@@ -408,17 +453,23 @@ def p5_layout(cfg: Config, progress: Progress) -> list[Figure]:
 
 
 # --- P6: no per-conversion allocation ---------------------------------------------------------------
-def p6_hugetlb_bytes(cfg: Config, progress: Progress) -> list[Figure]:
+def p6_hugetlb_bytes(cfg: Config, refs: References, progress: Progress) -> list[Figure]:
     from ..gmem import PRIVATE, SHARED, GuestMemfd
 
     size = 256 << 20
+
+    def unavailable(reason: str) -> list[Figure]:
+        refs.lack("P6 (hugetlb backend)", reason)
+        progress.step(f"P6: skipped ({reason})")
+        return [Figure("P6", "hugetlb backend bytes after conversions", Series("backend bytes", "B"), None,
+                       "= file size (ratio 1)", note=f"not measured: {reason}")]
+
     reason = hugepages.unavailable_reason(SZ_2M)
     if reason:
-        return [Figure("P6", f"hugetlb backend bytes (skipped: {reason})", Series("bytes", "B"), None, "= size")]
+        return unavailable(reason)
     with hugepages.reserved(SZ_2M, size // SZ_2M) as got:
         if got < size // SZ_2M:
-            return [Figure("P6", "hugetlb backend bytes (skipped: pool could not grow)", Series("bytes", "B"),
-                           None, "= size")]
+            return unavailable(f"the 2 MiB pool could not grow by {size // SZ_2M} pages")
         with GuestMemfd(size, 1, backend="hugetlb", page_size=SZ_2M) as gmem:
             rng = random.Random(6)
             for i in range(cfg.p6_conversions // 2):
@@ -435,15 +486,15 @@ def p6_hugetlb_bytes(cfg: Config, progress: Progress) -> list[Figure]:
 
 
 # --- the price of direct I/O: a late mmap -----------------------------------------------------------
-def late_mmap(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
+def late_mmap(cfg: Config, mount: Mount, refs: References, progress: Progress) -> list[Figure]:
     """mmap(2) of a file whose every page is dirty in another mapping, then one access through that older
     mapping. ``mem`` is opened with direct I/O (so read(2)/write(2) can be refused), and the kernel drops a
     direct-I/O file's whole page cache at every mmap(2): the older mapping's dirty pages are written back
     one request each and its next access faults (docs/architecture.md). The kernel's guest_memfd maps in
     microseconds; this figure says what a VMM pays here for mapping late."""
     size = cfg.size
-    ours, ref = Series("ufsgmem mmap(2) + refault, 1 file dirty in another mapping", "s"), \
-        Series("kernel guest_memfd mmap(2) + access", "s")
+    ours = Series("ufsgmem mmap(2) + refault, 1 file dirty in another mapping", "s")
+    ref = Series("kernel guest_memfd mmap(2) + access", "s") if refs.kernel_gmem is None else None
 
     def late(fd: int, older: mmap.mmap) -> float:
         memory.first_touch(older, True)  # every page dirty in the older mapping
@@ -452,18 +503,21 @@ def late_mmap(cfg: Config, mount: Mount, progress: Progress) -> list[Figure]:
             older[size // 2] = 3  # the older mapping goes on working
         return time.perf_counter() - start
 
-    with created(mount, "bench-late", size) as f, memory.kernel_gmem_file(size) as kernel:
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(created(mount, "bench-late", size))
+        kernel = stack.enter_context(memory.kernel_gmem_file(size)) if ref is not None else None
         fd = os.open(os.path.join(f.path, "mem"), os.O_RDWR)
-        try:
-            with memory._mapped(fd, size) as older:
-                for _ in range(max(cfg.reps // 2, 1)):
-                    ours.values.append(late(fd, older))
-                    ref.values.append(late(kernel.fd, kernel.mapping))
-        finally:
-            os.close(fd)
+        stack.callback(os.close, fd)
+        older = stack.enter_context(memory._mapped(fd, size))
+        for _ in range(max(cfg.reps // 2, 1)):
+            ours.values.append(late(fd, older))
+            if kernel is not None:
+                ref.values.append(late(kernel.fd, kernel.mapping))
     progress.step("late mmap")
+    note = "" if ref is not None else f"no kernel guest_memfd to compare with: {refs.kernel_gmem}"
     return [Figure("MMAP.late", f"mmap(2) of {fmt(size, 'B')} while another mapping holds every page dirty, "
-                   "and one access through that mapping", ours, ref, "context (the price of direct I/O for mem)")]
+                   "and one access through that mapping", ours, ref, "context (the price of direct I/O for mem)",
+                   note=note)]
 
 
 # --- page cache cost --------------------------------------------------------------------------------
@@ -495,20 +549,21 @@ def machine() -> dict:
 
 def run(cfg: Config) -> dict:
     progress = Progress(cfg.reps + 13)
+    refs = References.probe()
     figures: list[Figure] = []
     with mounted() as mount:
-        figures += p1_first_touch(cfg, mount, progress)
-        figures += p2_p3_round_trips(cfg, mount, progress)
+        figures += p1_first_touch(cfg, mount, refs, progress)
+        figures += kernel_round_trips(cfg, mount, refs, progress)
         figures += conversion_stream(cfg, mount, progress)
         figures += p4_file_size(cfg, mount, progress)
         figures += page_cache_cost(cfg, mount, progress)
-        figures += late_mmap(cfg, mount, progress)
+        figures += late_mmap(cfg, mount, refs, progress)
+    figures += floor_round_trips(cfg, refs, progress)
     figures += p3_one_cpu(cfg, progress)
-    figures += p3_low_latency(cfg, progress)
-    figures += floor_round_trips(cfg, progress)
+    figures += p3_low_latency(cfg, refs, progress)
     figures += p5_layout(cfg, progress)
-    figures += p6_hugetlb_bytes(cfg, progress)
-    return {"machine": machine(), "config": cfg.__dict__, "figures": figures}
+    figures += p6_hugetlb_bytes(cfg, refs, progress)
+    return {"machine": machine(), "config": cfg.__dict__, "figures": figures, "unavailable": refs.unavailable}
 
 
 def report(result: dict) -> str:
@@ -525,10 +580,14 @@ def report(result: dict) -> str:
             value += f" ({fmt(lo, fig.value.unit)}..{fmt(hi, fig.value.unit)})"
         lines.append(f"{fig.id:<{width}} {value:>30} {ref:>12} {ratio:>8}  "
                      f"{mark} {fig.target} — {fig.title}{' (' + fig.note + ')' if fig.note else ''}")
+    if result["unavailable"]:
+        lines.append("\nUnavailable on this machine (the figures above that needed them are measured without):")
+        lines += [f"  {what}: {reason}" for what, reason in result["unavailable"].items()]
     return "\n".join(lines)
 
 
 def to_json(result: dict) -> dict:
     targets = {f.id: f.as_dict() for f in result["figures"] if f.id in ("P1", "P2", "P3", "P4", "P5", "P6")}
     context = {f.id: f.as_dict() for f in result["figures"] if f.id not in targets}
-    return {**targets, "context": context, "machine": result["machine"], "config": result["config"]}
+    return {**targets, "context": context, "unavailable": result["unavailable"], "machine": result["machine"],
+            "config": result["config"]}
