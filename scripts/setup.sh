@@ -29,5 +29,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
         || ! ls ufsgmem/fuse/_lowlevel*.so >/dev/null 2>&1; then
     echo "setup: installing ufsgmem (compiling its libfuse3 binding) into .venv" >&2
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    # The built-in plugins used to be a second distribution, ufsgmem-plugins; a .venv made before still has
+    # it, declaring the same names from modules that are gone (ufsgmem refuses such an ambiguous name).
+    if .venv/bin/python -c 'import importlib.metadata as m; m.distribution("ufsgmem-plugins")' 2>/dev/null; then
+        echo "setup: removing ufsgmem-plugins (its backends and exporters are part of ufsgmem now)" >&2
+        .venv/bin/pip uninstall -q -y --disable-pip-version-check ufsgmem-plugins
+    fi
     touch "$stamp"
 fi
