@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup for a fresh Debian machine (run as root): the Debian packages FUSE needs, a virtual
-# environment in .venv, ufsgmem and its built-in plugins installed editable so their entry points resolve
-# (installing ufsgmem compiles its cffi binding of libfuse3's low-level API, hence libfuse3-dev and pkg-config).
+# environment in .venv, ufsgmem installed editable so the entry points of its built-in backends and exporters
+# resolve (installing ufsgmem compiles its cffi binding of libfuse3's low-level API, hence libfuse3-dev and
+# pkg-config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,10 +24,16 @@ fi
 stamp=.venv/.ufsgmem-installed
 # Reinstall when the packaging or the cffi module's C source changed, or the compiled module is missing
 # (the editable install compiles ufsgmem/fuse/_lowlevel*.so against libfuse3 in place).
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ plugins/pyproject.toml -nt "$stamp" ] \
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
         || [ setup.py -nt "$stamp" ] || [ ufsgmem/fuse/_build.py -nt "$stamp" ] \
         || ! ls ufsgmem/fuse/_lowlevel*.so >/dev/null 2>&1; then
-    echo "setup: installing ufsgmem (compiling its libfuse3 binding) and its plugins into .venv" >&2
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' -e ./plugins
+    echo "setup: installing ufsgmem (compiling its libfuse3 binding) into .venv" >&2
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    # The built-in plugins used to be a second distribution, ufsgmem-plugins; a .venv made before still has
+    # it, declaring the same names from modules that are gone (ufsgmem refuses such an ambiguous name).
+    if .venv/bin/python -c 'import importlib.metadata as m; m.distribution("ufsgmem-plugins")' 2>/dev/null; then
+        echo "setup: removing ufsgmem-plugins (its backends and exporters are part of ufsgmem now)" >&2
+        .venv/bin/pip uninstall -q -y --disable-pip-version-check ufsgmem-plugins
+    fi
     touch "$stamp"
 fi

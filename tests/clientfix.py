@@ -48,6 +48,24 @@ def mounted(mountpoint: str):
             pytest.fail(f"ufsgmem umount left {mountpoint} mounted: {done.stderr}")
 
 
+def communicate_or_stop(proc: subprocess.Popen, timeout: float, stop: int = signal.SIGTERM,
+                        grace: float = 30) -> tuple[str, str, bool]:
+    """``proc.communicate()`` bounded by ``timeout``; past it, ``stop`` goes to the process group (started
+    with ``start_new_session``) so the program can clean up, and SIGKILL after ``grace`` more seconds.
+    Returns stdout, stderr and whether it had to be stopped."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return stdout, stderr, False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, stop)
+        try:
+            stdout, stderr = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        return stdout, stderr, True
+
+
 def child_touch(array, offset: int, write: bool = False) -> int | None:
     """Touch ``array[offset]`` in a forked child; the signal that killed it (SIGBUS) or None."""
     pid = os.fork()

@@ -18,6 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ufsgmem.builtin.backends import _thp_knob as thp_knob
+from ufsgmem.builtin.backends import hugetlb as hugetlb_mod
 from ufsgmem.gmem import GuestMemfd
 from ufsgmem.plugins import load_backend
 from ufsgmem.uapi import GUEST_MEMFD_FLAG_MMAP, PAGE_SIZE, SZ_1G, SZ_2M, SZ_4K
@@ -25,8 +27,6 @@ from ufsgmem.uapi import GUEST_MEMFD_FLAG_MMAP, PAGE_SIZE, SZ_1G, SZ_2M, SZ_4K
 MIB = 1 << 20
 PRIVATE, SHARED = 8, 0
 
-hugetlb_mod = pytest.importorskip("ufsgmem_plugins.hugetlb")
-thp_knob = pytest.importorskip("ufsgmem_plugins._thp_knob")
 
 
 # --- helpers -------------------------------------------------------------------------------------------

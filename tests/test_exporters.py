@@ -77,7 +77,7 @@ def test_text_has_summary_and_rows():
 
 
 def test_png_is_a_picture_with_marks_where_the_holes_are():
-    from ufsgmem_plugins.exp_png import strips
+    from ufsgmem.builtin.exporters.png import strips
     import matplotlib.image
     snap = pages_with_holes().snapshot()
     data = export("png", snap, view="kvm", arch="x86_64")
@@ -93,7 +93,7 @@ def test_png_is_a_picture_with_marks_where_the_holes_are():
 
 
 def test_png_at_1tib_with_100k_holes_aggregates():
-    from ufsgmem_plugins.exp_png import strips
+    from ufsgmem.builtin.exporters.png import strips
     snap = tib_snapshot()
     layout = compute_layout(snap, "kvm", "x86_64")
     s = strips(layout, snap)

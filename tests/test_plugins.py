@@ -144,21 +144,39 @@ def test_register_and_unregister_a_fake_backend(fake):
 
 def test_broken_entry_point_is_not_reported_as_unknown(tmp_path):
     """An installed plugin whose import fails says so (not 'unknown backend')."""
-    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    (out,) = _load_beside(tmp_path, "broken-plugin", "broken = no_such_module_here:Backend", "broken")
+    assert "'broken' failed to load" in out and "no_such_module_here" in out
+
+
+def test_a_name_two_distributions_declare_is_refused_naming_both(tmp_path):
+    """A second distribution declaring a built-in's name (say a leftover of the old ufsgmem-plugins) makes
+    the name ambiguous: loading it fails naming both, instead of whichever sys.path lists first."""
+    out = _load_beside(tmp_path, "shadow-plugin", "anon = no_such_module_here:AnonBackend", "anon", "sim")
+    assert "'anon' is declared by more than one installed distribution" in out[0], out
+    assert "shadow-plugin (no_such_module_here:AnonBackend)" in out[0]
+    assert "ufsgmem (ufsgmem.builtin.backends.anon:AnonBackend)" in out[0]
+    assert out[1] == "sim", "names only one distribution declares still load"
+
+
+def _load_beside(tmp_path: Path, distribution: str, entry_point: str, *names: str) -> list[str]:
+    """Install (by hand: a dist-info folder) a distribution declaring one backend entry point, then load
+    each of ``names`` in a fresh interpreter; one line per name, its ``name`` or the PluginError."""
+    dist = tmp_path / f"{distribution.replace('-', '_')}-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[ufsgmem.backends]\nbroken = no_such_module_here:Backend\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[ufsgmem.backends]\n{entry_point}\n")
     code = textwrap.dedent("""
+        import sys
         from ufsgmem import plugins
         from ufsgmem.errors import PluginError
-        try:
-            plugins.load_backend("broken")
-        except PluginError as exc:
-            print(exc)
+        for name in sys.argv[1:]:
+            try:
+                print(plugins.load_backend(name).name)
+            except PluginError as exc:
+                print(exc)
     """)
-    out = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True,
-                         check=True).stdout
-    assert "'broken' failed to load" in out and "no_such_module_here" in out
+    return subprocess.run([sys.executable, "-c", code, *names], env=_env(tmp_path), capture_output=True,
+                          text=True, check=True).stdout.splitlines()
 
 
 def _env(path: Path) -> dict:

@@ -12,12 +12,12 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 
 import pytest
 
+from clientfix import communicate_or_stop
 from fusefix import fuse_available, mounted
 from ufsgmem import hugepages, kvm
 from ufsgmem.fuse import server
@@ -71,15 +71,8 @@ def run_vmm(mountpoint: str, out: str, *args: str) -> tuple[int, str, str]:
     """Run the example to completion; on a hang, SIGTERM (it cleans up), then SIGKILL, and fail."""
     proc = subprocess.Popen([sys.executable, VMM, "--mount", mountpoint, "--out", out, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            stdout, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
+    stdout, stderr, stopped = communicate_or_stop(proc, TIMEOUT)
+    if stopped:
         pytest.fail(f"the example did not finish within {TIMEOUT} s\n{stdout}\n{stderr}")
     return proc.returncode, stdout, stderr
 

@@ -3,7 +3,8 @@
 A backend is a *provider* (vm-memory's split): the core asks it for memory, reads and writes through it,
 punches holes in it and asks where the memory physically is. It knows nothing about attributes, pins or
 FUSE. Backends are plugins (entry-point group ``ufsgmem.backends``, see :mod:`ufsgmem.plugins`); the
-built-in ones live in the separate ``plugins/`` distribution and are found exactly like third-party ones.
+built-in ones (``ufsgmem/builtin/backends/``) are registered in ufsgmem's own metadata and found exactly
+like third-party ones.
 
 Contract, for every backend:
 

@@ -4,7 +4,10 @@ Each backend or exporter is picked *by name*, so plain ``importlib.metadata`` en
 (groups ``ufsgmem.backends`` and ``ufsgmem.exporters``); pluggy would only add 1:N dispatch we don't need.
 What we do borrow from pluggy is validation at load time: a plugin that lacks a required method or
 attribute is refused with a message naming what is missing, never discovered later as an AttributeError
-in the middle of a conversion. An unknown name is an error that lists the names that exist.
+in the middle of a conversion. An unknown name is an error that lists the names that exist, and a name
+that two installed distributions both declare is an error naming both: picking one would depend on the
+order of ``sys.path`` (a leftover of the old ``ufsgmem-plugins`` distribution, which declared the names
+ufsgmem's own metadata now declares, would otherwise shadow them with modules that no longer exist).
 
 ``register()`` adds a plugin without installed metadata (tests inject fakes this way). The interfaces
 (``backend.py``, ``exporter.py``) sit below this module: they say what a plugin must have, and know
@@ -79,6 +82,10 @@ def load(group: str, name: str) -> object:
             names = ", ".join(available(group)) or "none installed"
             kind = group.rsplit(".", 1)[-1][:-1]
             raise PluginError(f"unknown {kind} {name!r}; available: {names}")
+        if len({ep.value for ep in matches}) > 1:
+            owners = ", ".join(sorted(f"{_distribution(ep)} ({ep.value})" for ep in matches))
+            raise PluginError(f"{group} plugin {name!r} is declared by more than one installed distribution: "
+                              f"{owners}; uninstall all but one")
         try:
             plugin = matches[0].load()
         except Exception as exc:  # a broken plugin must not look like an unknown one
@@ -86,6 +93,11 @@ def load(group: str, name: str) -> object:
         validate(group, name, plugin)
     _loaded[key] = plugin
     return plugin
+
+
+def _distribution(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else "?"
 
 
 def load_backend(name: str):
