@@ -92,10 +92,6 @@ class Record:
     def label(self) -> str:
         return f"record {self.release} ({self.date})"
 
-    @property
-    def short_release(self) -> str:
-        """``6.18`` of ``6.18.44-fc``: the kernel as the verdicts name it."""
-        return ".".join(self.release.split(".")[:2])
 
     def entry(self, case: Case) -> Entry:
         return self.entries.get(case.name) or Entry(None, unrecovered="no entry for this case in the record")
