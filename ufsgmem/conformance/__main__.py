@@ -35,7 +35,10 @@ def reference_for(choice: str, record_file: str | None) -> tuple[runner.Referenc
     live_reason = kvm.skip_reason()
     if choice == "live" and live_reason:
         raise records.RecordError(f"the live kernel guest_memfd is unavailable: {live_reason}")
-    record = records.load(record_file) if record_file else records.select(os.uname().release)
+    # the running kernel's own record only where it is the live reference: compared with a record, every
+    # machine uses the newest, so the page it writes is the same everywhere
+    release = os.uname().release if live_reason is None else None
+    record = records.load(record_file) if record_file else records.select(release)
     if choice == "record" or (choice == "auto" and live_reason):
         return record, None
     return runner.LiveKernel(), record
