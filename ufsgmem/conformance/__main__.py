@@ -1,7 +1,18 @@
-"""``python -m ufsgmem.conformance [--write FILE | --check FILE] [--mountpoint DIR] [--subject core]``
+"""``python -m ufsgmem.conformance [--reference auto|live|record] [--record-file FILE]
+[--write FILE | --check FILE | --record [FILE]] [--mountpoint DIR] [--subject core]``
 
-Runs every case on the kernel and on ufsgmem and prints the verdicts (exit status 1 on any FAIL). With
-``--write`` it writes the compatibility page; with ``--check`` it exits 1 if the page differs from a
+Runs every case on ufsgmem and compares it with the kernel's guest_memfd, then prints the verdicts (exit
+status 1 on any FAIL). The kernel's side is the live kernel where this machine's kernel has guest_memfd,
+otherwise the kept record (``ufsgmem/conformance/records/``: the one of the running kernel's release if
+there is one, else the newest); ``--reference`` forces either. Compared with a live kernel, the run also
+checks the record and prints each case where the kernel no longer does what was recorded as a
+``KERNEL CHANGE`` (exit status 1 too: record the kernel).
+
+``--record`` runs every case on the live kernel only and writes its observations, the kernel release,
+the date and the KVM capabilities to FILE (default ``ufsgmem/conformance/records/linux-RELEASE.json``);
+it needs a kernel with guest_memfd (exit status 2 without one, with the reason).
+
+With ``--write`` it writes the compatibility page; with ``--check`` it exits 1 if the page differs from a
 fresh run. Without ``--mountpoint`` it mounts ufsgmem on a temporary directory (``ufsgmem mount``) and
 unmounts it afterwards. ``--subject core`` compares the in-process core instead (no mount needed).
 """
@@ -10,20 +21,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 from .. import kvm
+from . import record as records
 from . import report, runner
-from .subjects import CoreSubject, KernelSubject, MountSubject, temporary_mount
+from .subjects import CoreSubject, MountSubject, temporary_mount
 
 
-def run(subject: str, mountpoint: str | None) -> list[runner.Verdict]:
+def reference_for(choice: str, record_file: str | None) -> tuple[runner.Reference, records.Record | None]:
+    """The reference to judge against, and (for a live one) the record to check the live kernel with."""
+    live_reason = kvm.skip_reason()
+    if choice == "live" and live_reason:
+        raise records.RecordError(f"the live kernel guest_memfd is unavailable: {live_reason}")
+    # the running kernel's own record only where it is the live reference: compared with a record, every
+    # machine uses the newest, so the page it writes is the same everywhere
+    release = os.uname().release if live_reason is None else None
+    record = records.load(record_file) if record_file else records.select(release)
+    if choice == "record" or (choice == "auto" and live_reason):
+        return record, None
+    return runner.LiveKernel(), record
+
+
+def run(subject: str, mountpoint: str | None, reference, record=None) -> list[runner.Verdict]:
     if subject == "core":
-        return runner.run(CoreSubject, "core", KernelSubject)
+        return runner.run(CoreSubject, "core", reference, record=record)
     with contextlib.ExitStack() as stack:
         if mountpoint is None:
             mountpoint = stack.enter_context(temporary_mount())
-        return runner.run(lambda: MountSubject(mountpoint), "ufsgmem", KernelSubject)
+        return runner.run(lambda: MountSubject(mountpoint), "ufsgmem", reference, record=record)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,19 +59,30 @@ def main(argv: list[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--write", metavar="FILE", help="write the compatibility page (markdown)")
     what.add_argument("--check", metavar="FILE", help="exit 1 if FILE differs from a fresh run")
+    what.add_argument("--record", metavar="FILE", nargs="?", const="",
+                      help="record the live kernel's observations (default: records/linux-RELEASE.json)")
+    parser.add_argument("--reference", choices=("auto", "live", "record"), default="auto",
+                        help="what ufsgmem is compared with (auto: the live kernel where it has guest_memfd)")
+    parser.add_argument("--record-file", metavar="FILE", help="compare with this record instead of the kept one")
     parser.add_argument("--mountpoint", help="use this existing ufsgmem mount")
     parser.add_argument("--subject", choices=("ufsgmem", "core"), default="ufsgmem")
     args = parser.parse_args(argv)
-    reason = kvm.skip_reason()
-    if reason:
-        print(f"conformance: the kernel reference is unavailable: {reason}", file=sys.stderr)
+    try:
+        if args.record is not None:
+            made = records.record_live_kernel(args.record or None)
+            print(f"recorded {len(made.entries)} cases of Linux {made.release} ({made.date}) in {made.path}")
+            return 0
+        reference, record = reference_for(args.reference, args.record_file)
+    except records.RecordError as exc:
+        print(f"conformance: {exc}", file=sys.stderr)
         return 2
-    verdicts = run(args.subject, args.mountpoint)
-    for v in verdicts:
-        print(f"{v.verdict:9} {v.case.name}" + (f"  ({v.why})" if v.verdict == "FAIL" else ""))
+    print(f"conformance: comparing {args.subject} with the {reference.label}"
+          + (f", and the live kernel with the {record.label}" if record is not None else ""), file=sys.stderr)
+    verdicts = run(args.subject, args.mountpoint, reference, record)
+    print(report.console(verdicts, record))
     counts = report.summary(verdicts)
-    print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    page = report.render(verdicts, "ufsgmem" if args.subject == "ufsgmem" else "core")
+    changes = [v for v in verdicts if v.kernel_change]
+    page = report.render(verdicts, "ufsgmem" if args.subject == "ufsgmem" else "core", reference, record)
     if args.write:
         with open(args.write, "w") as f:
             f.write(page)
@@ -53,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             if f.read() != page:
                 print(f"conformance: {args.check} is stale; regenerate it with --write", file=sys.stderr)
                 return 1
-    return 1 if counts["FAIL"] else 0
+    return 1 if counts["FAIL"] or changes else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Run every case on the kernel and on another subject, and judge each pair.
+"""Run every case on a subject, compare it with the kernel's observation (live or recorded), judge each pair.
+
+The kernel's side comes from a *reference*: :class:`LiveKernel` runs the case on the live kernel
+guest_memfd (a fresh default VM through ``/dev/kvm``); a :class:`~ufsgmem.conformance.record.Record`
+returns what a kernel was recorded doing. Where a live kernel is compared, the record can be given too,
+and each case where the live kernel no longer does what was recorded carries a ``kernel_change``.
 
 Verdicts:
 
@@ -7,21 +12,28 @@ Verdicts:
   still agree;
 * ``v8`` — a conversion rule this kernel cannot run: the subject matches the reference's expectation;
 * ``n/a`` — the subject has no way to do what the case needs (the in-process core has no file);
+* ``unrecorded`` — the record has no kernel observation for the case (it says why); the subject's
+  observation is shown, and a crash still fails;
 * ``FAIL`` — anything else: an unlisted difference, a stale deviation, a v8 mismatch, or a case that
   raised. The tests fail on any FAIL.
 
 Every case runs on fresh subjects (a new VM, new files), so cases cannot leak state into each other.
+A record entry that knows only some keys of an observation (``known_keys``) is compared on exactly
+those keys, and the verdict's ``reference`` says so.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Callable
 
 from .cases import CASES, Case
 from .deviations import BY_SUBJECT, Deviation
-from .subjects import NotApplicable, Subject
+from .record import Entry, Record, live_capabilities
+from .subjects import KernelSubject, NotApplicable, Subject
 
 NA = "n/a"
 
@@ -31,8 +43,11 @@ class Verdict:
     case: Case
     kernel: dict | str
     other: dict | str
-    verdict: str  # agree | deviation | v8 | n/a | FAIL
+    verdict: str  # agree | deviation | v8 | n/a | unrecorded | FAIL
     why: str = ""
+    reference: str = ""  # what the kernel column is: "live 6.18.44" or "record 6.18.44 (2026-11-29)"
+    kernel_change: str = ""  # live reference only: how the live kernel differs from the record
+    recorded: dict | str | None = None  # live reference only: the record's observation
 
     @property
     def ok(self) -> bool:
@@ -53,7 +68,52 @@ def observe(case: Case, factory: Callable[[], Subject]) -> dict | str:
                     "where": traceback.extract_tb(exc.__traceback__)[-1].name}
 
 
-def judge(case: Case, kernel, other, deviations: dict[str, Deviation]) -> Verdict:
+class LiveKernel:
+    """The live kernel as a reference: each case runs on fresh subjects from ``factory``."""
+
+    kind = "live"
+
+    def __init__(self, factory: Callable[[], Subject] = KernelSubject, release: str | None = None):
+        self.factory = factory
+        self.release = release or os.uname().release
+
+    @property
+    def label(self) -> str:
+        return f"live {self.release}"
+
+
+    @functools.cached_property
+    def capabilities(self) -> dict[str, int]:
+        return live_capabilities()
+
+    def entry(self, case: Case) -> Entry:
+        return Entry(observe(case, self.factory))
+
+
+Reference = LiveKernel | Record
+
+
+def _known(observation, keys):
+    """The part of ``observation`` a partial record entry can be compared with."""
+    if keys is None or not isinstance(observation, dict):
+        return observation
+    return {k: observation[k] for k in keys if k in observation}
+
+
+def judge(case: Case, kernel, other, deviations: dict[str, Deviation],
+          known_keys: tuple[str, ...] | None = None) -> Verdict:
+    """The verdict on ``other`` against the kernel's observation ``kernel`` (None: none is known).
+
+    With ``known_keys`` (a partial record entry) only those keys of both observations are compared, and
+    a keyed deviation only over the keys among them."""
+    if known_keys is not None and isinstance(kernel, dict) and isinstance(other, dict):
+        deviation = deviations.get(case.name)
+        if deviation is not None and deviation.keys is not None:
+            keys = tuple(k for k in deviation.keys if k in known_keys)
+            deviations = {case.name: Deviation(deviation.reason, keys)} if keys else {}
+        verdict = judge(case, _known(kernel, known_keys), _known(other, known_keys), deviations)
+        verdict.other = other
+        return verdict
     deviation = deviations.get(case.name)
     if isinstance(other, str) and other.startswith(NA):
         return Verdict(case, kernel, other, "n/a" if deviation is None else "FAIL",
@@ -63,6 +123,10 @@ def judge(case: Case, kernel, other, deviations: dict[str, Deviation]) -> Verdic
             return Verdict(case, kernel, other, "v8", "kernel 6.18 has no KVM_SET_MEMORY_ATTRIBUTES2 "
                            "(in-place conversion, v8); ufsgmem matches the reference's expected results")
         return Verdict(case, kernel, other, "FAIL", f"differs from the v8 reference {case.v8}")
+    if kernel is None:
+        if isinstance(other, dict) and "raised" in other:
+            return Verdict(case, kernel, other, "FAIL", "raised")
+        return Verdict(case, kernel, other, "unrecorded", "the record has no kernel observation for this case")
     if kernel == other:
         if deviation is not None:
             return Verdict(case, kernel, other, "FAIL", "listed as a deviation but agrees: remove the entry")
@@ -81,7 +145,39 @@ def judge(case: Case, kernel, other, deviations: dict[str, Deviation]) -> Verdic
     return Verdict(case, kernel, other, "deviation", deviation.reason)
 
 
-def run(other_factory: Callable[[], Subject], other_name: str, kernel_factory: Callable[[], Subject],
-        cases: list[Case] = CASES) -> list[Verdict]:
+def kernel_change(recorded: Entry, live) -> str:
+    """How the live kernel's observation differs from the record's ("" if it does not)."""
+    if recorded.observation is None:
+        return f"the record has no observation ({recorded.unrecovered}); the live kernel has one"
+    seen = _known(live, recorded.known_keys)
+    if seen == recorded.observation:
+        return ""
+    if isinstance(seen, dict) and isinstance(recorded.observation, dict):
+        keys = sorted(k for k in set(seen) | set(recorded.observation) if seen.get(k) != recorded.observation.get(k))
+        return f"differs from the record in {keys}"
+    return "differs from the record"
+
+
+def reference_cell(reference: Reference, entry: Entry) -> str:
+    if entry.known_keys is not None:
+        return f"{reference.label}, keys {', '.join(entry.known_keys)} only"
+    return reference.label
+
+
+def run(other_factory: Callable[[], Subject], other_name: str, reference: Reference,
+        cases: list[Case] = CASES, record: Record | None = None) -> list[Verdict]:
+    """Judge every case of ``other_factory``'s subjects against ``reference``; with a live reference and
+    a ``record``, also mark each case where the live kernel differs from the record."""
     deviations = BY_SUBJECT.get(other_name, {})
-    return [judge(c, observe(c, kernel_factory), observe(c, other_factory), deviations) for c in cases]
+    verdicts = []
+    for c in cases:
+        expected = reference.entry(c)
+        v = judge(c, expected.observation, observe(c, other_factory), deviations, expected.known_keys)
+        v.reference = reference_cell(reference, expected)
+        if expected.unrecovered is not None and v.verdict == "unrecorded":
+            v.why = f"no kernel observation: {expected.unrecovered}"
+        if record is not None and reference.kind == "live":
+            v.recorded = record.entry(c).observation
+            v.kernel_change = kernel_change(record.entry(c), expected.observation)
+        verdicts.append(v)
+    return verdicts

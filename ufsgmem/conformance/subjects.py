@@ -7,6 +7,8 @@
   gets, not Python's close-on-exec default), and from then on the same system calls as on the kernel:
   ``fallocate(2)`` and ``ioctl(KVM_SET_MEMORY_ATTRIBUTES2)`` on ``mem``. Only the emulated pin, which
   has no system call, is a ``NAME/ctl`` request.
+  Its vCPU cases need only a VM (the mount's memory is an ordinary memslot), not the kernel's
+  guest_memfd, so they run wherever ``/dev/kvm`` makes a VM.
 * :class:`CoreSubject` — the in-process core (:class:`ufsgmem.gmem.GuestMemfd`) with no file at all:
   host_read/host_write stand in for mapping accesses and :class:`~ufsgmem.gmem.HostFault` for SIGBUS.
   It lacks every file-level capability, and the cases that need one are *not applicable* to it.
@@ -20,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import itertools
 import os
+import platform
 import struct
 import subprocess
 import sys
@@ -255,6 +259,23 @@ class CoreSubject(Subject):
         return CoreFile(self, GuestMemfd(size, flags, backend="anon"))
 
 
+@functools.lru_cache(maxsize=None)
+def vm_unavailable_reason() -> str | None:
+    """None when this process can make a KVM VM (what the mount's vCPU cases need); otherwise why not.
+    Asked once per process: every mount subject would otherwise make a VM just to find out."""
+    if platform.machine() != "x86_64":
+        return f"the vCPU helpers are x86-64 only (this is {platform.machine()})"
+    try:
+        with kvm.Kvm() as k, k.create_vm(0):
+            return None
+    except OSError as exc:
+        return f"cannot create a KVM VM through {kvm.KVM_DEVICE}: {exc}"
+
+
+def vm_kvm() -> "kvm.Kvm | None":
+    return kvm.Kvm() if vm_unavailable_reason() is None else None
+
+
 # --- a ufsgmem mount -----------------------------------------------------------------------------------
 _names = itertools.count()
 
@@ -309,7 +330,8 @@ class MountSubject(Subject):
         super().__init__()
         self.mountpoint = mountpoint
         self._ctl: int | None = None
-        self.kvm = kvm.Kvm() if kvm.skip_reason() is None else None
+        # the guest cases need a VM, not the kernel's guest_memfd: the mount's memory is an ordinary slot
+        self.kvm = vm_kvm()
         if self.kvm is None:
             self.capabilities = self.capabilities - {GUEST}
 
