@@ -1,8 +1,8 @@
 """Differential conformance: every case on the real kernel guest_memfd (/dev/kvm) and on ufsgmem.
 
-Each case must agree with the kernel, be a documented deviation (``ufsgmem/conformance/deviations.py``)
-or, for the v8 conversion rules this kernel cannot run, match the reference's expected results. Nothing
-else may differ, and a listed deviation that agrees fails too. Two implementations are compared:
+Each case must agree with the kernel, be a documented deviation (``ufsgmem/conformance/deviations.py``) or,
+for the v8 conversion rules this kernel cannot run, match the results design §7.3 (docs/design.md) expects.
+Nothing else may differ, and a listed deviation that agrees fails too. Two implementations are compared:
 
 * a real ufsgmem mount (the ``fuse_mount`` fixture of ``fusefix``), the product;
 * the in-process core, which runs everywhere and covers the rules it models (no file: n/a otherwise).

@@ -5,7 +5,8 @@ Verdicts:
 * ``agree`` — same observation;
 * ``deviation`` — a listed :class:`~ufsgmem.conformance.deviations.Deviation`; the keys it does not name
   still agree;
-* ``v8`` — a conversion rule this kernel cannot run: the subject matches the reference's expectation;
+* ``v8`` — a conversion rule this kernel cannot run: the subject matches the expected observation the case
+  records (design §7.3);
 * ``n/a`` — the subject has no way to do what the case needs (the in-process core has no file);
 * ``FAIL`` — anything else: an unlisted difference, a stale deviation, a v8 mismatch, or a case that
   raised. The tests fail on any FAIL.
@@ -61,8 +62,8 @@ def judge(case: Case, kernel, other, deviations: dict[str, Deviation]) -> Verdic
     if case.v8 is not None:
         if other == case.v8:
             return Verdict(case, kernel, other, "v8", "kernel 6.18 has no KVM_SET_MEMORY_ATTRIBUTES2 "
-                           "(in-place conversion, v8); ufsgmem matches the reference's expected results")
-        return Verdict(case, kernel, other, "FAIL", f"differs from the v8 reference {case.v8}")
+                           "(in-place conversion, v8); ufsgmem matches the results design §7.3 expects")
+        return Verdict(case, kernel, other, "FAIL", f"differs from the v8 expectation {case.v8}")
     if kernel == other:
         if deviation is not None:
             return Verdict(case, kernel, other, "FAIL", "listed as a deviation but agrees: remove the entry")
