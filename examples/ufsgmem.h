@@ -1,5 +1,5 @@
 /*
- * ufsgmem.h - the binary form of the ufsgmem control protocol (design.md section 2.3).
+ * ufsgmem.h - the binary form of the ufsgmem control protocol (docs/design.md section 2.3).
  *
  * A ufsgmem mount has no ioctl(), so each request the kernel would take as an ioctl is instead one
  * write() to a control file:

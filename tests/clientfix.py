@@ -1,8 +1,8 @@
 """A ufsgmem mount for the client, CLI, C-example and demo tests, made through the public commands.
 
-It uses only the v1 command contract (design §2.1): ``ufsgmem mount MOUNTPOINT`` returns once the mount is
-ready with the server in the background, ``ufsgmem umount MOUNTPOINT`` takes it down. So these tests also
-check that contract, and they need nothing from the server's internals.
+It uses only the v1 command contract (design §2.1, docs/design.md): ``ufsgmem mount MOUNTPOINT`` returns once
+the mount is ready with the server in the background, ``ufsgmem umount MOUNTPOINT`` takes it down. So these
+tests also check that contract, and they need nothing from the server's internals.
 """
 
 from __future__ import annotations

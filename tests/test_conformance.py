@@ -6,7 +6,8 @@ record too, and a kernel change fails. No case waits for a kernel: on a machine 
 every case runs against the record.
 
 Each case must agree with the kernel, be a documented deviation (``ufsgmem/conformance/deviations.py``)
-or, for the v8 conversion rules the recorded kernel cannot run, match the reference's expected results.
+or, for the v8 conversion rules the recorded kernel cannot run, match the results design §7.3
+(docs/design.md) expects.
 Nothing else may differ, and a listed deviation that agrees fails too. Two implementations are compared:
 
 * a real ufsgmem mount (the ``fuse_mount`` fixture of ``fusefix``), the product;

@@ -1,7 +1,7 @@
 """The core against a small reference model, driven by Hypothesis (a RuleBasedStateMachine).
 
 The model is deliberately naive: a ``bytearray`` of the file, one attribute and one pin count per 4 KiB
-page, one allocated flag per page. It is written from the rules (reference §2-§4, design §2.4), not from
+page, one allocated flag per page. It is written from the rules (docs/design.md §7.2-§7.4, §2.4), not from
 the core's code, and predicts for every call whether it succeeds or which errno it gives, the
 ``error_offset``, which ranges get revoked, and afterwards every byte of the file, every attribute, the
 pins, the allocation and the status counters. After every step the whole content is compared byte for

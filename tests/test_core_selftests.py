@@ -1,18 +1,18 @@
 """The kernel's guest_memfd selftests, in our own words, against the in-process core (no FUSE).
 
-Rows of reference §6.1 (``guest_memfd_test.c``), §6.2 (v8 ``guest_memfd_conversions_test.c``) and the
-gaps of §6.3, one test per behaviour. Like the kernel's ``gmem_test()`` driver, every test gets a fresh
-file (the ``gmem``/``make`` fixtures close it afterwards) and runs for each flag set it applies to, out of
-the matrix 0, MMAP, MMAP|INIT_SHARED, and for every backend that loads here: each installed
-``ufsgmem.backends`` plugin at its default page size, and hugetlb with 2 MiB *and* 1 GiB pages (the pages
-are reserved for the module and given back afterwards).
+Rows of design §7.6.1 (``guest_memfd_test.c``), §7.6.2 (v8 ``guest_memfd_conversions_test.c``) and the gaps of
+§7.6.3 (docs/design.md), one test per behaviour. Like the kernel's ``gmem_test()`` driver, every test gets a
+fresh file (the ``gmem``/``make`` fixtures close it afterwards) and runs for each flag set it applies to, out
+of the matrix 0, MMAP, MMAP|INIT_SHARED, and for every backend that loads here: each installed
+``ufsgmem.backends`` plugin at its default page size, and hugetlb with 2 MiB *and* 1 GiB pages (the pages are
+reserved for the module and given back afterwards).
 
 Translation rules:
 
 * the host's mmap accesses are ``host_read``/``host_write``; a :class:`HostFault` is the kernel's SIGBUS;
 * the vCPU's accesses are ``guest_read``/``guest_write``; they reach private and shared pages alike;
 * with a huge page backend the *unit* is the huge page: fallocate alignment, punch and the file size use
-  it (reference §4.2), while attributes stay per 4 KiB page. INIT_SHARED is EINVAL at creation there, so
+  it (design §7.4.2), while attributes stay per 4 KiB page. INIT_SHARED is EINVAL at creation there, so
   the "MMAP|INIT_SHARED" flag set starts as an MMAP file converted to shared as a whole, the only way a
   huge-page file becomes host-accessible;
 * a "page" in the conversion tests is a 4 KiB page, as in the kernel's tests.
@@ -226,7 +226,7 @@ def expect_error(err: int, call, *args, g: GuestMemfd | None = None, **kwargs) -
 
 
 # ======================================================================================================
-# §6.1 guest_memfd_test.c
+# design §7.6.1 guest_memfd_test.c
 # ======================================================================================================
 
 def test_flags_every_bit(env):
@@ -500,7 +500,7 @@ def test_invalid_punch_hole(env, gmem, flags):
 
 
 # ======================================================================================================
-# §6.2 guest_memfd_conversions_test.c (v8)
+# design §7.6.2 guest_memfd_conversions_test.c (v8)
 # ======================================================================================================
 
 def convert(g: GuestMemfd, pg: int, attributes: int, npages: int = 1) -> None:
@@ -760,7 +760,7 @@ def test_elevated_refcount(env, make, flags):
 
 
 # ======================================================================================================
-# §6.3 gaps: the ioctl's errno table, pins, zeroing, bookkeeping
+# design §7.6.3 gaps: the ioctl's errno table, pins, zeroing, bookkeeping
 # ======================================================================================================
 
 def attribute_errors(size: int):

@@ -1,4 +1,4 @@
-"""The v8 conversion behaviours (reference §6.2) through a real mount, with NAME/guest as the vCPU.
+"""The v8 conversion behaviours (docs/design.md §7.6.2) through a real mount, with NAME/guest as the vCPU.
 
 The helpers mirror the kernel selftest's contract: ``check_private`` (host accesses SIGBUS, the guest
 reads the old value and writes a new one) and ``check_shared`` (host and guest see each other's writes).

@@ -1,4 +1,4 @@
-"""NAME/mem through a real mount: the guest_memfd file rules (design §2.4), SIGBUS in real processes.
+"""NAME/mem through a real mount: the guest_memfd file rules (docs/design.md §2.4), SIGBUS in real processes.
 
 Each accessing process is a fork of the test process: a host access the kernel answers with SIGBUS kills
 the child, and the parent checks how it ended.

@@ -23,7 +23,7 @@ def vm():
 
 
 def test_default_vm_offers_mmap_and_init_shared(vm):
-    # design §3: a default VM on this kernel supports exactly MMAP|INIT_SHARED
+    # design §3 (docs/design.md): a default VM on this kernel supports exactly MMAP|INIT_SHARED
     assert vm.supported_guest_memfd_flags() == GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
 
 

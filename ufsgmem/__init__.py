@@ -1,7 +1,7 @@
 """ufsgmem: the Linux guest_memfd uAPI emulated in userspace.
 
-Layers (design §1): :mod:`ufsgmem.uapi` (kernel constants), :mod:`ufsgmem.gmem` (the core semantics),
-backends and exporters as plugins (:mod:`ufsgmem.plugins`), the FUSE frontend, and the CLI.
+Layers (design §1, docs/design.md): :mod:`ufsgmem.uapi` (kernel constants), :mod:`ufsgmem.gmem` (the core
+semantics), backends and exporters as plugins (:mod:`ufsgmem.plugins`), the FUSE frontend, and the CLI.
 """
 
 from .address import FileOffset as FileOffset, GuestAddress as GuestAddress, PhysAddress as PhysAddress

@@ -1,7 +1,7 @@
 """A small Python client for a mounted ufsgmem filesystem: files by path, requests through the control files.
 
 Nothing here talks to the server any other way than an unmodified program would: ``open``, ``write``,
-``read``, ``pread``/``pwrite`` and ``mmap`` on the files of the mount (design §2.2)::
+``read``, ``pread``/``pwrite`` and ``mmap`` on the files of the mount (design §2.2, docs/design.md)::
 
     from ufsgmem.client import Mount
     with Mount("/mnt/gmem").create("vm0", "64M", flags="mmap|init_shared") as f:

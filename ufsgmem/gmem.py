@@ -1,7 +1,7 @@
 """The guest_memfd core: one file's semantics, in-process, with no knowledge of FUSE.
 
 This mirrors ``virt/kvm/guest_memfd.c`` (mainline 6.18) plus the in-place conversion series v8 and the
-HugeTLB work, rule for rule and errno for errno (reference: ``shared/reference/guest_memfd-uapi.md``):
+HugeTLB work, rule for rule and errno for errno (the facts, with sources: design §7, ``docs/design.md``):
 
 * creation: flags MMAP and INIT_SHARED only (other bits EINVAL); size > 0 and page aligned (EINVAL);
   the HugeTLB choice is a backend page size above 4 KiB, which forbids INIT_SHARED and needs the size to

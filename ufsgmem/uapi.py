@@ -4,9 +4,9 @@ Names are the kernel's (``include/uapi/linux/kvm.h`` and the in-place conversion
 docs can be read side by side with the kernel. Nothing here has behaviour; the rules that use these values
 live in :mod:`ufsgmem.gmem`.
 
-Caveat: ``GUEST_MEMFD_FLAG_HUGETLB`` and the ``page_order`` field belong to unmerged HugeTLB work whose
-exact uAPI was not verified (reference §4.2). ufsgmem treats the huge page size as an emulator choice and
-keeps it out of the kernel's flag space (see ``UFSGMEM_FLAG_HUGETLB``).
+Caveat: ``GUEST_MEMFD_FLAG_HUGETLB`` and the ``page_order`` field belong to unmerged HugeTLB work whose exact
+uAPI was not verified (design §7.4.2 in docs/design.md). ufsgmem treats the huge page size as an emulator
+choice and keeps it out of the kernel's flag space (see ``UFSGMEM_FLAG_HUGETLB``).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""The benchmark suite behind ``ufsgmem bench`` (design §5); see :mod:`ufsgmem.bench.suite`."""
+"""The benchmark suite behind ``ufsgmem bench`` (docs/design.md §5); see :mod:`ufsgmem.bench.suite`."""

@@ -3,7 +3,7 @@
 Each target is a *mapping factory*: a context manager yielding a writable ``mmap`` of ``size`` bytes that
 nobody has touched yet. The measurement writes (or reads) one byte in every 4 KiB page with one strided
 numpy store, so the time is page-fault cost, not copying: this is exactly the kernel's "first touch of
-each 4K page" baseline in design §3.
+each 4K page" baseline in design §3 (docs/design.md).
 
 Targets: shmem memfd, anonymous shared memory, the kernel's guest_memfd (MMAP|INIT_SHARED via /dev/kvm),
 and a ufsgmem ``mem`` file on a mount (each backend).

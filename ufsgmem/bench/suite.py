@@ -1,6 +1,6 @@
 """``ufsgmem bench``: every figure of design §5 measured in one run, beside its reference, with the ratio.
 
-Targets (docs/design.md §5 once it exists; docs/performance.md says what limits each):
+Targets (docs/design.md §5; docs/performance.md says what limits each):
 
 ========  ======================================================================  =============================
 P1        first-touch write throughput of a 1 GiB ``mem`` mapping                   ≥ 1.5× kernel guest_memfd where

@@ -1,6 +1,6 @@
 """Measure ufsgmem beside the kernel, shmem and anonymous memory, in one run, with ratios.
 
-Every figure of design §5 (P1..P6) is printed next to its reference, with the ratio and whether the
+Every figure of docs/design.md §5 (P1..P6) is printed next to its reference, with the ratio and whether the
 target is met: P1 against the kernel's guest_memfd (and shmem memfd), P2 and P3 against the FUSE floor
 server built and measured in the same run. Context figures (read throughput, round trips against the
 kernel's punch-hole + refault, conversions per second, the FUSE page-cache cost) follow. Each figure is

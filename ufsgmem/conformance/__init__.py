@@ -2,7 +2,7 @@
 
 * :mod:`.subjects` — the implementations under test (kernel via /dev/kvm, a ufsgmem mount, the core);
 * :mod:`.mapping` — mmap(2) and accesses that may fault, run in forked children;
-* :mod:`.cases` — the case table (reference §6.1 rows, §2 and §3.2 errno tables);
+* :mod:`.cases` — the case table (design §7.6.1 rows, §7.2 and §7.3.2 errno tables; docs/design.md);
 * :mod:`.deviations` — the documented differences, the only ones allowed;
 * :mod:`.record` — the kernel's observations kept per kernel (``records/linux-RELEASE.json``), the
   reference wherever the live kernel has no guest_memfd; :mod:`.transcribe` reads a generated page back

@@ -1,5 +1,6 @@
-"""The behaviour cases: every row of the kernel selftest (reference §6.1) that applies, and the errno tables
-of reference §2 and §3.2, each as one function from a subject to an *observation*.
+"""The behaviour cases: every row of the kernel selftest (design §7.6.1) that applies, and the errno tables
+of design §7.2 and §7.3.2, each as one function from a subject to an *observation*. A case's ``ref`` cites
+docs/design.md: §7.N.M are the kernel facts there.
 
 An observation is a plain dict of short strings (``"ok"``, an errno name, ``"SIGBUS"``, a byte picture
 from :func:`~ufsgmem.conformance.mapping.runs`), built only from what a program can see, so the runner
@@ -12,7 +13,8 @@ Two kinds of case:
   be listed in :mod:`ufsgmem.conformance.deviations` with the reason.
 * **v8** (``v8=...`` given): conversion rules of the in-place conversion series, which this kernel
   (6.18, a default VM, no memory attributes) cannot run: its ioctl is ENOTTY. ufsgmem's observation is
-  checked against the reference's expected one instead, and the kernel's is shown as it is.
+  checked against the expected one recorded in the case (``v8=``, from design §7.3) instead, and the
+  kernel's is shown as it is.
 """
 
 from __future__ import annotations
@@ -50,11 +52,11 @@ Observation = dict
 @dataclass(frozen=True)
 class Case:
     name: str
-    ref: str  # where the rule comes from (reference section / selftest)
+    ref: str  # where the rule comes from (a docs/design.md section / selftest)
     what: str  # one line: what is checked
     run: Callable  # run(subject) -> Observation
     needs: frozenset = field(default_factory=frozenset)
-    v8: Observation | None = None  # the reference's expected observation, for rules the kernel lacks
+    v8: Observation | None = None  # the expected observation (design §7.3), for rules the kernel lacks
 
 
 CASES: list[Case] = []
@@ -111,14 +113,15 @@ def created(subject, size: int, flags: int, reserved=None) -> str:
     return "ok"
 
 
-# --- KVM_CREATE_GUEST_MEMFD (§1) ------------------------------------------------------------------------
-@case("§6.1 guest_memfd_flags, §1.2", "each single flag bit 0..63: inside the supported mask creates, else EINVAL")
+# --- KVM_CREATE_GUEST_MEMFD (§7.1) ----------------------------------------------------------------------
+@case("§7.6.1 guest_memfd_flags, §7.1.2",
+      "each single flag bit 0..63: inside the supported mask creates, else EINVAL")
 def guest_memfd_flags(s, _):
     return {"bits": compress({bit: created(s, PS, 1 << bit) for bit in range(64)}),
             "mmap|init_shared": created(s, PS, 3)}
 
 
-@case("§6.1 create_guest_memfd_multiple, §1.4", "files of 1 and 2 pages: right st_size, different st_ino",
+@case("§7.6.1 create_guest_memfd_multiple, §7.1.4", "files of 1 and 2 pages: right st_size, different st_ino",
       needs={FD})
 def create_guest_memfd_multiple(s, _):
     a, b = s.create(PS, 0), s.create(2 * PS, 0)
@@ -126,7 +129,7 @@ def create_guest_memfd_multiple(s, _):
     return {"st_size": f"{sa.st_size},{sb.st_size}", "st_ino distinct": str(sa.st_ino != sb.st_ino)}
 
 
-@case("§6.1 create_guest_memfd_invalid_sizes, §1.3", "sizes 0..ps (every one) and a few past it",
+@case("§7.6.1 create_guest_memfd_invalid_sizes, §7.1.3", "sizes 0..ps (every one) and a few past it",
       flagsets=ALL)
 def create_guest_memfd_invalid_sizes(s, flags):
     sizes = list(range(PS + 1)) + [PS + 1, 2 * PS - 1]
@@ -134,21 +137,21 @@ def create_guest_memfd_invalid_sizes(s, flags):
             "size 1<<63 (negative loff_t)": created(s, 1 << 63, flags)}
 
 
-@case("§1.1", "the six reserved words of kvm_create_guest_memfd are never checked (mainline)")
+@case("§7.1.1", "the six reserved words of kvm_create_guest_memfd are never checked (mainline)")
 def create_reserved_words(s, _):
     zero = (0,) * 6
     return {"all 0": created(s, PS, 0, zero), "reserved[0]=1": created(s, PS, 0, (1,) + zero[1:]),
             "reserved[5]=1": created(s, PS, 0, zero[:5] + (1,))}
 
 
-@case("§1.3", "no upper bound and no allocation at creation: 1 TiB, 2^62 and LOFF_MAX rounded down")
+@case("§7.1.3", "no upper bound and no allocation at creation: 1 TiB, 2^62 and LOFF_MAX rounded down")
 def create_huge_sizes(s, _):
     return {f"{size:#x}": created(s, size, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
             for size in (1 << 40, 1 << 62, (1 << 63) - PS)}
 
 
-# --- the file (§2.1, §2.4, §2.5, §2.6, §1.4) -------------------------------------------------------------
-@case("§6.1 file_read_write, §2.1", "read/write/pread/pwrite fail (errnos), lseek ESPIPE", needs={FD},
+# --- the file (§7.2.1, §7.2.4, §7.2.5, §7.2.6, §7.1.4) ---------------------------------------------------
+@case("§7.6.1 file_read_write, §7.2.1", "read/write/pread/pwrite fail (errnos), lseek ESPIPE", needs={FD},
       flagsets=ALL)
 def file_read_write(s, flags):
     f = s.create(4 * PS, flags)
@@ -157,14 +160,14 @@ def file_read_write(s, flags):
             "lseek": attempt(os.lseek, f.fd, 0, os.SEEK_SET)}
 
 
-@case("§6.1 file_size, §2.4", "st_size is the creation size, st_blksize the page size", needs={FD},
+@case("§7.6.1 file_size, §7.2.4", "st_size is the creation size, st_blksize the page size", needs={FD},
       flagsets=ALL)
 def file_size(s, flags):
     st = os.fstat(s.create(4 * PS, flags).fd)
     return {"st_size": str(st.st_size), "st_blksize": str(st.st_blksize)}
 
 
-@case("§1.4", "a regular file, mode 0600, one link, owned by the creator", needs={FD})
+@case("§7.1.4", "a regular file, mode 0600, one link, owned by the creator", needs={FD})
 def fstat_mode(s, _):
     st = os.fstat(s.create(PS, 0).fd)
     return {"type": "regular" if stat.S_ISREG(st.st_mode) else oct(stat.S_IFMT(st.st_mode)),
@@ -172,7 +175,7 @@ def fstat_mode(s, _):
             "owner": "creator" if (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()) else "other"}
 
 
-@case("§2.4, §6.3", "st_blocks stays 0 upstream, whatever is allocated", needs={FD}, flagsets=ALL)
+@case("§7.2.4, §7.6.3", "st_blocks stays 0 upstream, whatever is allocated", needs={FD}, flagsets=ALL)
 def st_blocks(s, flags):
     f = s.create(4 * PS, flags)
     before = os.fstat(f.fd).st_blocks
@@ -180,7 +183,7 @@ def st_blocks(s, flags):
     return {"fresh": str(before), "allocated": str(os.fstat(f.fd).st_blocks)}
 
 
-@case("§2.1", "other ways in: fsync/fdatasync, sendfile and copy_file_range from the file, fadvise, "
+@case("§7.2.1", "other ways in: fsync/fdatasync, sendfile and copy_file_range from the file, fadvise, "
       "flock", needs={FD}, flagsets=SHARED_ONLY)
 def file_other_io(s, flags):
     f = s.create(4 * PS, flags)
@@ -192,7 +195,7 @@ def file_other_io(s, flags):
                 "flock": attempt(fcntl.flock, f.fd, fcntl.LOCK_EX)}
 
 
-@case("§1.4", "reopening the file through /proc/self/fd (an anonymous inode cannot be reopened)",
+@case("§7.1.4", "reopening the file through /proc/self/fd (an anonymous inode cannot be reopened)",
       needs={FD})
 def reopen_via_proc(s, _):
     f = s.create(PS, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
@@ -203,7 +206,7 @@ def reopen_via_proc(s, _):
     return {"open": "ok"}
 
 
-@case("§2.6, §6.3", "setattr is EINVAL: ftruncate to any size, fchmod, fchown, utimes", needs={FD},
+@case("§7.2.6, §7.6.3", "setattr is EINVAL: ftruncate to any size, fchmod, fchown, utimes", needs={FD},
       flagsets=ALL)
 def setattr_einval(s, flags):
     f = s.create(4 * PS, flags)
@@ -214,7 +217,7 @@ def setattr_einval(s, flags):
             "utimes": attempt(os.utime, f.fd)}
 
 
-@case("§1.4, §6.3", "the fd is O_RDWR and has no FD_CLOEXEC", needs={FD})
+@case("§7.1.4, §7.6.3", "the fd is O_RDWR and has no FD_CLOEXEC", needs={FD})
 def fd_flags(s, _):
     f = s.create(PS, 0)
     return {"FD_CLOEXEC": str(bool(fcntl.fcntl(f.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)),
@@ -222,7 +225,7 @@ def fd_flags(s, _):
                 fcntl.fcntl(f.fd, fcntl.F_GETFL) & os.O_ACCMODE]}
 
 
-@case("§1.4", "fstatfs f_type of the file's filesystem", needs={FD})
+@case("§7.1.4", "fstatfs f_type of the file's filesystem", needs={FD})
 def fstatfs_type(s, _):
     buf = (ctypes.c_long * 16)()  # struct statfs: f_type first
     if _libc.fstatfs(s.create(PS, 0).fd, buf) != 0:
@@ -230,7 +233,7 @@ def fstatfs_type(s, _):
     return {"f_type": hex(buf[0] & 0xFFFFFFFF)}
 
 
-@case("§2.5", "ioctls guest_memfd does not have are ENOTTY: an unknown command, another size or direction "
+@case("§7.2.5", "ioctls guest_memfd does not have are ENOTTY: an unknown command, another size or direction "
       "of 0xd2, the VM-level KVM_SET_MEMORY_ATTRIBUTES issued on the file", needs={FD}, flagsets=ALL)
 def ioctl_enotty(s, flags):
     f = s.create(4 * PS, flags)
@@ -239,15 +242,15 @@ def ioctl_enotty(s, flags):
             "KVM_SET_MEMORY_ATTRIBUTES (VM ioctl)": attempt(fcntl.ioctl, f.fd, 0x4020AED2, bytearray(32), True)}
 
 
-# --- mmap (§2.2) -----------------------------------------------------------------------------------------
-@case("§6.1 mmap_not_supported, §2.2", "without MMAP, MAP_SHARED of a page and of the file is ENODEV",
+# --- mmap (§7.2.2) ---------------------------------------------------------------------------------------
+@case("§7.6.1 mmap_not_supported, §7.2.2", "without MMAP, MAP_SHARED of a page and of the file is ENODEV",
       needs={MMAP}, flagsets=("0",))
 def mmap_not_supported(s, flags):
     f = s.create(4 * PS, flags)
     return {"one page": attempt(f.mmap, PS), "whole file": attempt(f.mmap, 4 * PS)}
 
 
-@case("§1.4, §2.2", "PROT_READ alone maps; PROT_EXEC is EPERM (the guest_memfd mount is noexec)",
+@case("§7.1.4, §7.2.2", "PROT_READ alone maps; PROT_EXEC is EPERM (the guest_memfd mount is noexec)",
       needs={MMAP}, flagsets=SHARED_ONLY)
 def mmap_prot(s, flags):
     f = s.create(4 * PS, flags)
@@ -255,13 +258,13 @@ def mmap_prot(s, flags):
             "PROT_READ|PROT_EXEC": attempt(f.mmap, PS, MAP_SHARED, 0x5)}
 
 
-@case("§6.1 mmap_cow, §2.2", "MAP_PRIVATE fails (EINVAL)", needs={MMAP}, flagsets=MAPPABLE)
+@case("§7.6.1 mmap_cow, §7.2.2", "MAP_PRIVATE fails (EINVAL)", needs={MMAP}, flagsets=MAPPABLE)
 def mmap_cow(s, flags):
     f = s.create(4 * PS, flags)
     return {"MAP_PRIVATE": attempt(f.mmap, 4 * PS, MAP_PRIVATE)}
 
 
-@case("§2.2", "mappings past EOF and at an offset (also past EOF) are allowed; only access faults",
+@case("§7.2.2", "mappings past EOF and at an offset (also past EOF) are allowed; only access faults",
       needs={MMAP, ACCESS}, flagsets=SHARED_ONLY)
 def mmap_offsets(s, flags):
     f = s.create(4 * PS, flags)
@@ -275,8 +278,8 @@ def mmap_offsets(s, flags):
     return result
 
 
-# --- faults and content (§2.2, §2.3, §2.7, §2.8) ---------------------------------------------------------
-@case("§6.1 mmap_supported", "memset 0xaa and read back; punch page 0: zeros there, 0xaa elsewhere; "
+# --- faults and content (§7.2.2, §7.2.3, §7.2.7, §7.2.8) -------------------------------------------------
+@case("§7.6.1 mmap_supported", "memset 0xaa and read back; punch page 0: zeros there, 0xaa elsewhere; "
       "write page 0 again", needs={ACCESS}, flagsets=SHARED_ONLY)
 def mmap_supported(s, flags):
     f = s.create(4 * PS, flags)
@@ -287,7 +290,7 @@ def mmap_supported(s, flags):
     return {"fill+read": ",".join(before), "punch page 0": punch, "read,refill,read": " | ".join(after)}
 
 
-@case("§6.1 fault_overflow", "a 4x mapping: memset SIGBUS past EOF, reading byte `size` SIGBUS, in-file "
+@case("§7.6.1 fault_overflow", "a 4x mapping: memset SIGBUS past EOF, reading byte `size` SIGBUS, in-file "
       "bytes keep 0xaa", needs={ACCESS}, flagsets=SHARED_ONLY)
 def fault_overflow(s, flags):
     size = 4 * PS
@@ -299,7 +302,7 @@ def fault_overflow(s, flags):
             "in-file": ",".join(m.run([("read", 0, size)]))}
 
 
-@case("§6.1 fault_private", "without INIT_SHARED every host access is SIGBUS", needs={ACCESS},
+@case("§7.6.1 fault_private", "without INIT_SHARED every host access is SIGBUS", needs={ACCESS},
       flagsets=("mmap",))
 def fault_private(s, flags):
     f = s.create(4 * PS, flags)
@@ -307,7 +310,7 @@ def fault_private(s, flags):
     return {"read": ",".join(m.run([("read", 0, 1)])), "write": ",".join(m.run([("fill", 3 * PS, 1, 1)]))}
 
 
-@case("§2.8", "a page reads zero on first use, after allocate, and after punch + reuse", needs={ACCESS},
+@case("§7.2.8", "a page reads zero on first use, after allocate, and after punch + reuse", needs={ACCESS},
       flagsets=SHARED_ONLY)
 def zero_on_first_use(s, flags):
     f = s.create(4 * PS, flags)
@@ -320,7 +323,7 @@ def zero_on_first_use(s, flags):
             "after punch": ",".join(m.run([("read", 0, 4 * PS)]))}
 
 
-@case("§2.2 coherence", "two mappings and a forked child see the same pages; punch zeroes all of them",
+@case("§7.2.2 coherence", "two mappings and a forked child see the same pages; punch zeroes all of them",
       needs={ACCESS}, flagsets=SHARED_ONLY)
 def coherence(s, flags):
     f = s.create(4 * PS, flags)
@@ -332,7 +335,7 @@ def coherence(s, flags):
     return {"b sees a": via_b[0], "a sees b": via_a[0], "after punch (b)": ",".join(b.run([("read", 0, 2 * PS)]))}
 
 
-@case("§2.7", "close() while mapped keeps the memory and its content", needs={ACCESS, FD},
+@case("§7.2.7", "close() while mapped keeps the memory and its content", needs={ACCESS, FD},
       flagsets=SHARED_ONLY)
 def close_while_mapped(s, flags):
     f = s.create(4 * PS, flags)
@@ -343,7 +346,7 @@ def close_while_mapped(s, flags):
     return {"after close": ",".join(m.run([("read", 0, 4 * PS), ("fill", 0, 1, 0x78), ("read", 0, 2)]))}
 
 
-@case("§6.1 collapse, §2.2", "one PMD: MADV_HUGEPAGE ok, MADV_COLLAPSE EINVAL, MADV_DONTNEED and re-read",
+@case("§7.6.1 collapse, §7.2.2", "one PMD: MADV_HUGEPAGE ok, MADV_COLLAPSE EINVAL, MADV_DONTNEED and re-read",
       needs={MMAP, ACCESS}, flagsets=SHARED_ONLY)
 def collapse(s, flags):
     f = s.create(SZ_2M, flags)
@@ -355,7 +358,7 @@ def collapse(s, flags):
             "re-read": ",".join(m.run([("read", 0, SZ_2M)]))}
 
 
-@case("§2.1", "msync of a dirty shared mapping: MS_ASYNC, and MS_SYNC (guest_memfd has no fsync method)",
+@case("§7.2.1", "msync of a dirty shared mapping: MS_ASYNC, and MS_SYNC (guest_memfd has no fsync method)",
       needs={MMAP, ACCESS}, flagsets=SHARED_ONLY)
 def msync(s, flags):
     f = s.create(4 * PS, flags)
@@ -365,7 +368,7 @@ def msync(s, flags):
             "content": ",".join(m.run([("read", 0, 4 * PS)]))}
 
 
-@case("§6.1 mbind, §2.2", "NUMA policy on the mapping (node 0 only: this machine has one node): BIND, "
+@case("§7.6.1 mbind, §7.2.2", "NUMA policy on the mapping (node 0 only: this machine has one node): BIND, "
       "INTERLEAVE and DEFAULT round-trip through get_mempolicy; what a second mapping of the file reports; "
       "mode 999 is EINVAL",
       needs={MMAP}, flagsets=MAPPABLE)
@@ -382,7 +385,7 @@ def mbind(s, flags):
     return r
 
 
-@case("§6.1 guest_memfd_guest", "host writes 0xaa, a real vCPU reads it and writes 0xff, the host sees 0xff "
+@case("§7.6.1 guest_memfd_guest", "host writes 0xaa, a real vCPU reads it and writes 0xff, the host sees 0xff "
       "through a new mapping", needs={GUEST, ACCESS}, flagsets=SHARED_ONLY)
 def guest_memfd_guest(s, flags):
     f = s.create(4 * PS, flags)
@@ -393,7 +396,7 @@ def guest_memfd_guest(s, flags):
     return {"guest read": f"{seen:02x}", "host (new mapping)": ",".join(fresh.run([("read", 0, 4 * PS)]))}
 
 
-@case("§2.2, §6.2 (guest side)", "a vCPU touching a page the host may not map (no INIT_SHARED)",
+@case("§7.2.2, §7.6.2 (guest side)", "a vCPU touching a page the host may not map (no INIT_SHARED)",
       needs={GUEST, ACCESS}, flagsets=("mmap",))
 def guest_private(s, flags):
     f = s.create(4 * PS, flags)
@@ -407,20 +410,20 @@ def guest_private(s, flags):
     return {"guest access": seen, "host read": ",".join(m.run([("read", PS, 1)]))}
 
 
-# --- fallocate (§2.3) ------------------------------------------------------------------------------------
+# --- fallocate (§7.2.3) ----------------------------------------------------------------------------------
 MODES = {"0": 0, "PUNCH_HOLE": FALLOC_FL_PUNCH_HOLE, "ZERO_RANGE": FALLOC_FL_ZERO_RANGE,
          "KEEP|ZERO_RANGE": KEEP | FALLOC_FL_ZERO_RANGE, "COLLAPSE_RANGE": FALLOC_FL_COLLAPSE_RANGE,
          "INSERT_RANGE": FALLOC_FL_INSERT_RANGE, "KEEP|UNSHARE_RANGE": KEEP | FALLOC_FL_UNSHARE_RANGE,
          "KEEP|PUNCH|ZERO_RANGE": PUNCH | FALLOC_FL_ZERO_RANGE, "KEEP|0x100": KEEP | 0x100}
 
 
-@case("§2.3", "modes other than KEEP_SIZE and KEEP_SIZE|PUNCH_HOLE are EOPNOTSUPP", flagsets=ALL)
+@case("§7.2.3", "modes other than KEEP_SIZE and KEEP_SIZE|PUNCH_HOLE are EOPNOTSUPP", flagsets=ALL)
 def fallocate_modes(s, flags):
     f = s.create(4 * PS, flags)
     return {name: attempt(f.fallocate, mode, 0, PS) for name, mode in MODES.items()}
 
 
-@case("§2.3 (VFS)", "the VFS checks: negative offset, zero or negative length, size overflow",
+@case("§7.2.3 (VFS)", "the VFS checks: negative offset, zero or negative length, size overflow",
       flagsets=ALL)
 def fallocate_vfs_checks(s, flags):
     f = s.create(4 * PS, flags)
@@ -433,7 +436,7 @@ def fallocate_vfs_checks(s, flags):
     return result
 
 
-@case("§6.1 fallocate, §2.3", "the selftest matrix: whole file, unaligned, at/past EOF, punch past EOF, "
+@case("§7.6.1 fallocate, §7.2.3", "the selftest matrix: whole file, unaligned, at/past EOF, punch past EOF, "
       "punch then re-allocate", flagsets=ALL)
 def fallocate(s, flags):
     size = 4 * PS
@@ -452,13 +455,13 @@ PUNCH_TABLE = [(0, 1), (0, PS - 1), (0, PS + 1), (1, 1), (1, PS - 1), (1, PS), (
                (PS, PS - 1), (PS, PS + 1)]
 
 
-@case("§6.1 invalid_punch_hole", "the 10 unaligned (offset, len) pairs all give EINVAL", flagsets=ALL)
+@case("§7.6.1 invalid_punch_hole", "the 10 unaligned (offset, len) pairs all give EINVAL", flagsets=ALL)
 def invalid_punch_hole(s, flags):
     f = s.create(4 * PS, flags)
     return {f"({o},{n})": attempt(f.fallocate, PUNCH, o, n) for o, n in PUNCH_TABLE}
 
 
-@case("§2.3, design §2.4", "fallocate(2) itself on the file (allocate and punch)", needs={FD},
+@case("§7.2.3, design §2.4", "fallocate(2) itself on the file (allocate and punch)", needs={FD},
       flagsets=SHARED_ONLY)
 def fallocate_syscall(s, flags):
     f = s.create(4 * PS, flags)
@@ -467,7 +470,7 @@ def fallocate_syscall(s, flags):
             "mode 0": attempt(f.fallocate_syscall, 0, 0, PS)}
 
 
-# --- KVM_SET_MEMORY_ATTRIBUTES2 (§3.2, v8) ---------------------------------------------------------------
+# --- KVM_SET_MEMORY_ATTRIBUTES2 (§7.3.2, v8) -------------------------------------------------------------
 def _convert(f, offset, size, attributes, flags=0, reserved=(0,) * 11):
     return attempt(f.set_memory_attributes, offset, size, attributes, flags, reserved)
 
@@ -480,7 +483,7 @@ V8_ERRNO_TABLE = {
 }
 
 
-@case("§3.2 validation order (v8)", "the KVM_SET_MEMORY_ATTRIBUTES2 errno table", needs={ATTRIBUTES},
+@case("§7.3.2 validation order (v8)", "the KVM_SET_MEMORY_ATTRIBUTES2 errno table", needs={ATTRIBUTES},
       flagsets=SHARED_ONLY, v8=V8_ERRNO_TABLE)
 def set_memory_attributes_errnos(s, flags):
     size = 4 * PS
@@ -509,7 +512,7 @@ V8_PIN_TABLE = {"bulk to private, page 2 pinned": "EAGAIN@0x2000", "page 2 alone
                 "error_offset on success": "untouched"}
 
 
-@case("§3.3, §6.2 elevated_refcount (v8)", "a pinned page: EAGAIN with error_offset; a no-op succeeds; "
+@case("§7.3.3, §7.6.2 elevated_refcount (v8)", "a pinned page: EAGAIN with error_offset; a no-op succeeds; "
       "error_offset is left alone on success", needs={ATTRIBUTES, PIN}, flagsets=SHARED_ONLY, v8=V8_PIN_TABLE)
 def set_memory_attributes_pinned(s, flags):
     f = s.create(4 * PS, flags)

@@ -39,7 +39,7 @@ MOUNT: dict[str, Deviation] = {
         "cannot be reopened (ENXIO)"),
     "fstatfs_type": Deviation(
         "a FUSE mount reports FUSE_SUPER_MAGIC; guest_memfd lives on the anon_inode filesystem "
-        "(ANON_INODE_FS_MAGIC 0x09041934 on 6.18, not GUEST_MEMFD_MAGIC as the reference guessed)"),
+        "(ANON_INODE_FS_MAGIC 0x09041934 on 6.18, not a GUEST_MEMFD_MAGIC of its own)"),
     "mmap_cow[mmap]": Deviation(
         "FUSE never sees mmap(2), so MAP_PRIVATE cannot be refused; a private mapping's page fills obey the "
         "same attribute checks (SIGBUS on private pages)"),

@@ -29,14 +29,15 @@ would) and its observation is compared with the **kernel's guest_memfd** (`KVM_C
 default VM through `/dev/kvm`): the live kernel where the machine's kernel has guest_memfd, otherwise what
 a kernel was recorded doing (`ufsgmem/conformance/records/`, one file per kernel). The last column of the
 table says which reference each case was compared with; [Reference](#reference) says where it came from.
-The cases are the rows of the kernel selftest `guest_memfd_test.c` that apply and the errno tables of the
-reference (§2 file rules, §3.2 `KVM_SET_MEMORY_ATTRIBUTES2`); selftest rows run once per flag set as the
+The cases are the rows of the kernel selftest `guest_memfd_test.c` that apply and the errno tables of
+`docs/design.md` (§7.2 file rules, §7.3.2 `KVM_SET_MEMORY_ATTRIBUTES2`); selftest rows run once per flag set as the
 selftest does (`[0]`, `[mmap]`, `[mmap|init_shared]`).
+The rule column cites sections of `docs/design.md` (§7.N.M: the kernel facts, with their sources).
 
 Verdicts: **agree** — identical observations; **deviation** — a documented difference (listed in
 `ufsgmem/conformance/deviations.py`; nothing else may differ, and an entry that agrees is an error);
 **v8** — an in-place conversion rule this kernel cannot run (6.18 has no memory attributes on a default
-VM, so its ioctl is `ENOTTY`): ufsgmem is checked against the reference's expected results instead;
+VM, so its ioctl is `ENOTTY`): ufsgmem is checked against the results design §7.3 expects instead;
 **unrecorded** — the record has no kernel observation for the case (it says why).
 
 Both sides are driven through the same system calls: `fallocate(2)` and
@@ -47,7 +48,7 @@ A SIGBUS is observed in a forked child that dies of it. The vCPU of `guest_memfd
 guest: on the kernel its memslot is bound to the guest_memfd, on ufsgmem it is the `mem` mapping.
 
 Not run here: the selftest's `numa_allocation` (it needs two NUMA nodes; the kernel's machine had one, so
-`mbind` runs on node 0 only), and the v8 conversion selftests of reference §6.2 beyond their errno table
+`mbind` runs on node 0 only), and the v8 conversion selftests of design §7.6.2 beyond their errno table
 and `elevated_refcount`, which need a kernel with in-place conversion to compare against; ufsgmem runs them
 through the mount on its own (`tests/test_fuse_conversions.py`).
 

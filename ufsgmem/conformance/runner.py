@@ -10,7 +10,8 @@ Verdicts:
 * ``agree`` — same observation;
 * ``deviation`` — a listed :class:`~ufsgmem.conformance.deviations.Deviation`; the keys it does not name
   still agree;
-* ``v8`` — a conversion rule this kernel cannot run: the subject matches the reference's expectation;
+* ``v8`` — a conversion rule this kernel cannot run: the subject matches the expected observation the case
+  records (design §7.3);
 * ``n/a`` — the subject has no way to do what the case needs (the in-process core has no file);
 * ``unrecorded`` — the record has no kernel observation for the case (it says why); the subject's
   observation is shown, and a crash still fails;
@@ -121,8 +122,8 @@ def judge(case: Case, kernel, other, deviations: dict[str, Deviation],
     if case.v8 is not None:
         if other == case.v8:
             return Verdict(case, kernel, other, "v8", "kernel 6.18 has no KVM_SET_MEMORY_ATTRIBUTES2 "
-                           "(in-place conversion, v8); ufsgmem matches the reference's expected results")
-        return Verdict(case, kernel, other, "FAIL", f"differs from the v8 reference {case.v8}")
+                           "(in-place conversion, v8); ufsgmem matches the results design §7.3 expects")
+        return Verdict(case, kernel, other, "FAIL", f"differs from the v8 expectation {case.v8}")
     if kernel is None:
         if isinstance(other, dict) and "raised" in other:
             return Verdict(case, kernel, other, "FAIL", "raised")

@@ -1,4 +1,4 @@
-"""The FUSE frontend: guest_memfd files served through libfuse3's low-level API (design §2, §3).
+"""The FUSE frontend: guest_memfd files served through libfuse3's low-level API (docs/design.md §2, §3).
 
 ``server`` mounts and runs libfuse's multi-threaded loop, ``lowlevel`` is the cffi binding (built by
 ``_build``) and the one place requests become replies, ``ops`` answers requests, ``files`` holds what each

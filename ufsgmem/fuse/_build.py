@@ -3,7 +3,7 @@
 Run at install time (``setup.py``'s ``cffi_modules``), so ``./scripts/setup.sh`` on a fresh machine
 compiles it against the Debian ``libfuse3-dev`` it has just installed. ``FUSE_USE_VERSION 312``: with 35
 the 3.14 headers select the old ``fuse_session_loop_mt`` configuration, which starts a thread and clones
-``/dev/fuse`` per request (3-5x slower, see ``shared/reference/fuse-lowlevel.md``).
+``/dev/fuse`` per request (3-5x slower, see design §8.1 in ``docs/design.md``).
 
 The C part is glue and nothing else: every low-level callback flattens its arguments into one
 ``extern "Python"`` call (so Python never touches libfuse's bit-field structs), and a few ``ufs_*``

@@ -31,7 +31,7 @@
 Control files
     One write = one request (``ufsgmem.control``); the outcome is kept per open file for the next read.
 
-Transitions (shared→private, punch-hole) follow design §3: validate (``prepare_*``), revoke the ranges in
+Transitions (shared→private, punch) follow docs/design.md §3: validate (``prepare_*``), revoke the ranges in
 this thread while other loop threads serve the write-backs the revocation waits for, then ``commit()``.
 They are serialised per file by ``Entry.lock``, the stand-in for the kernel's invalidate lock. The three
 deadlocks the kernel allows are avoided here by construction: a revocation never runs in a ``mem`` READ

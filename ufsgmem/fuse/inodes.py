@@ -1,6 +1,6 @@
 """The mount's namespace: inode numbers, lookup counts, open handles, and when memory may be freed.
 
-Layout (design §2.2)::
+Layout (design §2.2, docs/design.md)::
 
     /ctl                 mount control file        (inode 2)
     /NAME/               one directory per guest_memfd

@@ -1,4 +1,4 @@
-"""P5 (design §5): export a 1 TiB guest with 100 000 shared 4 KiB holes in all three views, timed.
+"""P5 (docs/design.md §5): export a 1 TiB guest with 100 000 shared 4 KiB holes in all three views, timed.
 
 The snapshot is built directly (one physically contiguous extent, 1 GiB folios, the folios holding a hole
 split), so the figure is the layout and exporter cost alone. ``ufsgmem bench`` can call :func:`measure`;

@@ -146,7 +146,8 @@ def kvm_caps(snapshot, space: GuestSpace, arch: Arch) -> tuple[int, int]:
     folio = snapshot.folio_size
     whole = arch.largest_at_most(max(folio, arch.granule))
     split = arch.largest_at_most(folio // 2) if folio > arch.granule else whole
-    # reference §4.4: an unaligned gfn↔offset binding is allowed, but forbids huge mappings at that level
+    # docs/design.md §7.4.4: an unaligned gfn↔offset binding is allowed, but forbids huge mappings at that
+    # level
     slot = arch.largest_dividing(space.shift) or arch.granule
     return min(whole, slot), min(split, slot)
 

@@ -1,6 +1,6 @@
 """Backend ``hugetlb``: a memfd with MFD_HUGETLB, 2 MiB or 1 GiB pages, preallocated when it is created.
 
-This is the layout HugeTLB guest_memfd aims for (reference §4.2): the file claims *all* its huge pages
+This is the layout HugeTLB guest_memfd aims for (docs/design.md §7.4.2): the file claims *all* its huge pages
 from the pool at creation, so a VM can never fail later for lack of one, and every page is a physically
 contiguous, naturally aligned folio.
 

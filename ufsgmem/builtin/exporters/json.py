@@ -4,7 +4,7 @@
 ``size = block * count`` and the row maps guest ``[guest, guest + size)`` to physical ``[phys, phys + size)``.
 Rows instead of single leaves keep a 1 TiB layout with fifty million 4 KiB leaves at a few megabytes.
 The rows are formatted from numpy columns with one template, because ``json.dumps`` of 10^5–10^6 dicts
-alone would eat the 2 s budget (design §5, P5); the header goes through ``json.dumps``.
+alone would eat the 2 s budget (design §5 in docs/design.md, P5); the header goes through ``json.dumps``.
 """
 
 from __future__ import annotations
