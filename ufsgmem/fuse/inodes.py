@@ -99,6 +99,7 @@ class Entry:
 class Handle:
     entry: Entry | None  # None for the mount control file
     kind: str
+    ino: int = 0  # the inode it was opened on: a request naming another inode is EBADF
     writable: bool = False  # opened for writing (ioctl and fallocate need it)
     opener: tuple[int, int] = (0, 0)  # (uid, gid) of the process that opened it: requests act as that user
     result: bytes = b""
@@ -192,20 +193,25 @@ class Namespace:
                 entry.open_handles += 1
             return fh
 
-    def release(self, fh: int) -> Entry | None:
-        """Drop a handle; return its entry if that freed it (so the caller can drop its page cache)."""
+    def release(self, fh: int, ino: int) -> Entry | None:
+        """Drop handle ``fh`` of inode ``ino``; return its entry if that freed it (so the caller can drop its
+        page cache)."""
         with self.lock:
-            handle = self.handles.pop(fh, None)
-            if handle is not None and handle.entry is not None:
+            handle = self.handles.get(fh)
+            if handle is None or handle.ino != ino:
+                return None
+            del self.handles[fh]
+            if handle.entry is not None:
                 handle.entry.open_handles -= 1
                 if self._maybe_free(handle.entry):
                     return handle.entry
             return None
 
-    def handle(self, fh: int) -> Handle:
+    def handle(self, fh: int, ino: int) -> Handle:
+        """Open file ``fh``, which must be open on inode ``ino``: a handle number is one object only."""
         handle = self.handles.get(fh)
-        if handle is None:
-            raise OSError(errno.EBADF, f"no open file {fh}")
+        if handle is None or handle.ino != ino:
+            raise OSError(errno.EBADF, f"no open file {fh} on inode {ino}")
         return handle
 
     def close_all(self) -> None:
