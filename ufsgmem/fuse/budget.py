@@ -51,7 +51,12 @@ class MemoryBudget:
             self.committed += nbytes
 
     def uncharge(self, nbytes: int) -> None:
+        """Give back ``nbytes`` that were charged. Giving back more than is committed is a bug (memory
+        committed without a charge, which would let the cap be passed), refused before anything changes."""
         with self._lock:
+            if not 0 <= nbytes <= self.committed:
+                raise AssertionError(f"uncharging {nbytes} bytes of {self.committed} committed: some path "
+                                     "committed memory without charging it")
             self.committed -= nbytes
 
     def status(self) -> dict:
@@ -81,6 +86,14 @@ def overlapping_folios(entry: "Entry", first: int, last: int) -> int:
     return -(-last // step) - first // step
 
 
+def _check_share(entry: "Entry", nbytes: int) -> None:
+    """A file never gives back more than it was charged: the count of every path that commits memory
+    (fills, write-backs, allocate, guest accesses, pin, create) must follow it."""
+    if nbytes > entry.charged:
+        raise AssertionError(f"{entry.name!r} gives back {nbytes} bytes but was charged {entry.charged}: "
+                             "some path committed memory without charging it")
+
+
 class Charges:
     """Keeps each file's share of a mount's :class:`MemoryBudget` equal to its committed folios."""
 
@@ -101,6 +114,7 @@ class Charges:
 
     def refund(self, entry: "Entry", nbytes: int) -> None:
         if nbytes:
+            _check_share(entry, nbytes)
             self.budget.uncharge(nbytes)
             entry.charged -= nbytes
 
@@ -116,6 +130,7 @@ class Charges:
             if delta > 0:
                 self.budget.charge(delta, force=True)
             elif delta < 0:
+                _check_share(entry, -delta)
                 self.budget.uncharge(-delta)
             entry.charged += delta
 

@@ -289,9 +289,14 @@ class Files:
         if req.op == "get_attributes":
             with entry.state:
                 return control.format_runs(gm.get_attributes(req.offset, req.size))
-        if req.op in ("pin", "unpin"):
+        if req.op == "pin":  # the kernel's checks, then ENOMEM past --max-memory, then fault in
             with entry.state:
-                getattr(gm, req.op)(req.offset, req.size)
+                gm.check_pin(req.offset, req.size)
+                self._committing(entry, req.offset, req.size, lambda: gm.pin(req.offset, req.size))
+            return ""
+        if req.op == "unpin":
+            with entry.state:
+                gm.unpin(req.offset, req.size)
             return ""
         if req.op == "set_memory_attributes":
             self.set_memory_attributes(entry, req)
@@ -339,14 +344,12 @@ class Files:
             else:
                 budget.uncharge(charged - allocated)
             charged = allocated
-            entry = self.ns.add(req.name, gm, owner=user)  # EEXIST if another create won the race
+            entry = self.ns.add(req.name, gm, owner=user, charged=charged)  # EEXIST if another create won
         except BaseException:
             if gm is not None:
                 gm.close()
             budget.uncharge(charged)
             raise
-        with entry.state:  # a fill may already have found the new file
-            entry.charged += charged
         entry.in_place_conversion = (self.in_place_conversion if req.in_place_conversion is None
                                      else req.in_place_conversion)
         return control.describe_create(req, gm.folio_size)

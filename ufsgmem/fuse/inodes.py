@@ -121,12 +121,13 @@ class Namespace:
         self.mount_ctl_lookups = 0
 
     # --- entries ------------------------------------------------------------------------------------
-    def add(self, name: str, gm: GuestMemfd, owner: tuple[int, int] | None = None) -> Entry:
-        """Give ``gm`` a name; EEXIST if another create won the race for it."""
+    def add(self, name: str, gm: GuestMemfd, owner: tuple[int, int] | None = None, charged: int = 0) -> Entry:
+        """Give ``gm`` a name (with ``charged`` bytes of the memory budget already its own, so a request that
+        finds it at once sees its charge); EEXIST if another create won the race for it."""
         with self.lock:
             if name in self.by_name:
                 raise OSError(errno.EEXIST, f"{name!r} exists")
-            entry = Entry(name, gm, next(self._next_base), owner=owner)
+            entry = Entry(name, gm, next(self._next_base), owner=owner, charged=charged)
             for ino in range(entry.base, entry.base + 1 + len(FILES)):
                 self.by_ino[ino] = entry
             self.by_name[name] = entry
