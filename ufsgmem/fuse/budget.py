@@ -15,6 +15,9 @@ every mapped page) is not counted; ``status`` reports it separately as ``page_ca
 
 Every change to the count is made under the file's ``Entry.state`` lock together with the change of the
 maps it derives from, so concurrent fills and revocations of one file never count a folio twice.
+
+Each charge also counts against the file owner's ``memory`` bound (``users.py``), first, so that one user
+of an ``--allow-other`` mount cannot take the whole cap; a refusal by either leaves both unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING
 from ..address import format_size
 from ..errors import fail
 from ..uapi import PAGE_SHIFT
+from .users import Users
 
 if TYPE_CHECKING:
     from .inodes import Entry
@@ -94,11 +98,31 @@ def _check_share(entry: "Entry", nbytes: int) -> None:
                              "some path committed memory without charging it")
 
 
-class Charges:
-    """Keeps each file's share of a mount's :class:`MemoryBudget` equal to its committed folios."""
+def owner_uid(entry: "Entry") -> int:
+    return entry.owner[0] if entry.owner is not None else 0
 
-    def __init__(self, budget: MemoryBudget):
+
+class Charges:
+    """Keeps each file's share of a mount's :class:`MemoryBudget`, and of its owner's memory bound, equal
+    to its committed folios."""
+
+    def __init__(self, budget: MemoryBudget, users: Users | None = None):
         self.budget = budget
+        self.users = users if users is not None else Users()
+
+    def charge(self, uid: int, nbytes: int, *, force: bool = False) -> None:
+        """Commit ``nbytes`` more for a file of ``uid``: its bound first, then the mount's cap (ENOMEM with
+        the reason, nothing committed, if either refuses)."""
+        self.users.take(uid, "memory", nbytes, force=force)
+        try:
+            self.budget.charge(nbytes, force=force)
+        except BaseException:
+            self.users.give(uid, "memory", nbytes)
+            raise
+
+    def uncharge(self, uid: int, nbytes: int) -> None:
+        self.budget.uncharge(nbytes)
+        self.users.give(uid, "memory", nbytes)
 
     def reserve(self, entry: "Entry", first: int, last: int) -> int:
         """Before pages ``[first, last)`` become committed (a fill, an allocation): charge the folios that
@@ -108,14 +132,14 @@ class Charges:
             return 0
         need = (overlapping_folios(entry, first, last) - committed_folios(entry, first, last)) * entry.gm.folio_size
         if need:
-            self.budget.charge(need)
+            self.charge(owner_uid(entry), need)
             entry.charged += need
         return need
 
     def refund(self, entry: "Entry", nbytes: int) -> None:
         if nbytes:
             _check_share(entry, nbytes)
-            self.budget.uncharge(nbytes)
+            self.uncharge(owner_uid(entry), nbytes)
             entry.charged -= nbytes
 
     def recount(self, entry: "Entry", first: int, last: int, change) -> None:
@@ -128,10 +152,10 @@ class Charges:
         finally:
             delta = (committed_folios(entry, first, last) - before) * entry.gm.folio_size
             if delta > 0:
-                self.budget.charge(delta, force=True)
+                self.charge(owner_uid(entry), delta, force=True)
             elif delta < 0:
                 _check_share(entry, -delta)
-                self.budget.uncharge(-delta)
+                self.uncharge(owner_uid(entry), -delta)
             entry.charged += delta
 
     def free(self, entry: "Entry") -> None:

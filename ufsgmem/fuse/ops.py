@@ -226,11 +226,16 @@ class Operations:
 
     def _request(self, handle: Handle, data: bytes) -> int:
         if handle.entry is None:
-            handle.result, error, removed = self.files.mount_request(data, handle.opener)
+            result, error, removed = self.files.mount_request(data, handle.opener)
             if removed is not None and self.on_destroy is not None:
                 self.on_destroy(removed)
         else:
-            handle.result, error = self.files.file_request(handle.entry, data)
+            result, error = self.files.file_request(handle.entry, data)
+        try:
+            self.ns.set_result(handle, result)  # ENOMEM past the opener's bound on held results
+        except OSError as exc:  # (only a result with no side effect is big: get_attributes)
+            self.ns.set_result(handle, control.error_result(None, exc))
+            error = exc
         handle.read_pos = 0
         if error is not None:
             raise OSError(error.errno or errno.EIO, str(error))
