@@ -98,8 +98,8 @@ def outcomes(path: str, flags: int) -> dict[str, str]:
 
 DIRECTORY = {"ioctl": "ENOTTY", "fallocate": "EBADF", "read": "EISDIR", "write": "EBADF", "fsync": "ok",
              "readdir": "ok", "getattr": "ok"}
-CONTROL = {"ioctl": "ENOTTY", "fallocate": errno.errorcode[errno.EOPNOTSUPP], "read": "ok", "write": "EINVAL", "fsync": "ok",
-           "readdir": "ENOTDIR", "getattr": "ok"}
+CONTROL = {"ioctl": "ENOTTY", "fallocate": errno.errorcode[errno.EOPNOTSUPP], "read": "ok", "write": "EINVAL",
+           "fsync": "ok", "readdir": "ENOTDIR", "getattr": "ok"}
 READ_ONLY = {"ioctl": "ENOTTY", "fallocate": "EBADF", "read": "ok", "write": "EBADF", "fsync": "ok",
              "readdir": "ENOTDIR", "getattr": "ok"}
 #: object -> (path under the mount, open flags, expected outcome of each request)

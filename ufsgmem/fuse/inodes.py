@@ -32,7 +32,9 @@ Locks (requests arrive on several libfuse worker threads at once):
   duration of a core call, never while waiting for the kernel; every handler may take it.
 
 Order: ``Entry.lock`` before ``Entry.state``. ``Namespace.lock`` may be held while taking ``Entry.state``
-(freeing a file), never ``Entry.lock``, and neither entry lock is ever held while taking it.
+(freeing a file), never ``Entry.lock``, and neither entry lock is ever held while taking it. The counters'
+locks (``MemoryBudget``, ``Users``, ``WriteBackFiles``) are leaves: taken under any of these, they are
+held for one update and never while taking another lock.
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ _libc = ctypes.CDLL(None)
 
 
 def trim_heap() -> None:
-    """Give free heap memory back to the kernel (glibc's ``malloc_trim``): a big result freed otherwise
-    stays in the server's resident memory, and 80 snapshots of a fragmented file held ~1 GB after they
-    were closed."""
+    """Give free heap memory back to the kernel (glibc's ``malloc_trim``): otherwise much of what big
+    results took stays in the server's resident memory after they are freed (docs/reliability.md has
+    the figures)."""
     with contextlib.suppress(AttributeError):
         _libc.malloc_trim(0)
 

@@ -191,7 +191,8 @@ class Operations:
             result = self.files.status(entry)
         elif kind == "snapshot":
             result = self.files.snapshot(entry)
-        fh = self.ns.open(entry, kind, ino=ino, writable=accmode != os.O_RDONLY, result=result, opener=tuple(caller[:2]))
+        fh = self.ns.open(entry, kind, ino=ino, writable=accmode != os.O_RDONLY, result=result,
+                          opener=tuple(caller[:2]))
         if kind == "mem":
             return Opened(fh, direct_io=True, keep_cache=True, nonseekable=True)
         return Opened(fh, direct_io=True, nonseekable=kind == "ctl")
