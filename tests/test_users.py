@@ -202,6 +202,48 @@ def test_one_user_cannot_exhaust_the_server_for_another():
             mount.ctl(f"destroy m{i}")
 
 
+def test_the_defaults_leave_room_for_another_user():
+    """With the default bounds, Mallory's creates stop at 1024 files (ENOSPC) and her opens at 4096
+    (EMFILE), costing the server at most two descriptors a file, while Alice's file still works."""
+    with mounted(allow_other=True) as mount:
+        def take(report):
+            ctl = os.path.join(mount.path, "ctl")
+            files = 0
+            while True:
+                outcome, why = write_request(ctl, f"create m{files} size={PS}")
+                if outcome != "ok":
+                    report({"files": files, "errno": outcome, "why": why})
+                    break
+                files += 1
+                assert files < 100_000
+            held = []
+            while True:
+                try:
+                    held.append(os.open(os.path.join(mount.path, f"m{len(held) % files}", "status"), os.O_RDONLY))
+                except OSError as exc:
+                    report({"handles": len(held), "errno": errno.errorcode[exc.errno]})
+                    break
+                assert len(held) < 100_000
+            take.held = held
+
+        mallory = Child(MALLORY, take)
+        try:
+            files = mallory.next()
+            assert (files["files"], files["errno"]) == (1024, "ENOSPC"), files
+            assert mallory.next() == {"handles": 4096, "errno": "EMFILE"}
+            assert mallory.next() == "done"
+            descriptors = len(open_files(mount.pid))
+            assert descriptors <= 2 * 1024 + 64, descriptors
+            alice = Child(ALICE, lambda report: alice_uses_a_file(mount.path, report))
+            assert alice.next() == "alice's!"
+            assert alice.next() == "done"
+            alice.finish()
+        finally:
+            mallory.finish()
+        for i in range(1024):
+            mount.ctl(f"destroy m{i}")
+
+
 def test_write_back_descriptors_are_bounded():
     """Issue 17: besides its memory, each file revoked once kept a write-back descriptor of its own until
     destroy, so many small files took the server's whole descriptor limit. Now they are kept for the 64
