@@ -131,6 +131,8 @@ class Users:
     def take(self, uid: int, what: str, amount: int = 1, *, force: bool = False, page_size: int = 0) -> int:
         """Count ``amount`` more of ``what`` for ``uid``; past its bound raise the bound's errno with the
         reason (nothing counted) unless ``force``d. Returns ``amount`` (for :meth:`give`)."""
+        if not amount:
+            return 0
         key = (uid, f"huge:{page_size}" if what == "huge" else what)
         with self._lock:
             held = self._held.get(key, 0)
@@ -140,8 +142,7 @@ class Users:
                 size = f" of {format_size(page_size)} pages" if what == "huge" else ""
                 raise fail(err, f"uid {uid} holds {show(held)} {noun}{size} of its bound of {show(bound)}: "
                                 f"{show(amount)} more would pass it ({OPTION} {what}=)")
-            if amount:
-                self._held[key] = held + amount
+            self._held[key] = held + amount
         return amount
 
     def give(self, uid: int, what: str, amount: int = 1, *, page_size: int = 0) -> None:
