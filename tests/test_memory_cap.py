@@ -185,3 +185,34 @@ def test_a_huge_folio_is_committed_whole(gmem, hugepages):
         finally:
             os.close(fd)
             g.mount.ctl(f"destroy {g.name}")  # its huge pages go back before the pool shrinks
+
+
+def test_a_pin_is_charged_like_allocate():
+    """Issue 17, finding 3: under an 8 MiB cap, ``pin`` of 512 MiB succeeded and committed it all while the
+    mount's count stayed 0; after unpin and a punch the count was -512 MiB, and the cap stopped working.
+    A pin allocates what it faults in, so it is charged like ``allocate``: past the cap ENOMEM with the
+    reason and nothing changed (no pin, no allocation); within it the count follows, and goes back to 0."""
+    cap = 8 * MiB
+    with mounted(max_memory=cap) as mount:
+        mount.ctl(f"create vm size={512 * MiB} flags=mmap|init_shared")
+        g = Gmem(mount, "vm", 512 * MiB)
+        exc = refused(lambda: g.request(f"pin offset=0 size={512 * MiB:#x}"))
+        assert exc.errno == errno.ENOMEM, exc
+        st = g.status()
+        assert (st["allocated_bytes"], st["pinned_bytes"], st["committed_bytes"]) == (0, 0, 0), st
+        assert st["mount_memory"] == {"max": cap, "committed": 0}
+
+        g.request(f"pin offset=0 size={4 * MiB:#x}")
+        st = g.status()
+        assert st["allocated_bytes"] == st["committed_bytes"] == 4 * MiB and st["pinned_bytes"] == 4 * MiB, st
+        assert st["mount_memory"]["committed"] == 4 * MiB
+        assert refused(lambda: g.request(f"pin offset={4 * MiB:#x} size={8 * MiB:#x}")).errno == errno.ENOMEM
+        assert refused(lambda: g.request(f"allocate offset={8 * MiB:#x} size={8 * MiB:#x}")).errno == errno.ENOMEM
+
+        g.request(f"unpin offset=0 size={4 * MiB:#x}")
+        g.request(f"punch_hole offset=0 size={512 * MiB:#x}")
+        st = g.status()
+        assert st["committed_bytes"] == 0 and st["mount_memory"] == {"max": cap, "committed": 0}, st
+        # and the cap still holds
+        assert refused(lambda: g.request(f"allocate offset=0 size={16 * MiB:#x}")).errno == errno.ENOMEM
+        g.request(f"allocate offset=0 size={cap:#x}")

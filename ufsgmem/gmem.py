@@ -328,7 +328,15 @@ class GuestMemfd:
 
     # --- pins ---------------------------------------------------------------------------------------
     def pin(self, offset: int, size: int) -> None:
-        """An emulated long-term pin (a device's GUP pin): faults the range in; shared pages only."""
+        """An emulated long-term pin (a device's GUP pin): faults the range in (allocates, as a GUP pin
+        does); shared pages only."""
+        first, last = self.check_pin(offset, size)
+        self._touch(first, last)
+        self._pins.add(first, last, 1)
+
+    def check_pin(self, offset: int, size: int) -> tuple[int, int]:
+        """The checks of :meth:`pin`, nothing changed: its page range, or the error it would fail with
+        (so a caller can charge the memory a pin allocates after the kernel's checks and before it)."""
         first, last = self._check_pin_range(offset, size)
         if not self.flags & GUEST_MEMFD_FLAG_MMAP:  # GUP needs a host mapping, and this file has none
             raise fail(errno.EFAULT, "the file was created without mmap: there is no host mapping to pin",
@@ -337,8 +345,7 @@ class GuestMemfd:
         if private is not None:
             raise fail(errno.EFAULT, f"page {private << PAGE_SHIFT:#x} is private: a pin needs shared "
                                      "memory the host can reach", error_offset=private << PAGE_SHIFT)
-        self._touch(first, last)
-        self._pins.add(first, last, 1)
+        return first, last
 
     def unpin(self, offset: int, size: int) -> None:
         first, last = self._check_pin_range(offset, size)

@@ -60,6 +60,12 @@ def configure(parser) -> None:
                         help="while requests flow (and 0.2 s after), keep idle CPUs polling instead of sleeping "
                              "(a 0 µs CPU latency limit, root only): faster conversions on a VM whose idle vCPUs halt, "
                              "paid for in CPU time on every CPU (see docs/performance.md)")
+    parser.add_argument("--per-user", metavar="BOUNDS", type=_per_user,
+                        help="what each user other than root and you may hold of the server under --allow-other: "
+                             "files=N (default 1024), handles=N (open files, 4096), memory=SIZE (committed guest "
+                             "memory, huge pages included; half of --max-memory, else of the machine's), huge=SIZE "
+                             "(hugetlb pool; half of each size's pool), results=SIZE (server memory for status, "
+                             "snapshot and results; 64M); 'none' lifts one (see docs/reliability.md)")
     parser.add_argument("--cpus", metavar="LIST",
                         help="pin the server to these CPUs (e.g. 0 or 0,2-3): lower conversion latency for a "
                              "caller pinned to the same CPU, lower first-touch throughput (see docs/performance.md)")
@@ -78,6 +84,17 @@ def _size(text: str) -> int:
     return size
 
 
+def _per_user(text: str) -> str:
+    import argparse
+
+    from ..fuse.users import UserLimits
+    try:
+        UserLimits.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def run(args) -> int:
     from ..fuse import server
     from ..syscalls import parse_cpu_list
@@ -88,19 +105,20 @@ def run(args) -> int:
     if args.foreground:
         server.serve(args.mountpoint, default_backend=args.backend, debug=args.debug, cpus=cpus,
                      in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other,
-                     max_memory=args.max_memory, low_latency=args.low_latency, ready=lambda: print(f"ufsgmem: mounted at {args.mountpoint} (pid {os.getpid()})",
+                     max_memory=args.max_memory, low_latency=args.low_latency, per_user=args.per_user,
+                     ready=lambda: print(f"ufsgmem: mounted at {args.mountpoint} (pid {os.getpid()})",
                                          file=sys.stderr, flush=True))
         return 0
     pid = start_background(args.mountpoint, backend=args.backend, debug=args.debug, cpus=args.cpus,
                            in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other,
-                           max_memory=args.max_memory, low_latency=args.low_latency)
+                           max_memory=args.max_memory, low_latency=args.low_latency, per_user=args.per_user)
     print(f"ufsgmem: mounted at {args.mountpoint} (server pid {pid})")
     return 0
 
 
 def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = False,
                      cpus: str | None = None, in_place_conversion: bool = True, allow_other: bool = False,
-                     max_memory: int | None = None, low_latency: bool = False) -> int:
+                     max_memory: int | None = None, low_latency: bool = False, per_user: str | None = None) -> int:
     """Start the server detached; return its pid once the mount works, or raise OSError with its error."""
     from ..fuse import server
 
@@ -110,7 +128,7 @@ def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = Fa
                "--backend", backend, mountpoint] + (["--debug"] if debug else []) + (["--cpus", cpus] if cpus else []) \
         + ([] if in_place_conversion else ["--no-in-place-conversion"]) + (["--allow-other"] if allow_other else []) \
         + ([] if max_memory is None else ["--max-memory", str(max_memory)]) \
-        + (["--low-latency"] if low_latency else [])
+        + (["--low-latency"] if low_latency else []) + ([] if per_user is None else ["--per-user", per_user])
     # The log names files and requests: readable by its owner only (it stays after a crash).
     log_fd = os.open(server.logfile_path(mountpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(log_fd, "ab") as logfile:

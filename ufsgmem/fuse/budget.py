@@ -15,6 +15,9 @@ every mapped page) is not counted; ``status`` reports it separately as ``page_ca
 
 Every change to the count is made under the file's ``Entry.state`` lock together with the change of the
 maps it derives from, so concurrent fills and revocations of one file never count a folio twice.
+
+Each charge also counts against the file owner's ``memory`` bound (``users.py``), first, so that one user
+of an ``--allow-other`` mount cannot take the whole cap; a refusal by either leaves both unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING
 from ..address import format_size
 from ..errors import fail
 from ..uapi import PAGE_SHIFT
+from .users import Users
 
 if TYPE_CHECKING:
     from .inodes import Entry
@@ -51,7 +55,12 @@ class MemoryBudget:
             self.committed += nbytes
 
     def uncharge(self, nbytes: int) -> None:
+        """Give back ``nbytes`` that were charged. Giving back more than is committed is a bug (memory
+        committed without a charge, which would let the cap be passed), refused before anything changes."""
         with self._lock:
+            if not 0 <= nbytes <= self.committed:
+                raise AssertionError(f"uncharging {nbytes} bytes of {self.committed} committed: some path "
+                                     "committed memory without charging it")
             self.committed -= nbytes
 
     def status(self) -> dict:
@@ -81,11 +90,39 @@ def overlapping_folios(entry: "Entry", first: int, last: int) -> int:
     return -(-last // step) - first // step
 
 
-class Charges:
-    """Keeps each file's share of a mount's :class:`MemoryBudget` equal to its committed folios."""
+def _check_share(entry: "Entry", nbytes: int) -> None:
+    """A file never gives back more than it was charged: the count of every path that commits memory
+    (fills, write-backs, allocate, guest accesses, pin, create) must follow it."""
+    if nbytes > entry.charged:
+        raise AssertionError(f"{entry.name!r} gives back {nbytes} bytes but was charged {entry.charged}: "
+                             "some path committed memory without charging it")
 
-    def __init__(self, budget: MemoryBudget):
+
+def owner_uid(entry: "Entry") -> int:
+    return entry.owner[0] if entry.owner is not None else 0
+
+
+class Charges:
+    """Keeps each file's share of a mount's :class:`MemoryBudget`, and of its owner's memory bound, equal
+    to its committed folios."""
+
+    def __init__(self, budget: MemoryBudget, users: Users | None = None):
         self.budget = budget
+        self.users = users if users is not None else Users()
+
+    def charge(self, uid: int, nbytes: int, *, force: bool = False) -> None:
+        """Commit ``nbytes`` more for a file of ``uid``: its bound first, then the mount's cap (ENOMEM with
+        the reason, nothing committed, if either refuses)."""
+        self.users.take(uid, "memory", nbytes, force=force)
+        try:
+            self.budget.charge(nbytes, force=force)
+        except BaseException:
+            self.users.give(uid, "memory", nbytes)
+            raise
+
+    def uncharge(self, uid: int, nbytes: int) -> None:
+        self.budget.uncharge(nbytes)
+        self.users.give(uid, "memory", nbytes)
 
     def reserve(self, entry: "Entry", first: int, last: int) -> int:
         """Before pages ``[first, last)`` become committed (a fill, an allocation): charge the folios that
@@ -95,13 +132,14 @@ class Charges:
             return 0
         need = (overlapping_folios(entry, first, last) - committed_folios(entry, first, last)) * entry.gm.folio_size
         if need:
-            self.budget.charge(need)
+            self.charge(owner_uid(entry), need)
             entry.charged += need
         return need
 
     def refund(self, entry: "Entry", nbytes: int) -> None:
         if nbytes:
-            self.budget.uncharge(nbytes)
+            _check_share(entry, nbytes)
+            self.uncharge(owner_uid(entry), nbytes)
             entry.charged -= nbytes
 
     def recount(self, entry: "Entry", first: int, last: int, change) -> None:
@@ -114,9 +152,10 @@ class Charges:
         finally:
             delta = (committed_folios(entry, first, last) - before) * entry.gm.folio_size
             if delta > 0:
-                self.budget.charge(delta, force=True)
+                self.charge(owner_uid(entry), delta, force=True)
             elif delta < 0:
-                self.budget.uncharge(-delta)
+                _check_share(entry, -delta)
+                self.uncharge(owner_uid(entry), -delta)
             entry.charged += delta
 
     def free(self, entry: "Entry") -> None:

@@ -57,6 +57,7 @@ invalidation then waits for that READ's page locks).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -71,18 +72,21 @@ from ..uapi import (
     KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SHIFT, PAGE_SIZE,
 )
 from . import creating
-from .budget import Charges, MemoryBudget
+from .budget import Charges, MemoryBudget, owner_uid
 from .inodes import Entry, Namespace
 from .revoke import Revoker, WriteBackFiles, write_back
+from .users import UserLimits, Users
 
 
 class Files:
     def __init__(self, namespace: Namespace, revoker: Revoker | None, *, default_backend: str = "anon",
-                 in_place_conversion: bool = True, max_memory: int | None = None):
+                 in_place_conversion: bool = True, max_memory: int | None = None,
+                 per_user: UserLimits | None = None):
         self.ns = namespace
         #: what the mount has committed, against --max-memory (``budget.py``)
-        self.charges = Charges(MemoryBudget(max_memory))
-        namespace.on_free = self.charges.free
+        self.charges = Charges(MemoryBudget(max_memory), Users(per_user, max_memory=max_memory))
+        namespace.users = self.charges.users
+        namespace.on_free = self._freed
         self.revoker = revoker
         self.default_backend = default_backend
         #: the mount's default for files created without saying (kvm.gmem_in_place_conversion)
@@ -91,6 +95,14 @@ class Files:
         self.write_back_files = WriteBackFiles()  # our own descriptor of each mem, for bulk write-back
         self.latency = None  # the mount's latency.LatencyHold under --low-latency (for status)
 
+    def _freed(self, entry: Entry) -> None:
+        """The file's memory went back (entry.state held): so do its charge and its place in its owner's
+        bounds."""
+        self.charges.free(entry)
+        uid = owner_uid(entry)
+        self.charges.users.give(uid, "huge", entry.huge, page_size=entry.gm.folio_size)
+        self.charges.users.give(uid, "files")
+
     # --- revocation (entry.lock held) ---------------------------------------------------------------
     def revoke(self, entry: Entry, ranges) -> None:
         with entry.state:
@@ -98,7 +110,8 @@ class Files:
         if not parts or self.revoker is None:
             return
         try:
-            self.revoker.revoke(entry.ino("mem"), parts, self._fd(entry))
+            with self._fd(entry) as fd:
+                self.revoker.revoke(entry.ino("mem"), parts, fd)
         except BaseException:
             with entry.state:  # fail closed: still possibly mapped, so the next conversion revokes again
                 for part in parts:
@@ -113,15 +126,17 @@ class Files:
                      for s, e, v in entry.cached.runs(r.start >> PAGE_SHIFT, -(-r.end // PAGE_SIZE)) if v]
         if not parts or self.revoker is None:
             return
-        if not write_back(self._fd(entry), parts):
+        with self._fd(entry) as fd:
+            written = write_back(fd, parts)
+        if not written:
             self.revoke(entry, parts)
 
-    def _fd(self, entry: Entry) -> int | None:
-        """Our descriptor of ``entry``'s mem (opened on first use; entry.lock held)."""
+    def _fd(self, entry: Entry):
+        """Context: our descriptor of ``entry``'s mem, or None (``revoke.WriteBackFiles``; entry.lock held)."""
         if entry.destroyed or not entry.gm.flags & GUEST_MEMFD_FLAG_MMAP:
-            return None
+            return contextlib.nullcontext(None)
         path = None if self.mountpoint is None else f"{self.mountpoint}/{entry.name}/mem"
-        return self.write_back_files.get(entry.dir_ino, path)
+        return self.write_back_files.use(entry.dir_ino, path)
 
     def drop_cache(self, entry: Entry) -> None:
         """After a destroyed file's last release: its cached pages are clean (FUSE writes dirty pages back
@@ -289,9 +304,14 @@ class Files:
         if req.op == "get_attributes":
             with entry.state:
                 return control.format_runs(gm.get_attributes(req.offset, req.size))
-        if req.op in ("pin", "unpin"):
+        if req.op == "pin":  # the kernel's checks, then ENOMEM past --max-memory, then fault in
             with entry.state:
-                getattr(gm, req.op)(req.offset, req.size)
+                gm.check_pin(req.offset, req.size)
+                self._committing(entry, req.offset, req.size, lambda: gm.pin(req.offset, req.size))
+            return ""
+        if req.op == "unpin":
+            with entry.state:
+                gm.unpin(req.offset, req.size)
             return ""
         if req.op == "set_memory_attributes":
             self.set_memory_attributes(entry, req)
@@ -324,29 +344,33 @@ class Files:
             raise fail(errno.EINVAL, f"unknown backend {backend!r}; available: {', '.join(available(BACKENDS))}")
         # The kernel's checks first, then ENOMEM if preallocating would pass --max-memory (before any
         # allocation where the backend's class says it preallocates, after it where a file decides).
+        # Then the creator's bounds (users.py): ENOSPC past its files or its share of the huge page pool.
         backend_cls = load_backend(backend)
-        GuestMemfd.check_create(req.size, req.flags, backend_cls, req.page_size)
-        budget = self.charges.budget
-        charged = req.size if backend_cls.preallocates else 0
-        budget.charge(charged)
-        gm = None
+        page_size = GuestMemfd.check_create(req.size, req.flags, backend_cls, req.page_size)
+        uid, users = user[0], self.charges.users
+        huge = req.size if backend_cls.name == "hugetlb" else 0  # taken from the machine's shared pool
+        users.take(uid, "files")
+        charged, taken_huge, gm = 0, 0, None
         try:
+            taken_huge = users.take(uid, "huge", huge, page_size=page_size)
+            self.charges.charge(uid, req.size if backend_cls.preallocates else 0)
+            charged = req.size if backend_cls.preallocates else 0
             # Preallocating a large hugetlb file takes a while: it blocks this loop thread only.
             gm = creating.make(req.name, req.size, req.flags, backend, req.page_size)
             allocated = sum(e - s for s, e in gm.allocated_runs(0, gm.size >> PAGE_SHIFT)) << PAGE_SHIFT
             if allocated > charged:
-                budget.charge(allocated - charged)
+                self.charges.charge(uid, allocated - charged)
             else:
-                budget.uncharge(charged - allocated)
+                self.charges.uncharge(uid, charged - allocated)
             charged = allocated
-            entry = self.ns.add(req.name, gm, owner=user)  # EEXIST if another create won the race
+            entry = self.ns.add(req.name, gm, owner=user, charged=charged, huge=huge)  # EEXIST: a create won
         except BaseException:
             if gm is not None:
                 gm.close()
-            budget.uncharge(charged)
+            self.charges.uncharge(uid, charged)
+            users.give(uid, "huge", taken_huge, page_size=page_size)
+            users.give(uid, "files")
             raise
-        with entry.state:  # a fill may already have found the new file
-            entry.charged += charged
         entry.in_place_conversion = (self.in_place_conversion if req.in_place_conversion is None
                                      else req.in_place_conversion)
         return control.describe_create(req, gm.folio_size)
@@ -406,6 +430,7 @@ class Files:
             # Folios the backend holds or a fill promised (budget.py): what counts against --max-memory.
             status["committed_bytes"] = entry.charged
         status["mount_memory"] = self.charges.budget.status()
+        status["owner_bounds"] = self.charges.users.status(owner_uid(entry))  # what its owner holds (users.py)
         status["low_latency"] = None if self.latency is None else self.latency.status()
         status["in_place_conversion"] = entry.in_place_conversion
         return (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()

@@ -32,11 +32,15 @@ Locks (requests arrive on several libfuse worker threads at once):
   duration of a core call, never while waiting for the kernel; every handler may take it.
 
 Order: ``Entry.lock`` before ``Entry.state``. ``Namespace.lock`` may be held while taking ``Entry.state``
-(freeing a file), never ``Entry.lock``, and neither entry lock is ever held while taking it.
+(freeing a file), never ``Entry.lock``, and neither entry lock is ever held while taking it. The counters'
+locks (``MemoryBudget``, ``Users``, ``WriteBackFiles``) are leaves: taken under any of these, they are
+held for one update and never while taking another lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import itertools
 import threading
@@ -45,6 +49,19 @@ from dataclasses import dataclass, field
 from ..gmem import GuestMemfd
 from ..runmap import RunMap
 from ..uapi import PAGE_SHIFT
+from .users import SMALL_RESULT, Users
+
+#: freeing a result at least this big trims the heap (``trim_heap``)
+TRIM_AFTER = 1 << 20
+_libc = ctypes.CDLL(None)
+
+
+def trim_heap() -> None:
+    """Give free heap memory back to the kernel (glibc's ``malloc_trim``): otherwise much of what big
+    results took stays in the server's resident memory after they are freed (docs/reliability.md has
+    the figures)."""
+    with contextlib.suppress(AttributeError):
+        _libc.malloc_trim(0)
 
 ROOT_INO = 1
 MOUNT_CTL_INO = 2
@@ -76,6 +93,8 @@ class Entry:
     owner: tuple[int, int] | None = None
     #: bytes of the mount's memory budget this file holds (``budget.py``; guarded by ``state``)
     charged: int = 0
+    #: bytes of the machine's hugetlb pool it holds, against its owner's ``huge`` bound (``users.py``)
+    huge: int = 0
 
     def __post_init__(self) -> None:
         self.cached = RunMap(self.gm.size >> PAGE_SHIFT, 0)
@@ -99,10 +118,12 @@ class Entry:
 class Handle:
     entry: Entry | None  # None for the mount control file
     kind: str
+    ino: int = 0  # the inode it was opened on: a request naming another inode is EBADF
     writable: bool = False  # opened for writing (ioctl and fallocate need it)
     opener: tuple[int, int] = (0, 0)  # (uid, gid) of the process that opened it: requests act as that user
-    result: bytes = b""
+    result: bytes = b""  # counted against the opener's ``results`` bound: set it through Namespace.set_result
     read_pos: int = 0
+    closed: bool = False  # released: its result is no longer counted
 
 
 class Namespace:
@@ -118,14 +139,18 @@ class Namespace:
         self._next_base = itertools.count(16, BLOCK)
         self._next_fh = itertools.count(1)
         self.mount_ctl_lookups = 0
+        #: per-user bounds (``users.py``): handles and the results they hold count against their opener
+        self.users = Users()
 
     # --- entries ------------------------------------------------------------------------------------
-    def add(self, name: str, gm: GuestMemfd, owner: tuple[int, int] | None = None) -> Entry:
-        """Give ``gm`` a name; EEXIST if another create won the race for it."""
+    def add(self, name: str, gm: GuestMemfd, owner: tuple[int, int] | None = None, charged: int = 0,
+            huge: int = 0) -> Entry:
+        """Give ``gm`` a name (with ``charged`` bytes of the memory budget already its own, so a request that
+        finds it at once sees its charge); EEXIST if another create won the race for it."""
         with self.lock:
             if name in self.by_name:
                 raise OSError(errno.EEXIST, f"{name!r} exists")
-            entry = Entry(name, gm, next(self._next_base), owner=owner)
+            entry = Entry(name, gm, next(self._next_base), owner=owner, charged=charged, huge=huge)
             for ino in range(entry.base, entry.base + 1 + len(FILES)):
                 self.by_ino[ino] = entry
             self.by_name[name] = entry
@@ -182,30 +207,69 @@ class Namespace:
 
     # --- handles ------------------------------------------------------------------------------------
     def open(self, entry: Entry | None, kind: str, **fields) -> int:
-        """A new handle; ENOENT if ``entry`` was freed meanwhile (its inode is gone)."""
+        """A new handle; ENOENT if ``entry`` was freed meanwhile (its inode is gone), EMFILE or ENOMEM past
+        the opener's bounds on handles or on held results (``users.py``)."""
+        handle = Handle(entry, kind, **fields)
+        uid = handle.opener[0]
+        self.users.take(uid, "handles")
+        try:
+            self.users.take(uid, "results", len(handle.result), force=len(handle.result) <= SMALL_RESULT)
+        except BaseException:
+            self.users.give(uid, "handles")
+            raise
         with self.lock:
             if entry is not None and entry.gm.closed:
+                self._forget_handle(handle)
                 raise OSError(errno.ENOENT, f"{entry.name!r} was destroyed")
             fh = next(self._next_fh)
-            self.handles[fh] = Handle(entry, kind, **fields)
+            self.handles[fh] = handle
             if entry is not None:
                 entry.open_handles += 1
             return fh
 
-    def release(self, fh: int) -> Entry | None:
-        """Drop a handle; return its entry if that freed it (so the caller can drop its page cache)."""
+    def set_result(self, handle: Handle, result: bytes) -> None:
+        """Keep ``result`` for the handle's next read in place of the last one; ENOMEM past the opener's
+        ``results`` bound (the last one is kept). Results up to SMALL_RESULT are always granted."""
+        uid = handle.opener[0]
+        self.users.take(uid, "results", len(result), force=len(result) <= SMALL_RESULT)
+        with self.lock:  # one swap at a time, and none into a handle released meanwhile
+            if handle.closed:
+                old = result
+            else:
+                old, handle.result = handle.result, result
+        self._give_result(uid, old)
+
+    def _give_result(self, uid: int, result: bytes) -> None:
+        self.users.give(uid, "results", len(result))
+        if len(result) >= TRIM_AFTER:  # big results came from malloc's arenas: hand the pages back now
+            trim_heap()
+
+    def _forget_handle(self, handle: Handle) -> None:
+        handle.closed = True
+        self.users.give(handle.opener[0], "handles")
+        self._give_result(handle.opener[0], handle.result)
+        handle.result = b""
+
+    def release(self, fh: int, ino: int) -> Entry | None:
+        """Drop handle ``fh`` of inode ``ino``; return its entry if that freed it (so the caller can drop its
+        page cache)."""
         with self.lock:
-            handle = self.handles.pop(fh, None)
-            if handle is not None and handle.entry is not None:
+            handle = self.handles.get(fh)
+            if handle is None or handle.ino != ino:
+                return None
+            del self.handles[fh]
+            self._forget_handle(handle)
+            if handle.entry is not None:
                 handle.entry.open_handles -= 1
                 if self._maybe_free(handle.entry):
                     return handle.entry
             return None
 
-    def handle(self, fh: int) -> Handle:
+    def handle(self, fh: int, ino: int) -> Handle:
+        """Open file ``fh``, which must be open on inode ``ino``: a handle number is one object only."""
         handle = self.handles.get(fh)
-        if handle is None:
-            raise OSError(errno.EBADF, f"no open file {fh}")
+        if handle is None or handle.ino != ino:
+            raise OSError(errno.EBADF, f"no open file {fh} on inode {ino}")
         return handle
 
     def close_all(self) -> None:

@@ -236,14 +236,14 @@ def py_opendir(req, ino, fi):
 
 @ffi.def_extern()
 def py_read(req, ino, size, off, fh, lock_owner):
-    data = _call(req, "read", fh, off, size, lock_owner != 0)
+    data = _call(req, "read", ino, fh, off, size, lock_owner != 0)
     if data is not _FAILED:
         lib.fuse_reply_buf(req, ffi.from_buffer(data), len(data))
 
 
 @ffi.def_extern()
 def py_write(req, ino, buf, size, off, fh, writepage):
-    count = _call(req, "write", fh, off, ffi.buffer(buf, size), bool(writepage))
+    count = _call(req, "write", ino, fh, off, ffi.buffer(buf, size), bool(writepage))
     if count is not _FAILED:
         lib.fuse_reply_write(req, count)
 
@@ -255,17 +255,17 @@ def _reply_ok(req, result) -> None:
 
 @ffi.def_extern()
 def py_release(req, ino, fh):
-    _reply_ok(req, _call(req, "release", fh))
+    _reply_ok(req, _call(req, "release", ino, fh))
 
 
 @ffi.def_extern()
 def py_fsync(req, ino, datasync, fh):
-    _reply_ok(req, _call(req, "fsync", fh, bool(datasync)))
+    _reply_ok(req, _call(req, "fsync", ino, fh, bool(datasync)))
 
 
 @ffi.def_extern()
 def py_readdir(req, ino, size, off, fh):
-    entries = _call(req, "readdir", fh, off)
+    entries = _call(req, "readdir", ino, fh, off)
     if entries is _FAILED:
         return
     buf = ffi.new("char[]", size)
@@ -304,7 +304,7 @@ def py_removexattr(req, ino, name):
 @ffi.def_extern()
 def py_ioctl(req, ino, cmd, fh, flags, in_buf, in_bufsz, out_bufsz):
     data = bytes(ffi.buffer(in_buf, in_bufsz)) if in_bufsz else b""
-    reply = _call(req, "ioctl", fh, cmd, flags, data, out_bufsz)
+    reply = _call(req, "ioctl", ino, fh, cmd, flags, data, out_bufsz)
     if reply is _FAILED:
         return
     if reply.out and len(reply.out) <= out_bufsz:
@@ -317,4 +317,4 @@ def py_ioctl(req, ino, cmd, fh, flags, in_buf, in_bufsz, out_bufsz):
 
 @ffi.def_extern()
 def py_fallocate(req, ino, mode, offset, length, fh):
-    _reply_ok(req, _call(req, "fallocate", fh, mode, offset, length))
+    _reply_ok(req, _call(req, "fallocate", ino, fh, mode, offset, length))

@@ -4,6 +4,13 @@ Thin on purpose: attributes, lookups, handles and dispatch by file kind; the beh
 ``files.py`` and the core. Handlers return values and raise ``OSError`` with the kernel's errno;
 ``lowlevel.py`` turns both into the reply, in one place.
 
+Handles: a handle number means one object. Files get numbers from 1 (``Namespace.open``), each recorded
+with the inode it was opened on, and every request that carries one names its inode too: a handle used
+with another inode is EBADF. Directories keep no state and all share handle 0, so a directory's request
+(an ioctl on a directory reaches us) is answered by the directory's kind, as the kernel answers it
+(ioctl ENOTTY), never looked up as a file: a directory's handle was once its inode number, and an ioctl
+on a directory converted whichever file held that handle number, even another user's.
+
 How ``mem`` keeps guest_memfd's file rules under FUSE (each tested; the deviations left are listed in
 ``docs/compat.md``):
 
@@ -46,6 +53,7 @@ from .lowlevel import FUSE_IOCTL_COMPAT, FUSE_SET_ATTR_GID, FUSE_SET_ATTR_MODE, 
 
 ATTR_TIMEOUT = 3600.0  # nothing about an inode changes behind the kernel's back except file contents
 DIR_MODE = stat.S_IFDIR | 0o700
+DIR_FH = 0  # the handle of every open directory; file handles count from 1 (inodes.Namespace)
 
 
 class Operations:
@@ -123,16 +131,28 @@ class Operations:
         self.ns.forget(ino, count)
 
     def opendir(self, ino: int) -> Opened:
+        """A directory keeps no state per open, so every one gets handle ``DIR_FH``, a number no file
+        handle has: a directory's requests are told apart by their inode, never looked up as a file's."""
         if self._kind(ino) not in ("root", "dir"):
             raise OSError(errno.ENOTDIR, f"inode {ino}")
-        return Opened(fh=ino)
+        return Opened(fh=DIR_FH)
 
-    def readdir(self, fh: int, offset: int) -> list[tuple[str, int, int, int]]:
+    def _file_handle(self, ino: int, fh: int, request: str, dir_errno: int) -> Handle:
+        """The open file ``fh`` of inode ``ino``, for ``request``: ``dir_errno`` when ``ino`` is a directory
+        (the kernel's answer for that request on a directory), EBADF when ``fh`` is not open on ``ino``."""
+        if self._kind(ino) in ("root", "dir"):
+            raise OSError(dir_errno, f"{request} on a directory")
+        return self.ns.handle(fh, ino)
+
+    def readdir(self, ino: int, fh: int, offset: int) -> list[tuple[str, int, int, int]]:
         """``(name, ino, mode, next offset)`` from ``offset`` on."""
-        if fh == ROOT_INO:
+        kind = self._kind(ino)
+        if kind not in ("root", "dir") or fh != DIR_FH:
+            raise OSError(errno.ENOTDIR, f"inode {ino} is not an open directory")
+        if kind == "root":
             names = [("ctl", MOUNT_CTL_INO)] + [(n, e.dir_ino) for n, e in self.ns.names()]
         else:
-            entry = self._entry(fh)
+            entry = self._entry(ino)
             names = [] if entry.destroyed else [(k, entry.ino(k)) for k in FILES]
         out = []
         for i, (name, ino) in enumerate(names[offset:], offset + 1):
@@ -171,13 +191,14 @@ class Operations:
             result = self.files.status(entry)
         elif kind == "snapshot":
             result = self.files.snapshot(entry)
-        fh = self.ns.open(entry, kind, writable=accmode != os.O_RDONLY, result=result, opener=tuple(caller[:2]))
+        fh = self.ns.open(entry, kind, ino=ino, writable=accmode != os.O_RDONLY, result=result,
+                          opener=tuple(caller[:2]))
         if kind == "mem":
             return Opened(fh, direct_io=True, keep_cache=True, nonseekable=True)
         return Opened(fh, direct_io=True, nonseekable=kind == "ctl")
 
-    def read(self, fh: int, off: int, size: int, read_syscall: bool):
-        handle = self.ns.handle(fh)
+    def read(self, ino: int, fh: int, off: int, size: int, read_syscall: bool):
+        handle = self._file_handle(ino, fh, "read", errno.EISDIR)
         if handle.kind == "mem":
             return self.files.mem_read(handle.entry, off, size, read_syscall=read_syscall)
         if not read_syscall:
@@ -192,8 +213,8 @@ class Operations:
             return chunk
         return handle.result[off:off + size]  # status/snapshot: the content at open
 
-    def write(self, fh: int, off: int, buf, writepage: bool) -> int:
-        handle = self.ns.handle(fh)
+    def write(self, ino: int, fh: int, off: int, buf, writepage: bool) -> int:
+        handle = self._file_handle(ino, fh, "write", errno.EISDIR)
         if handle.kind == "mem":
             return self.files.mem_write(handle.entry, off, buf, writepage=writepage)
         if writepage:
@@ -206,31 +227,36 @@ class Operations:
 
     def _request(self, handle: Handle, data: bytes) -> int:
         if handle.entry is None:
-            handle.result, error, removed = self.files.mount_request(data, handle.opener)
+            result, error, removed = self.files.mount_request(data, handle.opener)
             if removed is not None and self.on_destroy is not None:
                 self.on_destroy(removed)
         else:
-            handle.result, error = self.files.file_request(handle.entry, data)
+            result, error = self.files.file_request(handle.entry, data)
+        try:
+            self.ns.set_result(handle, result)  # ENOMEM past the opener's bound on held results
+        except OSError as exc:  # (only a result with no side effect is big: get_attributes)
+            self.ns.set_result(handle, control.error_result(None, exc))
+            error = exc
         handle.read_pos = 0
         if error is not None:
             raise OSError(error.errno or errno.EIO, str(error))
         return len(data)
 
-    def ioctl(self, fh: int, cmd: int, flags: int, arg: bytes, out_size: int) -> IoctlReply:
-        handle = self.ns.handle(fh)
+    def ioctl(self, ino: int, fh: int, cmd: int, flags: int, arg: bytes, out_size: int) -> IoctlReply:
+        handle = self._file_handle(ino, fh, "ioctl", errno.ENOTTY)
         if handle.kind != "mem":
             raise OSError(errno.ENOTTY, f"{handle.kind} has no ioctls")
         result, out = self.files.ioctl(handle.entry, cmd, arg, compat=bool(flags & FUSE_IOCTL_COMPAT),
                                        writable=handle.writable)
         return IoctlReply(result, out)
 
-    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        handle = self.ns.handle(fh)
+    def fallocate(self, ino: int, fh: int, mode: int, offset: int, length: int) -> None:
+        handle = self._file_handle(ino, fh, "fallocate", errno.EISDIR)
         if handle.kind != "mem":
             raise OSError(errno.EOPNOTSUPP, f"{handle.kind} cannot be allocated")
         self.files.fallocate(handle.entry, mode, offset, length)
 
-    def fsync(self, fh: int, datasync: bool) -> None:
+    def fsync(self, ino: int, fh: int, datasync: bool) -> None:
         """guest_memfd has no fsync method, so fsync, fdatasync and msync(MS_SYNC) of it are EINVAL.
 
         Only ``mem`` refuses; every other file succeeds. The kernel has already written the dirty pages
@@ -238,10 +264,12 @@ class Operations:
         holds them anyway. Nothing in ufsgmem fsyncs ``mem``: revocation writes back with
         sync_file_range, which never sends FUSE_FSYNC.
         """
-        if self.ns.handle(fh).kind == "mem":
+        if self._kind(ino) in ("root", "dir"):  # FSYNCDIR, not FSYNC, is what a directory's fsync sends
+            return
+        if self.ns.handle(fh, ino).kind == "mem":
             raise OSError(errno.EINVAL, "guest_memfd has no fsync")
 
-    def release(self, fh: int) -> None:
-        freed = self.ns.release(fh)
+    def release(self, ino: int, fh: int) -> None:
+        freed = self.ns.release(fh, ino)
         if freed is not None:  # the memory is gone: drop the (clean) pages the kernel still caches of it
             self.files.drop_cache(freed)

@@ -15,14 +15,20 @@ range is first written back with ``sync_file_range`` on a descriptor of our own,
 writes (``writepages``, max_write = 1 MiB each); the invalidation that follows finds the pages clean and
 only unmaps. A page dirtied again in between is still laundered, so the order stays correct either way.
 
-That descriptor is opened once per file and kept (:class:`WriteBackFiles`): opening it per conversion
-cost two more FUSE requests (OPEN, RELEASE) of a round trip. It is closed when the file is destroyed.
+That descriptor is opened on a file's first revocation and kept (:class:`WriteBackFiles`): opening it per
+conversion cost two more FUSE requests (OPEN, RELEASE) of a round trip. At most ``LIMIT`` are kept, the
+least recently used closed first, so a file costs the server one descriptor (its backend's memfd), not
+two: 10 000 small files of one user used to take 20 000 descriptors, the server's whole limit. A file's
+descriptor is closed when it is destroyed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import threading
+from collections import OrderedDict
 
 from ..address import Range
 
@@ -43,40 +49,81 @@ def write_back(fd: int | None, ranges) -> bool:
     return True
 
 
-class WriteBackFiles:
-    """One read-only descriptor per ``mem`` file, opened by path on first use and kept until destroy.
+#: write-back descriptors kept open at most (the least recently used is closed first)
+LIMIT = 64
 
-    ``get`` blocks on FUSE requests of this very mount (LOOKUP, OPEN), which other loop threads serve.
-    Callers serialise per file (the file's lock), so a descriptor is never closed while used.
+
+class WriteBackFiles:
+    """A read-only descriptor per recently revoked ``mem`` file, opened by path on first use.
+
+    ``use`` blocks on FUSE requests of this very mount (LOOKUP, OPEN), which other loop threads serve.
+    Callers serialise per file (the file's lock); a descriptor in use is never closed to make room.
     """
 
-    def __init__(self):
-        self._fds: dict[object, int] = {}
+    def __init__(self, limit: int = LIMIT):
+        self.limit = limit
+        self._fds: OrderedDict[object, int] = OrderedDict()  # least recently used first
+        self._busy: set = set()
+        self._lock = threading.Lock()
 
-    def get(self, key, path: str | None) -> int | None:
-        fd = self._fds.get(key)
+    @contextlib.contextmanager
+    def use(self, key, path: str | None):
+        """The descriptor of ``key`` (opened from ``path`` if it has none; None if it cannot be)."""
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is not None:
+                self._fds.move_to_end(key)
+                self._busy.add(key)
         if fd is None and path is not None:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
-                return None
-            self._fds[key] = fd
-        return fd
+                fd = None
+            if fd is not None:
+                with self._lock:
+                    self._fds[key] = fd
+                    self._busy.add(key)
+                    evicted = self._evict()
+                _close(evicted)
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._busy.discard(key)
+
+    def _evict(self) -> list[int]:
+        """Take the least recently used idle descriptors past the limit out (``_lock`` held)."""
+        out = []
+        for key in list(self._fds):
+            if len(self._fds) <= self.limit:
+                break
+            if key not in self._busy:
+                out.append(self._fds.pop(key))
+        return out
 
     def close(self, key) -> None:
-        fd = self._fds.pop(key, None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:  # the connection is gone
-                pass
+        with self._lock:
+            fd = self._fds.pop(key, None)
+        _close([] if fd is None else [fd])
 
     def close_all(self) -> None:
-        for key in list(self._fds):
-            self.close(key)
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), OrderedDict()
+        _close(fds)
 
     def __contains__(self, key) -> bool:
         return key in self._fds
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+
+def _close(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:  # the connection is gone
+            pass
 
 
 class Revoker:

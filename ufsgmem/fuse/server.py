@@ -36,6 +36,7 @@ from .inodes import ROOT_INO, Namespace
 from .latency import LatencyHold
 from .lowlevel import Session
 from .ops import Operations
+from .users import UserLimits
 from .revoke import Revoker
 
 log = logging.getLogger("ufsgmem.fuse")
@@ -212,7 +213,7 @@ def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
 
 def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon", debug: bool = False,
           cpus: set[int] | None = None, in_place_conversion: bool = True, allow_other: bool = False,
-          max_memory: int | None = None, low_latency: bool = False) -> None:
+          max_memory: int | None = None, low_latency: bool = False, per_user: str | None = None) -> None:
     """Mount at ``mountpoint`` and serve until a signal; always unmount and free everything on the way out.
 
     ``cpus`` pins every thread of this process, before libfuse's workers exist (they inherit it).
@@ -220,6 +221,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     created without saying otherwise answer KVM_SET_MEMORY_ATTRIBUTES2 with ENOTTY. ``max_memory``
     caps the guest memory the mount commits (``budget.py``): past it a fill, allocation or create is ENOMEM.
     ``low_latency`` holds a CPU latency limit of 0 µs while requests flow (``latency.py``; root only).
+    ``per_user`` changes the per-user bounds (``users.py``: ``files=N,handles=N,memory=SIZE,...``).
     """
     check_mountpoint(mountpoint)
     if cpus:
@@ -230,7 +232,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     hold = LatencyHold() if low_latency else None  # before mounting: a refusal is the mount's error
     namespace = Namespace()
     files = Files(namespace, None, default_backend=default_backend, in_place_conversion=in_place_conversion,
-                  max_memory=max_memory)
+                  max_memory=max_memory, per_user=UserLimits.parse(per_user or ""))
     files.latency = hold
     ops = Operations(files, allow_other=allow_other)
     options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"] + (["debug"] if debug else []) \
@@ -294,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-other", action="store_true", help="serve other users (files belong to their creator)")
     parser.add_argument("--max-memory", type=int, help="cap on committed guest memory, in bytes")
     parser.add_argument("--low-latency", action="store_true", help="hold a 0 µs CPU latency limit while requests flow")
+    parser.add_argument("--per-user", help="per-user bounds: files=N,handles=N,memory=SIZE,huge=SIZE,results=SIZE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         cpus = parse_cpu_list(args.cpus) if args.cpus else None
         serve(args.mountpoint, ready=lambda: report(f"ready {os.getpid()}\n"), default_backend=args.backend,
               debug=args.debug, cpus=cpus, in_place_conversion=not args.no_in_place_conversion,
-              allow_other=args.allow_other, max_memory=args.max_memory, low_latency=args.low_latency)
+              allow_other=args.allow_other, max_memory=args.max_memory, low_latency=args.low_latency,
+              per_user=args.per_user)
     except Exception as exc:  # noqa: BLE001 - reported to the waiting parent, then fatal
         report(f"error {exc}\n")
         log.exception("server failed")

@@ -24,6 +24,7 @@ import ctypes
 import errno
 import mmap
 import os
+import sys
 
 import numpy as np
 
@@ -124,7 +125,10 @@ class MemfdBackend(Backend):
         self._closed = False
 
     def _mmap(self) -> mmap.mmap:
-        return mmap.mmap(self._fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # Python's mmap keeps a dup of the descriptor (a second server descriptor per file) unless told
+        # not to, which Python 3.13 allows.
+        untracked = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+        return mmap.mmap(self._fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, **untracked)
 
     def view(self, offset, size):
         return self._view[offset:offset + size]
