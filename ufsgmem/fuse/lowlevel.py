@@ -24,14 +24,26 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from dataclasses import dataclass
+from typing import Callable, Hashable
 
 from ._lowlevel import ffi, lib
+from .abort import abort_connection, connection_of
+from .executor import Executor
 
 log = logging.getLogger("ufsgmem.fuse")
 
 #: libfuse starts workers on demand up to this many; each holds a receive buffer of max_write (1 MiB).
 MAX_THREADS = 32
+#: At most this many of those workers run a :class:`Deferred`'s work themselves (no thread hop: the fast
+#: path of a lone conversion); beyond that it goes to the executor. Fewer than MAX_THREADS, so however
+#: many requests wait, MAX_THREADS - INLINE_SLOTS workers are left for write-backs and everything else.
+INLINE_SLOTS = 8
+#: The executor's threads (``executor.py``): how many files' deferred work runs side by side.
+EXECUTOR_THREADS = 32
+#: At the end of a session, how long deferred work still running gets before the connection is aborted.
+DRAIN_SECONDS = 1.0
 
 #: fuse_setattr's to_set bits (fuse_lowlevel.h)
 FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_UID, FUSE_SET_ATTR_GID, FUSE_SET_ATTR_SIZE = 1, 2, 4, 8
@@ -64,6 +76,20 @@ class Opened:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """A handler's answer for work that may wait long (a file lock, a revocation, a preallocation).
+
+    ``work()`` returns, or raises, what the handler would have; that becomes the reply exactly as a direct
+    answer does. It runs on the worker that received the request if one of ``INLINE_SLOTS`` is free,
+    otherwise on the session's executor, after the earlier work of the same ``key`` (a file): either way
+    libfuse keeps workers free to serve the write-backs such work waits for.
+    """
+
+    work: Callable[[], object]
+    key: Hashable | None = None
+
+
+@dataclass(frozen=True)
 class IoctlReply:
     """``result`` 0 or -errno; ``out`` the bytes copied back to the caller's argument (may be empty)."""
 
@@ -90,11 +116,19 @@ class Session:
         if self._se == ffi.NULL:
             raise OSError(errno.EINVAL, f"libfuse refused the session options {options}")
         self.mounted = False
+        self.mountpoint: str | None = None
+        self.connection: int | None = None  # fusectl's number for it, to abort it at the end if need be
+        self.executor = Executor(EXECUTOR_THREADS)
+        self._inline = threading.BoundedSemaphore(INLINE_SLOTS)
+        self._reply_lock = threading.Lock()  # a late reply and the end of the session exclude each other
+        self._replying = True
 
     def mount(self, mountpoint: str) -> None:
+        """Mount at ``mountpoint`` (an absolute path without symlinks)."""
         if lib.fuse_session_mount(self._se, mountpoint.encode()) != 0:
             raise OSError(errno.EIO, f"cannot mount {mountpoint} (libfuse's reason is on stderr/in the log)")
         self.mounted = True
+        self.mountpoint, self.connection = mountpoint, connection_of(mountpoint)
         if lib.ufs_session_custom_io(self._se) != 0:
             raise OSError(errno.EIO, "cannot install the session's I/O functions")
 
@@ -110,13 +144,52 @@ class Session:
     def exit(self) -> None:
         lib.fuse_session_exit(self._se)
 
+    # --- deferred work -------------------------------------------------------------------------------
+    def run_deferred(self, deferred: Deferred, run: Callable[[bool], None], cancel: Callable[[], None]) -> None:
+        """``run(True)`` now, in this worker, if an inline slot is free; else ``run(False)`` on the executor
+        (``cancel()`` instead if the session ends before its turn)."""
+        if self._inline.acquire(blocking=False):
+            try:
+                run(True)
+            finally:
+                self._inline.release()
+        elif not self.executor.submit(deferred.key, lambda: run(False), cancel):
+            cancel()
+
+    def reply_late(self, send: Callable[[], object]) -> None:
+        """Send a reply from the executor, unless the session has ended (the kernel has failed the
+        request then; the descriptor it would go to may be closed or even reused)."""
+        with self._reply_lock:
+            if self._replying:
+                send()
+
     def close(self) -> None:
-        """Unmount (lazily, as root) and free the session. Call once the loop has returned."""
+        """Unmount (lazily, as root) and free the session. Call once the loop has returned.
+
+        Deferred work first: what is queued is answered ENOTCONN without running; what runs gets
+        ``DRAIN_SECONDS`` to finish, and then the connection is aborted, since it may wait for write-backs
+        no worker serves any more (its reply is dropped: the abort fails the request). Only when no
+        executor thread can touch the session any more is it freed.
+        """
         if self._se == ffi.NULL:
             return
-        if self.mounted:
+        self.executor.stop()
+        drained = self.executor.join(DRAIN_SECONDS)
+        with self._reply_lock:
+            self._replying = False
+        if not drained:
+            log.warning("deferred requests still running at the end of the session: aborting the connection")
+            ours = self.connection is not None and connection_of(self.mountpoint) == self.connection
+            if not ours or not abort_connection(self.connection):
+                log.warning("cannot abort FUSE connection %s; unmounting instead", self.connection)
+        if self.mounted:  # closes /dev/fuse: the kernel fails whatever still waits for an answer
             lib.fuse_session_unmount(self._se)
             self.mounted = False
+        if not self.executor.join(None if drained else 30.0):
+            log.error("deferred requests still running after the connection ended: leaving the session "
+                      "allocated rather than freeing it under them")
+            self._se = ffi.NULL
+            return
         lib.fuse_session_destroy(self._se)
         self._se = ffi.NULL
 
@@ -153,26 +226,45 @@ def caller(req) -> tuple[int, int, int]:
 
 
 # --- dispatch: one function per request, one reply each --------------------------------------------------
-_FAILED = object()
-
-
 def _session(req) -> Session:
     return ffi.from_handle(lib.fuse_req_userdata(req))
 
 
-def _call(req, name: str, *args):
-    """``handler.<name>(*args)``; on an exception, reply with its errno and return ``_FAILED``."""
-    try:
-        session = _session(req)
-        if session.on_request is not None:
+def _serve(req, name: str, args: tuple, reply) -> None:
+    """Answer ``req`` with ``reply(handler.<name>(*args))``, or with the errno of the OSError it raises.
+    A :class:`Deferred` answer is run by ``Session.run_deferred`` (here or on the executor) and its value
+    replied the same way."""
+    session = _session(req)
+    if session.on_request is not None:
+        try:
             session.on_request()
-        return getattr(session.handler, name)(*args)
+        except BaseException:  # noqa: BLE001 - a bug in the hook must not cost the request its reply
+            log.exception("on_request")
+    _answer(req, session, lambda: getattr(session.handler, name)(*args), reply, (name, args))
+
+
+def _answer(req, session: Session, compute, reply, what, late: bool = False) -> None:
+    """The one place where a value becomes a reply and an exception an errno. ``late``: ``compute`` ran on
+    the executor, so the reply goes through ``Session.reply_late`` (dropped once the session closes)."""
+    try:
+        value = compute()
+        if isinstance(value, Deferred):
+            if late:
+                raise TypeError("a Deferred's work returned another Deferred")
+            session.run_deferred(value, lambda now: _answer(req, session, value.work, reply, what, late=not now),
+                                 lambda: session.reply_late(lambda: lib.fuse_reply_err(req, errno.ENOTCONN)))
+            return
+        send = lambda: reply(value)  # noqa: E731
     except OSError as exc:
-        lib.fuse_reply_err(req, exc.errno or errno.EIO)
+        err = exc.errno or errno.EIO
+        send = lambda: lib.fuse_reply_err(req, err)  # noqa: E731
     except BaseException:  # noqa: BLE001 - a bug: keep serving, say so in the log
-        log.exception("internal error in %s%r", name, args)
-        lib.fuse_reply_err(req, errno.EIO)
-    return _FAILED
+        log.exception("internal error in %s%r", *what)
+        send = lambda: lib.fuse_reply_err(req, errno.EIO)  # noqa: E731
+    if late:
+        session.reply_late(send)
+    else:
+        send()
 
 
 def _owner(s: Session, attr: Attr) -> tuple[int, int]:
@@ -188,12 +280,12 @@ def _reply_attr(req, attr: Attr) -> None:
 
 @ffi.def_extern()
 def py_lookup(req, parent, name):
-    attr = _call(req, "lookup", parent, ffi.string(name).decode("utf-8", "surrogateescape"))
-    if attr is not _FAILED:
+    def reply(attr: Attr) -> None:
         s = _session(req)
         uid, gid = _owner(s, attr)
         lib.ufs_reply_entry(req, attr.ino, attr.mode, attr.nlink, uid, gid, attr.size, attr.blksize,
                             s.time_ns, attr.timeout, attr.timeout)
+    _serve(req, "lookup", (parent, ffi.string(name).decode("utf-8", "surrogateescape")), reply)
 
 
 @ffi.def_extern()
@@ -206,115 +298,104 @@ def py_forget(req, ino, nlookup):
 
 @ffi.def_extern()
 def py_getattr(req, ino, has_fh, fh):
-    attr = _call(req, "getattr", ino, fh if has_fh else None)
-    if attr is not _FAILED:
-        _reply_attr(req, attr)
+    _serve(req, "getattr", (ino, fh if has_fh else None), lambda attr: _reply_attr(req, attr))
 
 
 @ffi.def_extern()
 def py_setattr(req, ino, to_set, size, has_fh, fh):
-    attr = _call(req, "setattr", ino, to_set, size, fh if has_fh else None)
-    if attr is not _FAILED:
-        _reply_attr(req, attr)
+    _serve(req, "setattr", (ino, to_set, size, fh if has_fh else None), lambda attr: _reply_attr(req, attr))
 
 
-def _reply_open(req, fi, opened) -> None:
-    if opened is not _FAILED:
-        lib.ufs_reply_open(req, fi, opened.fh, opened.direct_io, opened.keep_cache, opened.nonseekable,
-                           opened.noflush)
+def _open_reply(req, fi):
+    return lambda opened: lib.ufs_reply_open(req, fi, opened.fh, opened.direct_io, opened.keep_cache,
+                                             opened.nonseekable, opened.noflush)
 
 
 @ffi.def_extern()
 def py_open(req, ino, flags, fi):
-    _reply_open(req, fi, _call(req, "open", ino, flags, caller(req)))
+    _serve(req, "open", (ino, flags, caller(req)), _open_reply(req, fi))
 
 
 @ffi.def_extern()
 def py_opendir(req, ino, fi):
-    _reply_open(req, fi, _call(req, "opendir", ino))
+    _serve(req, "opendir", (ino,), _open_reply(req, fi))
 
 
 @ffi.def_extern()
 def py_read(req, ino, size, off, fh, lock_owner):
-    data = _call(req, "read", fh, off, size, lock_owner != 0)
-    if data is not _FAILED:
-        lib.fuse_reply_buf(req, ffi.from_buffer(data), len(data))
+    _serve(req, "read", (fh, off, size, lock_owner != 0),
+           lambda data: lib.fuse_reply_buf(req, ffi.from_buffer(data), len(data)))
 
 
 @ffi.def_extern()
 def py_write(req, ino, buf, size, off, fh, writepage):
-    count = _call(req, "write", fh, off, ffi.buffer(buf, size), bool(writepage))
-    if count is not _FAILED:
-        lib.fuse_reply_write(req, count)
+    # The buffer is libfuse's and reused once this returns: a handler that defers copies what it keeps.
+    _serve(req, "write", (fh, off, ffi.buffer(buf, size), bool(writepage)),
+           lambda count: lib.fuse_reply_write(req, count))
 
 
-def _reply_ok(req, result) -> None:
-    if result is not _FAILED:
-        lib.fuse_reply_err(req, 0)
+def _ok(req):
+    return lambda _: lib.fuse_reply_err(req, 0)
 
 
 @ffi.def_extern()
 def py_release(req, ino, fh):
-    _reply_ok(req, _call(req, "release", fh))
+    _serve(req, "release", (fh,), _ok(req))
 
 
 @ffi.def_extern()
 def py_fsync(req, ino, datasync, fh):
-    _reply_ok(req, _call(req, "fsync", fh, bool(datasync)))
+    _serve(req, "fsync", (fh, bool(datasync)), _ok(req))
 
 
 @ffi.def_extern()
 def py_readdir(req, ino, size, off, fh):
-    entries = _call(req, "readdir", fh, off)
-    if entries is _FAILED:
-        return
-    buf = ffi.new("char[]", size)
-    used = 0
-    for name, child, mode, next_off in entries:
-        raw = os.fsencode(name)
-        need = lib.ufs_add_direntry(req, buf + used, size - used, raw, child, mode, next_off)
-        if need > size - used:
-            break
-        used += need
-    lib.fuse_reply_buf(req, buf, used)
+    def reply(entries) -> None:
+        buf = ffi.new("char[]", size)
+        used = 0
+        for name, child, mode, next_off in entries:
+            raw = os.fsencode(name)
+            need = lib.ufs_add_direntry(req, buf + used, size - used, raw, child, mode, next_off)
+            if need > size - used:
+                break
+            used += need
+        lib.fuse_reply_buf(req, buf, used)
+    _serve(req, "readdir", (fh, off), reply)
 
 
 @ffi.def_extern()
 def py_statfs(req, ino):
-    st = _call(req, "statfs")
-    if st is not _FAILED:
-        lib.ufs_reply_statfs(req, *st)
+    _serve(req, "statfs", (), lambda st: lib.ufs_reply_statfs(req, *st))
 
 
 @ffi.def_extern()
 def py_getxattr(req, ino, name, size):
-    _reply_ok(req, _call(req, "getxattr", ino, ffi.string(name)))  # handlers always raise (no xattrs)
+    _serve(req, "getxattr", (ino, ffi.string(name)), _ok(req))  # handlers always raise (no xattrs)
 
 
 @ffi.def_extern()
 def py_setxattr(req, ino, name):
-    _reply_ok(req, _call(req, "setxattr", ino, ffi.string(name)))
+    _serve(req, "setxattr", (ino, ffi.string(name)), _ok(req))
 
 
 @ffi.def_extern()
 def py_removexattr(req, ino, name):
-    _reply_ok(req, _call(req, "removexattr", ino, ffi.string(name)))
+    _serve(req, "removexattr", (ino, ffi.string(name)), _ok(req))
 
 
 @ffi.def_extern()
 def py_ioctl(req, ino, cmd, fh, flags, in_buf, in_bufsz, out_bufsz):
+    def reply(answer: IoctlReply) -> None:
+        if answer.out and len(answer.out) <= out_bufsz:
+            lib.fuse_reply_ioctl(req, answer.result, answer.out, len(answer.out))
+        elif answer.result < 0:
+            lib.fuse_reply_err(req, -answer.result)  # nothing to copy back
+        else:
+            lib.fuse_reply_ioctl(req, answer.result, ffi.NULL, 0)
     data = bytes(ffi.buffer(in_buf, in_bufsz)) if in_bufsz else b""
-    reply = _call(req, "ioctl", fh, cmd, flags, data, out_bufsz)
-    if reply is _FAILED:
-        return
-    if reply.out and len(reply.out) <= out_bufsz:
-        lib.fuse_reply_ioctl(req, reply.result, reply.out, len(reply.out))
-    elif reply.result < 0:
-        lib.fuse_reply_err(req, -reply.result)  # nothing to copy back
-    else:
-        lib.fuse_reply_ioctl(req, reply.result, ffi.NULL, 0)
+    _serve(req, "ioctl", (fh, cmd, flags, data, out_bufsz), reply)
 
 
 @ffi.def_extern()
 def py_fallocate(req, ino, mode, offset, length, fh):
-    _reply_ok(req, _call(req, "fallocate", fh, mode, offset, length))
+    _serve(req, "fallocate", (fh, mode, offset, length), _ok(req))
