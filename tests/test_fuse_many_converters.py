@@ -20,7 +20,10 @@ request still waiting, so the blocked threads return) and fails, instead of stal
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import signal
+import tempfile
 import threading
 import time
 
@@ -165,3 +168,79 @@ def test_64_threads_convert_64_files_at_once():
         finally:
             for g in files:
                 g.close()
+
+
+# --- the server stops while conversions wait -------------------------------------------------------------
+def in_kernel_wait(tids: list[int]) -> int:
+    """How many of this process's threads ``tids`` wait for a FUSE answer."""
+    count = 0
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/self/task/{tid}/wchan") as f:
+                count += f.read() == "request_wait_answer"
+    return count
+
+
+@pytest.mark.timeout(300)
+def test_stopping_the_server_with_conversions_queued_and_running_ends_them_all():
+    """SIGTERM while one big dirty conversion runs and 64 more of the same file wait behind it: every one
+    returns (converted, or failed with the connection: ENOTCONN or ECONNABORTED), and the server exits
+    and unmounts. Before, a worker blocked in a revocation kept libfuse's loop from ever returning (its
+    write-backs had nobody left to serve them), so the server hung until something aborted it."""
+    big, threads = 256 * MiB, 64
+    from ufsgmem.commands.mount import start_background
+    from ufsgmem.commands.umount import unmount
+    from ufsgmem.fuse import server as fuse_server
+    from ufsgmem.syscalls import pid_alive
+    path = tempfile.mkdtemp(prefix="ufsgmem-test-")
+    pid = start_background(path)
+    try:
+        with bounded(type("M", (), {"path": path})):
+            with open(os.path.join(path, "ctl"), "w") as f:
+                f.write(f"create stop size={big + threads * MiB} flags=mmap|init_shared")
+            g = GmemFile(os.path.join(path, "stop"))
+            m = g.map()
+            m.array()[:] = 7  # all dirty: the big conversion writes 256 MiB back
+            outcomes: list[object] = [None] * (threads + 1)
+            tids: list[int] = []
+            barrier = threading.Barrier(threads + 2)
+
+            def convert(i: int, offset: int, size: int) -> None:
+                tids.append(threading.get_native_id())
+                barrier.wait(DEADLINE)
+                try:
+                    g.set_memory_attributes(offset, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+                    outcomes[i] = "converted"
+                except OSError as exc:
+                    outcomes[i] = exc.errno
+
+            jobs = [(0, big)] + [(big + i * MiB, MiB) for i in range(threads)]
+            workers = [threading.Thread(target=convert, args=(i, *job), daemon=True) for i, job in enumerate(jobs)]
+            for w in workers:
+                w.start()
+            barrier.wait(DEADLINE)
+            deadline = time.monotonic() + DEADLINE
+            while in_kernel_wait(tids) < threads // 2:  # most are in flight
+                if time.monotonic() > deadline or all(o is not None for o in outcomes):
+                    break
+                time.sleep(0.001)
+            os.kill(pid, signal.SIGTERM)
+            wait_all(workers, deadline, "conversions still waiting after the server was told to stop")
+            while pid_alive(pid):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the server did not exit within {DEADLINE} s of SIGTERM")
+                time.sleep(0.01)
+        assert all(o is not None for o in outcomes)
+        assert set(outcomes) <= {"converted", errno.ENOTCONN, errno.ECONNABORTED}, outcomes
+        assert not fuse_server.mount_type(path), "the server exited without unmounting"
+        with open(fuse_server.logfile_path(path)) as f:
+            log = f.read()
+        assert "Traceback" not in log, log
+        m.close()
+    finally:
+        if fuse_server.mount_type(path):
+            abort_mount(path)
+            unmount(path, timeout=5)
+        with contextlib.suppress(OSError):
+            os.unlink(fuse_server.logfile_path(path))
+        os.rmdir(path)

@@ -8,11 +8,20 @@ place that turns an exception into a FUSE error reply: ``OSError`` becomes its e
 bug, logged with its traceback and answered with EIO. Handlers therefore return values and never reply
 themselves, so a request can never be answered twice.
 
-Threads: libfuse starts a new worker whenever the last idle one takes a request (up to
-``MAX_THREADS``), so a handler may block (a revocation waiting for dirty pages to come back as WRITE
-requests, a hugetlb preallocation) while the others keep serving. cffi releases the GIL around every
-call into libfuse, so a blocked notification holds no Python lock. Handlers must still never block
-waiting for a request that only their own thread could serve; ``files.py`` names the three cases.
+Threads: libfuse starts a new worker whenever the last idle one takes a request, but only up to
+``MAX_THREADS``, and a revocation waits for dirty pages to come back as WRITE requests that another
+worker must serve. So a handler never waits long itself: work that may wait (for a file's lock, a
+revocation, a preallocation) is returned as a :class:`Deferred`, which at most ``INLINE_SLOTS`` workers
+run themselves at a time (no thread hop on the common path) and the executor (``executor.py``) runs
+otherwise. Its value becomes the reply here, as a direct answer does, from whichever thread ran it
+(libfuse allows a reply from any thread; the request stays valid until answered). However many requests
+wait, ``MAX_THREADS - INLINE_SLOTS`` workers are left to serve everything else. cffi releases the GIL
+around every call into libfuse, so a blocked notification holds no Python lock. Handlers must still never
+block waiting for a request that only their own thread could serve; ``files.py`` names the three cases.
+
+FUSE_INTERRUPT is not acted on: accepted work runs to its end (docs/architecture.md says why). At the
+end (``close``), queued work is answered ENOTCONN without running, running work gets ``DRAIN_SECONDS``
+before the connection is aborted, and the executor is joined before the session is freed.
 
 Signals: SIGTERM, SIGINT and SIGHUP end the loop through libfuse's own handlers
 (``fuse_set_signal_handlers``), which run in the thread that entered the loop; libfuse's workers block
@@ -24,13 +33,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
 from ._lowlevel import ffi, lib
-from .abort import abort_connection, connection_of
-from .executor import Executor
+from .abort import abort_connection, connection_of, detach
+from .executor import LOOP_SIGNALS, Executor
 
 log = logging.getLogger("ufsgmem.fuse")
 
@@ -42,8 +52,10 @@ MAX_THREADS = 32
 INLINE_SLOTS = 8
 #: The executor's threads (``executor.py``): how many files' deferred work runs side by side.
 EXECUTOR_THREADS = 32
-#: At the end of a session, how long deferred work still running gets before the connection is aborted.
+#: At the end of a session, how long requests still running get before the connection is aborted.
 DRAIN_SECONDS = 1.0
+#: How often the loop's watcher looks whether the loop has been told to end.
+WATCH_SECONDS = 0.5
 
 #: fuse_setattr's to_set bits (fuse_lowlevel.h)
 FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_UID, FUSE_SET_ATTR_GID, FUSE_SET_ATTR_SIZE = 1, 2, 4, 8
@@ -118,6 +130,7 @@ class Session:
         self.mounted = False
         self.mountpoint: str | None = None
         self.connection: int | None = None  # fusectl's number for it, to abort it at the end if need be
+        self.aborted = False
         self.executor = Executor(EXECUTOR_THREADS)
         self._inline = threading.BoundedSemaphore(INLINE_SLOTS)
         self._reply_lock = threading.Lock()  # a late reply and the end of the session exclude each other
@@ -136,10 +149,35 @@ class Session:
         """Serve until SIGTERM/SIGINT/SIGHUP or until the connection ends; libfuse's result."""
         if lib.fuse_set_signal_handlers(self._se) != 0:
             raise OSError(errno.EIO, "cannot install libfuse's signal handlers")
+        returned = threading.Event()
+        watch = threading.Thread(target=self._watch_end, args=(returned,), name="ufsgmem-end", daemon=True)
+        watch.start()
         try:
             return lib.ufs_session_loop(self._se, max_threads)
         finally:
+            returned.set()
             lib.fuse_remove_signal_handlers(self._se)
+            watch.join()
+
+    def _watch_end(self, returned: threading.Event) -> None:
+        """Once the loop is told to end, give it ``DRAIN_SECONDS``; then abort the connection. libfuse
+        waits for every worker before its loop returns, and a worker whose request waits for a write-back
+        (a revocation run inline) would wait forever: the other workers have stopped reading."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)  # they belong to the loop's thread
+        while not returned.wait(WATCH_SECONDS):
+            if lib.fuse_session_exited(self._se):
+                if not returned.wait(DRAIN_SECONDS):
+                    log.warning("requests still running as the loop ends: aborting the connection")
+                    self._abort()
+                return
+
+    def _abort(self) -> None:
+        """Abort this session's connection through fusectl, if the mount is still ours."""
+        ours = self.connection is not None and connection_of(self.mountpoint) == self.connection
+        if ours and abort_connection(self.connection):
+            self.aborted = True
+        else:
+            log.warning("cannot abort FUSE connection %s; unmounting instead", self.connection)
 
     def exit(self) -> None:
         lib.fuse_session_exit(self._se)
@@ -179,12 +217,12 @@ class Session:
             self._replying = False
         if not drained:
             log.warning("deferred requests still running at the end of the session: aborting the connection")
-            ours = self.connection is not None and connection_of(self.mountpoint) == self.connection
-            if not ours or not abort_connection(self.connection):
-                log.warning("cannot abort FUSE connection %s; unmounting instead", self.connection)
+            self._abort()
         if self.mounted:  # closes /dev/fuse: the kernel fails whatever still waits for an answer
             lib.fuse_session_unmount(self._se)
             self.mounted = False
+            if self.aborted and connection_of(self.mountpoint) == self.connection and not detach(self.mountpoint):
+                log.warning("cannot unmount %s after aborting its connection", self.mountpoint)
         if not self.executor.join(None if drained else 30.0):
             log.error("deferred requests still running after the connection ended: leaving the session "
                       "allocated rather than freeing it under them")
