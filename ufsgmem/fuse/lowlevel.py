@@ -136,8 +136,8 @@ class Session:
         self.aborted = False
         self.executor = Executor(EXECUTOR_THREADS)
         self._inline = queue.SimpleQueue()  # one token per inline slot (a C queue: ~20x cheaper than a Semaphore)
-        for _ in range(INLINE_SLOTS):
-            self._inline.put(None)
+        for slot in range(INLINE_SLOTS):
+            self._inline.put(slot + 1)  # tokens are true: None means no slot
         self._reply_lock = threading.Lock()  # a late reply and the end of the session exclude each other
         self._replying = True
 
@@ -188,19 +188,22 @@ class Session:
         lib.fuse_session_exit(self._se)
 
     # --- deferred work -------------------------------------------------------------------------------
-    def run_deferred(self, deferred: Deferred, run: Callable[[bool], None], cancel: Callable[[], None]) -> None:
-        """``run(True)`` now, in this worker, if an inline slot is free; else ``run(False)`` on the executor
-        (``cancel()`` instead if the session ends before its turn)."""
+    def inline_slot(self):
+        """A token if fewer than ``INLINE_SLOTS`` workers run deferred work now (give it back with
+        ``inline_done``), else None: the work goes to the executor."""
         try:
-            token = self._inline.get_nowait()
+            return self._inline.get_nowait()
         except queue.Empty:
-            if not self.executor.submit(deferred.key, lambda: run(False), cancel):
-                cancel()
-            return
-        try:
-            run(True)
-        finally:
-            self._inline.put(token)
+            return None
+
+    def inline_done(self, token) -> None:
+        self._inline.put(token)
+
+    def defer(self, key: Hashable | None, run: Callable[[], None], cancel: Callable[[], None]) -> None:
+        """``run()`` on the executor after the earlier work of ``key``; ``cancel()`` instead if the session
+        ends before its turn."""
+        if not self.executor.submit(key, run, cancel):
+            cancel()
 
     def reply_late(self, send: Callable[[], object]) -> None:
         """Send a reply from the executor, unless the session has ended (the kernel has failed the
@@ -290,27 +293,35 @@ def _serve(req, name: str, args: tuple, reply) -> None:
 
 
 def _answer(req, session: Session, compute, reply, what, late: bool = False) -> None:
-    """The one place where a value becomes a reply and an exception an errno. ``late``: ``compute`` ran on
-    the executor, so the reply goes through ``Session.reply_late`` (dropped once the session closes)."""
+    """The one place where a value becomes a reply and an exception an errno. A :class:`Deferred` value is
+    worked out here and now if an inline slot is free, else handed to the executor, which calls this again
+    with ``late``: the reply then goes through ``Session.reply_late`` (dropped once the session closes)."""
+    err = 0
     try:
         value = compute()
-        if isinstance(value, Deferred):
+        if value.__class__ is Deferred:
             if late:
                 raise TypeError("a Deferred's work returned another Deferred")
-            session.run_deferred(value, lambda now: _answer(req, session, value.work, reply, what, late=not now),
-                                 lambda: session.reply_late(lambda: lib.fuse_reply_err(req, errno.ENOTCONN)))
-            return
-        send = lambda: reply(value)  # noqa: E731
+            token = session.inline_slot()
+            if token is None:
+                session.defer(value.key, lambda: _answer(req, session, value.work, reply, what, late=True),
+                              lambda: session.reply_late(lambda: lib.fuse_reply_err(req, errno.ENOTCONN)))
+                return
+            try:
+                value = value.work()
+            finally:
+                session.inline_done(token)
     except OSError as exc:
         err = exc.errno or errno.EIO
-        send = lambda: lib.fuse_reply_err(req, err)  # noqa: E731
     except BaseException:  # noqa: BLE001 - a bug: keep serving, say so in the log
         log.exception("internal error in %s%r", *what)
-        send = lambda: lib.fuse_reply_err(req, errno.EIO)  # noqa: E731
+        err = errno.EIO
     if late:
-        session.reply_late(send)
+        session.reply_late(lambda: lib.fuse_reply_err(req, err) if err else reply(value))
+    elif err:
+        lib.fuse_reply_err(req, err)
     else:
-        send()
+        reply(value)
 
 
 def _owner(s: Session, attr: Attr) -> tuple[int, int]:
