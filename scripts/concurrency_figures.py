@@ -225,7 +225,8 @@ def run_p3(args) -> None:
         mine, theirs = (np.array(series[n][kind]) * 1e6 for n in ("this", "other"))
         print(f"P3{'' if kind == 'dirty' else '.clean'}: this tree median {np.median(mine):.0f} µs "
               f"(p10 {np.percentile(mine, 10):.0f}, p90 {np.percentile(mine, 90):.0f}); other median "
-              f"{np.median(theirs):.0f} µs (p10 {np.percentile(theirs, 10):.0f}, p90 {np.percentile(theirs, 90):.0f}); "
+              f"{np.median(theirs):.0f} µs (p10 {np.percentile(theirs, 10):.0f}, "
+              f"p90 {np.percentile(theirs, 90):.0f}); "
               f"ratio {np.median(mine) / np.median(theirs):.2f}")
 
 

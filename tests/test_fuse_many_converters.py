@@ -99,7 +99,8 @@ def convert_at_once(mount, jobs: list[tuple[GmemFile, int, int]], round: int = 0
 
     def convert(i: int, g: GmemFile, offset: int, size: int) -> None:
         try:
-            maps[id(g)].array()[offset:offset + size] = np.frombuffer(pattern(tag + i, size), np.uint8)  # dirty, in this process
+            dirty = np.frombuffer(pattern(tag + i, size), np.uint8)
+            maps[id(g)].array()[offset:offset + size] = dirty  # through this process's mapping
             barrier.wait(DEADLINE)
             g.set_memory_attributes(offset, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
             done[i] = True

@@ -280,9 +280,8 @@ def _session(req) -> Session:
 
 
 def _serve(req, name: str, args: tuple, reply) -> None:
-    """Answer ``req`` with ``reply(handler.<name>(*args))``, or with the errno of the OSError it raises.
-    A :class:`Deferred` answer is run by ``Session.run_deferred`` (here or on the executor) and its value
-    replied the same way."""
+    """Answer ``req`` with ``reply(handler.<name>(*args))``, or with the errno of the OSError it raises
+    (a :class:`Deferred` answer is worked out first, here or on the executor: ``_answer``)."""
     session = _session(req)
     if session.on_request is not None:
         try:
