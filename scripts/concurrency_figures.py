@@ -1,6 +1,6 @@
 """Measure many conversions at once, and what the hand-off to the executor costs a lone one (report, not assert).
 
-``burst``: for each thread count, N threads convert their own 1 MiB to private at the same moment (after a
+``burst``: for each thread count, N threads convert their own 1 MiB (``--each``) to private at the same moment (after a
 barrier), through the ioctl on ``mem``: of one file (N MiB) or of N files (1 MiB each), the ranges dirty
 in this process's mapping or never mapped (clean). Reports the time from the barrier until the last one
 returns, and the latency of ``statvfs(MOUNTPOINT)`` (always a request to the server: a stat of ``ctl``
@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from ufsgmem.address import parse_size
 from ufsgmem.bench.dirtier import Dirtier
 from ufsgmem.client import GmemFile, Mount
 from ufsgmem.commands.umount import unmount
@@ -92,13 +93,13 @@ def server(tree: str = HERE, inline_slots: int | None = None):
 
 
 # --- burst ------------------------------------------------------------------------------------------
-def burst(mountpoint: str, threads: int, many_files: bool, dirty: bool, timeout: float) -> dict:
+def burst(mountpoint: str, threads: int, many_files: bool, dirty: bool, timeout: float, each: int = MiB) -> dict:
     mount = Mount(mountpoint)
     names = [f"b{i}" for i in range(threads)] if many_files else ["b"]
     for name in names:
-        mount.create(name, MiB if many_files else threads * MiB, "mmap|init_shared")
+        mount.create(name, each if many_files else threads * each, "mmap|init_shared")
     files = [GmemFile(os.path.join(mountpoint, n)) for n in names]
-    jobs = [(files[i], 0) if many_files else (files[0], i * MiB) for i in range(threads)]
+    jobs = [(files[i], 0) if many_files else (files[0], i * each) for i in range(threads)]
     maps = []
     if dirty:
         for f in files:
@@ -113,7 +114,7 @@ def burst(mountpoint: str, threads: int, many_files: bool, dirty: bool, timeout:
         f, offset = jobs[i]
         try:
             barrier.wait(timeout)
-            f.set_memory_attributes(offset, MiB, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            f.set_memory_attributes(offset, each, KVM_MEMORY_ATTRIBUTE_PRIVATE)
             ends[i] = time.perf_counter()
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
@@ -174,7 +175,7 @@ def run_burst(args) -> None:
         for dirty in (True, False):
             for n in counts:
                 with server(args.tree) as mountpoint:  # a fresh mount per case: a hang must not spoil the next
-                    r = burst(mountpoint, n, many, dirty, args.timeout)
+                    r = burst(mountpoint, n, many, dirty, args.timeout, parse_size(args.each))
                 done = f"**hung** (aborted after {args.timeout:.0f} s)" if r["hung"] else \
                     f"{r['all_done_s']:.2f} s" if r["all_done_s"] is not None else "none finished"
                 if r["errors"]:
@@ -250,6 +251,7 @@ def main() -> None:
     b = sub.add_parser("burst")
     b.add_argument("--threads", default="32,64,128,256,512")
     b.add_argument("--timeout", type=float, default=120.0)
+    b.add_argument("--each", default="1M", help="bytes each thread converts (default 1M)")
     b.add_argument("--tree", default=HERE, help="serve from this source tree (default: this one)")
     p = sub.add_parser("p3")
     p.add_argument("--reps", type=int, default=300)
