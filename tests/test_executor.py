@@ -1,6 +1,7 @@
 """The executor that runs the server's long work off libfuse's workers (``ufsgmem/fuse/executor.py``), without
 FUSE: one key's jobs run in order and one at a time, a waiting key holds up no other, the pool stays within
-its bound, and stopping cancels what has not started. Every wait is bounded."""
+its bound, and stopping cancels what has not started. And the session's choice between running deferred
+work where it was received and handing it off (``lowlevel.py``). Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -114,3 +115,31 @@ def test_a_failing_job_does_not_take_its_thread_or_key_down():
 def test_max_threads_must_be_positive():
     with pytest.raises(ValueError):
         Executor(0)
+
+
+def test_deferred_work_runs_on_the_receiving_thread_up_to_the_inline_slots_then_on_the_executor():
+    """The fast path is real: while an inline slot is free, the work runs in the thread that received
+    the request (no hop); with every slot taken it runs on an executor thread, and the reply still comes."""
+    from ufsgmem.fuse.lowlevel import INLINE_SLOTS, Deferred, Session, _answer
+
+    session = Session(object(), ["fsname=ufsgmem-test"], uid=0, gid=0, time_ns=0)  # never mounted
+    try:
+        replies = []
+        replied = threading.Event()
+
+        def reply(value):
+            replies.append((value, threading.get_ident()))
+            replied.set()
+
+        _answer(None, session, lambda: Deferred(lambda: "inline", key=1), reply, ("test", ()))
+        assert replies == [("inline", threading.get_ident())]
+        taken = [session.inline_slot() for _ in range(INLINE_SLOTS)]
+        assert all(taken) and session.inline_slot() is None
+        replied.clear()
+        _answer(None, session, lambda: Deferred(lambda: "deferred", key=1), reply, ("test", ()))
+        assert replied.wait(WAIT)
+        assert replies[-1][0] == "deferred" and replies[-1][1] != threading.get_ident()
+        for token in taken:
+            session.inline_done(token)
+    finally:
+        session.close()
