@@ -106,6 +106,18 @@ def abort_mount(mountpoint: str) -> int | None:
     return connection
 
 
+def detach(mountpoint: str) -> bool:
+    """Lazily unmount the mount at ``mountpoint`` (whose connection was aborted: libfuse's own unmount
+    leaves a severed connection's mount in place). True if a command succeeded."""
+    for command in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
+        try:
+            if subprocess.run(command, capture_output=True, timeout=30).returncode == 0:
+                return True
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return False
+
+
 # --- the watcher every server starts ------------------------------------------------------------------
 def start_watcher(mountpoint: str) -> subprocess.Popen:
     """Start the watcher of this process's mount. Call from the main thread before any other thread

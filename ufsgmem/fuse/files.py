@@ -1,5 +1,6 @@
 """What each file of the mount does, over the core. FUSE-free: plain calls with byte offsets, which
-``ops.py`` makes for libfuse's worker threads (several at once; ``inodes.py`` says which lock guards what).
+``ops.py`` makes for libfuse's worker threads and the executor's (several at once; ``inodes.py`` says
+which lock guards what).
 
 ``mem``
     Opened with direct I/O (and ``FUSE_DIRECT_IO_ALLOW_MMAP``, so it can still be mapped shared), which
@@ -355,7 +356,7 @@ class Files:
             taken_huge = users.take(uid, "huge", huge, page_size=page_size)
             self.charges.charge(uid, req.size if backend_cls.preallocates else 0)
             charged = req.size if backend_cls.preallocates else 0
-            # Preallocating a large hugetlb file takes a while: it blocks this loop thread only.
+            # Preallocating a large hugetlb file takes a while: it blocks only the thread running this request.
             gm = creating.make(req.name, req.size, req.flags, backend, req.page_size)
             allocated = sum(e - s for s, e in gm.allocated_runs(0, gm.size >> PAGE_SHIFT)) << PAGE_SHIFT
             if allocated > charged:

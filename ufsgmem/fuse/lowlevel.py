@@ -8,11 +8,20 @@ place that turns an exception into a FUSE error reply: ``OSError`` becomes its e
 bug, logged with its traceback and answered with EIO. Handlers therefore return values and never reply
 themselves, so a request can never be answered twice.
 
-Threads: libfuse starts a new worker whenever the last idle one takes a request (up to
-``MAX_THREADS``), so a handler may block (a revocation waiting for dirty pages to come back as WRITE
-requests, a hugetlb preallocation) while the others keep serving. cffi releases the GIL around every
-call into libfuse, so a blocked notification holds no Python lock. Handlers must still never block
-waiting for a request that only their own thread could serve; ``files.py`` names the three cases.
+Threads: libfuse starts a new worker whenever the last idle one takes a request, but only up to
+``MAX_THREADS``, and a revocation waits for dirty pages to come back as WRITE requests that another
+worker must serve. So a handler never waits long itself: work that may wait (for a file's lock, a
+revocation, a preallocation) is returned as a :class:`Deferred`, which at most ``INLINE_SLOTS`` workers
+run themselves at a time (no thread hop on the common path) and the executor (``executor.py``) runs
+otherwise. Its value becomes the reply here, as a direct answer does, from whichever thread ran it
+(libfuse allows a reply from any thread; the request stays valid until answered). However many requests
+wait, ``MAX_THREADS - INLINE_SLOTS`` workers are left to serve everything else. cffi releases the GIL
+around every call into libfuse, so a blocked notification holds no Python lock. Handlers must still never
+block waiting for a request that only their own thread could serve; ``files.py`` names the three cases.
+
+FUSE_INTERRUPT is not acted on: accepted work runs to its end (docs/architecture.md says why). At the
+end (``close``), queued work is answered ENOTCONN without running, running work gets ``DRAIN_SECONDS``
+before the connection is aborted, and the executor is joined before the session is freed.
 
 Signals: SIGTERM, SIGINT and SIGHUP end the loop through libfuse's own handlers
 (``fuse_set_signal_handlers``), which run in the thread that entered the loop; libfuse's workers block
@@ -24,14 +33,30 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
+import signal
+import threading
 from dataclasses import dataclass
+from typing import Callable, Hashable
 
 from ._lowlevel import ffi, lib
+from .abort import abort_connection, connection_of, detach
+from .executor import LOOP_SIGNALS, Executor
 
 log = logging.getLogger("ufsgmem.fuse")
 
 #: libfuse starts workers on demand up to this many; each holds a receive buffer of max_write (1 MiB).
 MAX_THREADS = 32
+#: At most this many of those workers run a :class:`Deferred`'s work themselves (no thread hop: the fast
+#: path of a lone conversion); beyond that it goes to the executor. Fewer than MAX_THREADS, so however
+#: many requests wait, MAX_THREADS - INLINE_SLOTS workers are left for write-backs and everything else.
+INLINE_SLOTS = 8
+#: The executor's threads (``executor.py``): how many files' deferred work runs side by side.
+EXECUTOR_THREADS = 32
+#: At the end of a session, how long requests still running get before the connection is aborted.
+DRAIN_SECONDS = 1.0
+#: How often the loop's watcher looks whether the loop has been told to end.
+WATCH_SECONDS = 0.5
 
 #: fuse_setattr's to_set bits (fuse_lowlevel.h)
 FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_UID, FUSE_SET_ATTR_GID, FUSE_SET_ATTR_SIZE = 1, 2, 4, 8
@@ -63,6 +88,22 @@ class Opened:
     noflush: bool = True
 
 
+class Deferred:
+    """A handler's answer for work that may wait long (a file lock, a revocation, a preallocation).
+
+    ``work()`` returns, or raises, what the handler would have; that becomes the reply exactly as a direct
+    answer does. It runs on the worker that received the request if one of ``INLINE_SLOTS`` is free,
+    otherwise on the session's executor, after the earlier work of the same ``key`` (a file): either way
+    libfuse keeps workers free to serve the write-backs such work waits for. (A plain class: it is made
+    for every conversion, and a frozen dataclass costs twice as much to make.)
+    """
+
+    __slots__ = ("work", "key")
+
+    def __init__(self, work: Callable[[], object], key: Hashable | None = None):
+        self.work, self.key = work, key
+
+
 @dataclass(frozen=True)
 class IoctlReply:
     """``result`` 0 or -errno; ``out`` the bytes copied back to the caller's argument (may be empty)."""
@@ -90,11 +131,22 @@ class Session:
         if self._se == ffi.NULL:
             raise OSError(errno.EINVAL, f"libfuse refused the session options {options}")
         self.mounted = False
+        self.mountpoint: str | None = None
+        self.connection: int | None = None  # fusectl's number for it, to abort it at the end if need be
+        self.aborted = False
+        self.executor = Executor(EXECUTOR_THREADS)
+        self._inline = queue.SimpleQueue()  # one token per inline slot (a C queue: ~20x cheaper than a Semaphore)
+        for slot in range(INLINE_SLOTS):
+            self._inline.put(slot + 1)  # tokens are true: None means no slot
+        self._reply_lock = threading.Lock()  # a late reply and the end of the session exclude each other
+        self._replying = True
 
     def mount(self, mountpoint: str) -> None:
+        """Mount at ``mountpoint`` (an absolute path without symlinks)."""
         if lib.fuse_session_mount(self._se, mountpoint.encode()) != 0:
             raise OSError(errno.EIO, f"cannot mount {mountpoint} (libfuse's reason is on stderr/in the log)")
         self.mounted = True
+        self.mountpoint, self.connection = mountpoint, connection_of(mountpoint)
         if lib.ufs_session_custom_io(self._se) != 0:
             raise OSError(errno.EIO, "cannot install the session's I/O functions")
 
@@ -102,21 +154,91 @@ class Session:
         """Serve until SIGTERM/SIGINT/SIGHUP or until the connection ends; libfuse's result."""
         if lib.fuse_set_signal_handlers(self._se) != 0:
             raise OSError(errno.EIO, "cannot install libfuse's signal handlers")
+        returned = threading.Event()
+        watch = threading.Thread(target=self._watch_end, args=(returned,), name="ufsgmem-end", daemon=True)
+        watch.start()
         try:
             return lib.ufs_session_loop(self._se, max_threads)
         finally:
+            returned.set()
             lib.fuse_remove_signal_handlers(self._se)
+            watch.join()
+
+    def _watch_end(self, returned: threading.Event) -> None:
+        """Once the loop is told to end, give it ``DRAIN_SECONDS``; then abort the connection. libfuse
+        waits for every worker before its loop returns, and a worker whose request waits for a write-back
+        (a revocation run inline) would wait forever: the other workers have stopped reading."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)  # they belong to the loop's thread
+        while not returned.wait(WATCH_SECONDS):
+            if lib.fuse_session_exited(self._se):
+                if not returned.wait(DRAIN_SECONDS):
+                    log.warning("requests still running as the loop ends: aborting the connection")
+                    self._abort()
+                return
+
+    def _abort(self) -> None:
+        """Abort this session's connection through fusectl, if the mount is still ours."""
+        ours = self.connection is not None and connection_of(self.mountpoint) == self.connection
+        if ours and abort_connection(self.connection):
+            self.aborted = True
+        else:
+            log.warning("cannot abort FUSE connection %s; unmounting instead", self.connection)
 
     def exit(self) -> None:
         lib.fuse_session_exit(self._se)
 
+    # --- deferred work -------------------------------------------------------------------------------
+    def inline_slot(self):
+        """A token if fewer than ``INLINE_SLOTS`` workers run deferred work now (give it back with
+        ``inline_done``), else None: the work goes to the executor."""
+        try:
+            return self._inline.get_nowait()
+        except queue.Empty:
+            return None
+
+    def inline_done(self, token) -> None:
+        self._inline.put(token)
+
+    def defer(self, key: Hashable | None, run: Callable[[], None], cancel: Callable[[], None]) -> None:
+        """``run()`` on the executor after the earlier work of ``key``; ``cancel()`` instead if the session
+        ends before its turn."""
+        if not self.executor.submit(key, run, cancel):
+            cancel()
+
+    def reply_late(self, send: Callable[[], object]) -> None:
+        """Send a reply from the executor, unless the session has ended (the kernel has failed the
+        request then; the descriptor it would go to may be closed or even reused)."""
+        with self._reply_lock:
+            if self._replying:
+                send()
+
     def close(self) -> None:
-        """Unmount (lazily, as root) and free the session. Call once the loop has returned."""
+        """Unmount (lazily, as root) and free the session. Call once the loop has returned.
+
+        Deferred work first: what is queued is answered ENOTCONN without running; what runs gets
+        ``DRAIN_SECONDS`` to finish, and then the connection is aborted, since it may wait for write-backs
+        no worker serves any more (its reply is dropped: the abort fails the request). Only when no
+        executor thread can touch the session any more is it freed.
+        """
         if self._se == ffi.NULL:
             return
-        if self.mounted:
+        self.executor.stop()
+        drained = self.executor.join(DRAIN_SECONDS)
+        with self._reply_lock:
+            self._replying = False
+        if not drained:
+            log.warning("deferred requests still running at the end of the session: aborting the connection")
+            self._abort()
+        if self.mounted:  # closes /dev/fuse: the kernel fails whatever still waits for an answer
             lib.fuse_session_unmount(self._se)
             self.mounted = False
+            if self.aborted and connection_of(self.mountpoint) == self.connection and not detach(self.mountpoint):
+                log.warning("cannot unmount %s after aborting its connection", self.mountpoint)
+        if not self.executor.join(None if drained else 30.0):
+            log.error("deferred requests still running after the connection ended: leaving the session "
+                      "allocated rather than freeing it under them")
+            self._se = ffi.NULL
+            return
         lib.fuse_session_destroy(self._se)
         self._se = ffi.NULL
 
@@ -153,26 +275,52 @@ def caller(req) -> tuple[int, int, int]:
 
 
 # --- dispatch: one function per request, one reply each --------------------------------------------------
-_FAILED = object()
-
-
 def _session(req) -> Session:
     return ffi.from_handle(lib.fuse_req_userdata(req))
 
 
-def _call(req, name: str, *args):
-    """``handler.<name>(*args)``; on an exception, reply with its errno and return ``_FAILED``."""
-    try:
-        session = _session(req)
-        if session.on_request is not None:
+def _serve(req, name: str, args: tuple, reply) -> None:
+    """Answer ``req`` with ``reply(handler.<name>(*args))``, or with the errno of the OSError it raises
+    (a :class:`Deferred` answer is worked out first, here or on the executor: ``_answer``)."""
+    session = _session(req)
+    if session.on_request is not None:
+        try:
             session.on_request()
-        return getattr(session.handler, name)(*args)
+        except BaseException:  # noqa: BLE001 - a bug in the hook must not cost the request its reply
+            log.exception("on_request")
+    _answer(req, session, lambda: getattr(session.handler, name)(*args), reply, (name, args))
+
+
+def _answer(req, session: Session, compute, reply, what, late: bool = False) -> None:
+    """The one place where a value becomes a reply and an exception an errno. A :class:`Deferred` value is
+    worked out here and now if an inline slot is free, else handed to the executor, which calls this again
+    with ``late``: the reply then goes through ``Session.reply_late`` (dropped once the session closes)."""
+    err = 0
+    try:
+        value = compute()
+        if value.__class__ is Deferred:
+            if late:
+                raise TypeError("a Deferred's work returned another Deferred")
+            token = session.inline_slot()
+            if token is None:
+                session.defer(value.key, lambda: _answer(req, session, value.work, reply, what, late=True),
+                              lambda: session.reply_late(lambda: lib.fuse_reply_err(req, errno.ENOTCONN)))
+                return
+            try:
+                value = value.work()
+            finally:
+                session.inline_done(token)
     except OSError as exc:
-        lib.fuse_reply_err(req, exc.errno or errno.EIO)
+        err = exc.errno or errno.EIO
     except BaseException:  # noqa: BLE001 - a bug: keep serving, say so in the log
-        log.exception("internal error in %s%r", name, args)
-        lib.fuse_reply_err(req, errno.EIO)
-    return _FAILED
+        log.exception("internal error in %s%r", *what)
+        err = errno.EIO
+    if late:
+        session.reply_late(lambda: lib.fuse_reply_err(req, err) if err else reply(value))
+    elif err:
+        lib.fuse_reply_err(req, err)
+    else:
+        reply(value)
 
 
 def _owner(s: Session, attr: Attr) -> tuple[int, int]:
@@ -188,12 +336,12 @@ def _reply_attr(req, attr: Attr) -> None:
 
 @ffi.def_extern()
 def py_lookup(req, parent, name):
-    attr = _call(req, "lookup", parent, ffi.string(name).decode("utf-8", "surrogateescape"))
-    if attr is not _FAILED:
+    def reply(attr: Attr) -> None:
         s = _session(req)
         uid, gid = _owner(s, attr)
         lib.ufs_reply_entry(req, attr.ino, attr.mode, attr.nlink, uid, gid, attr.size, attr.blksize,
                             s.time_ns, attr.timeout, attr.timeout)
+    _serve(req, "lookup", (parent, ffi.string(name).decode("utf-8", "surrogateescape")), reply)
 
 
 @ffi.def_extern()
@@ -206,115 +354,104 @@ def py_forget(req, ino, nlookup):
 
 @ffi.def_extern()
 def py_getattr(req, ino, has_fh, fh):
-    attr = _call(req, "getattr", ino, fh if has_fh else None)
-    if attr is not _FAILED:
-        _reply_attr(req, attr)
+    _serve(req, "getattr", (ino, fh if has_fh else None), lambda attr: _reply_attr(req, attr))
 
 
 @ffi.def_extern()
 def py_setattr(req, ino, to_set, size, has_fh, fh):
-    attr = _call(req, "setattr", ino, to_set, size, fh if has_fh else None)
-    if attr is not _FAILED:
-        _reply_attr(req, attr)
+    _serve(req, "setattr", (ino, to_set, size, fh if has_fh else None), lambda attr: _reply_attr(req, attr))
 
 
-def _reply_open(req, fi, opened) -> None:
-    if opened is not _FAILED:
-        lib.ufs_reply_open(req, fi, opened.fh, opened.direct_io, opened.keep_cache, opened.nonseekable,
-                           opened.noflush)
+def _open_reply(req, fi):
+    return lambda opened: lib.ufs_reply_open(req, fi, opened.fh, opened.direct_io, opened.keep_cache,
+                                             opened.nonseekable, opened.noflush)
 
 
 @ffi.def_extern()
 def py_open(req, ino, flags, fi):
-    _reply_open(req, fi, _call(req, "open", ino, flags, caller(req)))
+    _serve(req, "open", (ino, flags, caller(req)), _open_reply(req, fi))
 
 
 @ffi.def_extern()
 def py_opendir(req, ino, fi):
-    _reply_open(req, fi, _call(req, "opendir", ino))
+    _serve(req, "opendir", (ino,), _open_reply(req, fi))
 
 
 @ffi.def_extern()
 def py_read(req, ino, size, off, fh, lock_owner):
-    data = _call(req, "read", ino, fh, off, size, lock_owner != 0)
-    if data is not _FAILED:
-        lib.fuse_reply_buf(req, ffi.from_buffer(data), len(data))
+    _serve(req, "read", (ino, fh, off, size, lock_owner != 0),
+           lambda data: lib.fuse_reply_buf(req, ffi.from_buffer(data), len(data)))
 
 
 @ffi.def_extern()
 def py_write(req, ino, buf, size, off, fh, writepage):
-    count = _call(req, "write", ino, fh, off, ffi.buffer(buf, size), bool(writepage))
-    if count is not _FAILED:
-        lib.fuse_reply_write(req, count)
+    # The buffer is libfuse's and reused once this returns: a handler that defers copies what it keeps.
+    _serve(req, "write", (ino, fh, off, ffi.buffer(buf, size), bool(writepage)),
+           lambda count: lib.fuse_reply_write(req, count))
 
 
-def _reply_ok(req, result) -> None:
-    if result is not _FAILED:
-        lib.fuse_reply_err(req, 0)
+def _ok(req):
+    return lambda _: lib.fuse_reply_err(req, 0)
 
 
 @ffi.def_extern()
 def py_release(req, ino, fh):
-    _reply_ok(req, _call(req, "release", ino, fh))
+    _serve(req, "release", (ino, fh), _ok(req))
 
 
 @ffi.def_extern()
 def py_fsync(req, ino, datasync, fh):
-    _reply_ok(req, _call(req, "fsync", ino, fh, bool(datasync)))
+    _serve(req, "fsync", (ino, fh, bool(datasync)), _ok(req))
 
 
 @ffi.def_extern()
 def py_readdir(req, ino, size, off, fh):
-    entries = _call(req, "readdir", ino, fh, off)
-    if entries is _FAILED:
-        return
-    buf = ffi.new("char[]", size)
-    used = 0
-    for name, child, mode, next_off in entries:
-        raw = os.fsencode(name)
-        need = lib.ufs_add_direntry(req, buf + used, size - used, raw, child, mode, next_off)
-        if need > size - used:
-            break
-        used += need
-    lib.fuse_reply_buf(req, buf, used)
+    def reply(entries) -> None:
+        buf = ffi.new("char[]", size)
+        used = 0
+        for name, child, mode, next_off in entries:
+            raw = os.fsencode(name)
+            need = lib.ufs_add_direntry(req, buf + used, size - used, raw, child, mode, next_off)
+            if need > size - used:
+                break
+            used += need
+        lib.fuse_reply_buf(req, buf, used)
+    _serve(req, "readdir", (ino, fh, off), reply)
 
 
 @ffi.def_extern()
 def py_statfs(req, ino):
-    st = _call(req, "statfs")
-    if st is not _FAILED:
-        lib.ufs_reply_statfs(req, *st)
+    _serve(req, "statfs", (), lambda st: lib.ufs_reply_statfs(req, *st))
 
 
 @ffi.def_extern()
 def py_getxattr(req, ino, name, size):
-    _reply_ok(req, _call(req, "getxattr", ino, ffi.string(name)))  # handlers always raise (no xattrs)
+    _serve(req, "getxattr", (ino, ffi.string(name)), _ok(req))  # handlers always raise (no xattrs)
 
 
 @ffi.def_extern()
 def py_setxattr(req, ino, name):
-    _reply_ok(req, _call(req, "setxattr", ino, ffi.string(name)))
+    _serve(req, "setxattr", (ino, ffi.string(name)), _ok(req))
 
 
 @ffi.def_extern()
 def py_removexattr(req, ino, name):
-    _reply_ok(req, _call(req, "removexattr", ino, ffi.string(name)))
+    _serve(req, "removexattr", (ino, ffi.string(name)), _ok(req))
 
 
 @ffi.def_extern()
 def py_ioctl(req, ino, cmd, fh, flags, in_buf, in_bufsz, out_bufsz):
+    def reply(answer: IoctlReply) -> None:
+        if answer.out and len(answer.out) <= out_bufsz:
+            lib.fuse_reply_ioctl(req, answer.result, answer.out, len(answer.out))
+        elif answer.result < 0:
+            lib.fuse_reply_err(req, -answer.result)  # nothing to copy back
+        else:
+            lib.fuse_reply_ioctl(req, answer.result, ffi.NULL, 0)
     data = bytes(ffi.buffer(in_buf, in_bufsz)) if in_bufsz else b""
-    reply = _call(req, "ioctl", ino, fh, cmd, flags, data, out_bufsz)
-    if reply is _FAILED:
-        return
-    if reply.out and len(reply.out) <= out_bufsz:
-        lib.fuse_reply_ioctl(req, reply.result, reply.out, len(reply.out))
-    elif reply.result < 0:
-        lib.fuse_reply_err(req, -reply.result)  # nothing to copy back
-    else:
-        lib.fuse_reply_ioctl(req, reply.result, ffi.NULL, 0)
+    _serve(req, "ioctl", (ino, fh, cmd, flags, data, out_bufsz), reply)
 
 
 @ffi.def_extern()
 def py_fallocate(req, ino, mode, offset, length, fh):
-    _reply_ok(req, _call(req, "fallocate", ino, fh, mode, offset, length))
+    _serve(req, "fallocate", (ino, fh, mode, offset, length), _ok(req))

@@ -2,7 +2,10 @@
 
 Thin on purpose: attributes, lookups, handles and dispatch by file kind; the behaviour lives in
 ``files.py`` and the core. Handlers return values and raise ``OSError`` with the kernel's errno;
-``lowlevel.py`` turns both into the reply, in one place.
+``lowlevel.py`` turns both into the reply, in one place. Work that may wait for a file's lock or a
+revocation (conversions, fallocate, ``ctl`` requests, guest accesses, freeing a file) is returned as a
+``Deferred`` instead, so that it never takes the libfuse worker that a write-back needs
+(docs/architecture.md, threads and locks).
 
 Handles: a handle number means one object. Files get numbers from 1 (``Namespace.open``), each recorded
 with the inode it was opened on, and every request that carries one names its inode too: a handle used
@@ -49,11 +52,17 @@ from .. import control
 from .files import Files
 from .inodes import FILES, MOUNT_CTL_INO, ROOT_INO, Entry, Handle, Namespace
 from .lowlevel import FUSE_IOCTL_COMPAT, FUSE_SET_ATTR_GID, FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_SIZE, \
-    FUSE_SET_ATTR_UID, Attr, IoctlReply, Opened
+    FUSE_SET_ATTR_UID, Attr, Deferred, IoctlReply, Opened
 
 ATTR_TIMEOUT = 3600.0  # nothing about an inode changes behind the kernel's back except file contents
 DIR_MODE = stat.S_IFDIR | 0o700
 DIR_FH = 0  # the handle of every open directory; file handles count from 1 (inodes.Namespace)
+
+
+def _key(handle: Handle):
+    """Deferred work of one file runs in order, one request at a time (it would queue for the file's lock
+    anyway); requests on the mount's own ctl each go on their own."""
+    return None if handle.entry is None else handle.entry.dir_ino
 
 
 class Operations:
@@ -197,14 +206,14 @@ class Operations:
             return Opened(fh, direct_io=True, keep_cache=True, nonseekable=True)
         return Opened(fh, direct_io=True, nonseekable=kind == "ctl")
 
-    def read(self, ino: int, fh: int, off: int, size: int, read_syscall: bool):
+    def read(self, ino: int, fh: int, off: int, size: int, read_syscall: bool):  # bytes, or Deferred bytes
         handle = self._file_handle(ino, fh, "read", errno.EISDIR)
         if handle.kind == "mem":
             return self.files.mem_read(handle.entry, off, size, read_syscall=read_syscall)
         if not read_syscall:
             raise OSError(errno.EIO, f"{handle.kind} cannot be mapped")
         if handle.kind == "guest":
-            return self.files.guest_read(handle.entry, off, size)
+            return Deferred(lambda: self.files.guest_read(handle.entry, off, size), _key(handle))
         if handle.kind == "ctl":
             # The result is read from its start after every request, whatever the file position (a
             # write moved it); successive reads continue, so `cat` sees EOF.
@@ -213,17 +222,19 @@ class Operations:
             return chunk
         return handle.result[off:off + size]  # status/snapshot: the content at open
 
-    def write(self, ino: int, fh: int, off: int, buf, writepage: bool) -> int:
+    def write(self, ino: int, fh: int, off: int, buf, writepage: bool) -> int | Deferred:
         handle = self._file_handle(ino, fh, "write", errno.EISDIR)
         if handle.kind == "mem":
             return self.files.mem_write(handle.entry, off, buf, writepage=writepage)
         if writepage:
             raise OSError(errno.EIO, f"{handle.kind} cannot be mapped")
         if handle.kind == "guest":
-            return self.files.guest_write(handle.entry, off, buf)
+            data = bytes(buf)  # the buffer is libfuse's, reused once we return
+            return Deferred(lambda: self.files.guest_write(handle.entry, off, data), _key(handle))
         if handle.kind != "ctl":
             raise OSError(errno.EBADF, f"{handle.kind} is read-only")
-        return self._request(handle, bytes(buf))
+        data = bytes(buf)
+        return Deferred(lambda: self._request(handle, data), _key(handle))
 
     def _request(self, handle: Handle, data: bytes) -> int:
         if handle.entry is None:
@@ -242,19 +253,19 @@ class Operations:
             raise OSError(error.errno or errno.EIO, str(error))
         return len(data)
 
-    def ioctl(self, ino: int, fh: int, cmd: int, flags: int, arg: bytes, out_size: int) -> IoctlReply:
+    def ioctl(self, ino: int, fh: int, cmd: int, flags: int, arg: bytes, out_size: int) -> Deferred:
         handle = self._file_handle(ino, fh, "ioctl", errno.ENOTTY)
         if handle.kind != "mem":
             raise OSError(errno.ENOTTY, f"{handle.kind} has no ioctls")
-        result, out = self.files.ioctl(handle.entry, cmd, arg, compat=bool(flags & FUSE_IOCTL_COMPAT),
-                                       writable=handle.writable)
-        return IoctlReply(result, out)
+        return Deferred(lambda: IoctlReply(*self.files.ioctl(handle.entry, cmd, arg,
+                                                             compat=bool(flags & FUSE_IOCTL_COMPAT),
+                                                             writable=handle.writable)), _key(handle))
 
-    def fallocate(self, ino: int, fh: int, mode: int, offset: int, length: int) -> None:
+    def fallocate(self, ino: int, fh: int, mode: int, offset: int, length: int) -> Deferred:
         handle = self._file_handle(ino, fh, "fallocate", errno.EISDIR)
         if handle.kind != "mem":
             raise OSError(errno.EOPNOTSUPP, f"{handle.kind} cannot be allocated")
-        self.files.fallocate(handle.entry, mode, offset, length)
+        return Deferred(lambda: self.files.fallocate(handle.entry, mode, offset, length), _key(handle))
 
     def fsync(self, ino: int, fh: int, datasync: bool) -> None:
         """guest_memfd has no fsync method, so fsync, fdatasync and msync(MS_SYNC) of it are EINVAL.
@@ -269,7 +280,8 @@ class Operations:
         if self.ns.handle(fh, ino).kind == "mem":
             raise OSError(errno.EINVAL, "guest_memfd has no fsync")
 
-    def release(self, ino: int, fh: int) -> None:
+    def release(self, ino: int, fh: int) -> Deferred | None:
         freed = self.ns.release(fh, ino)
         if freed is not None:  # the memory is gone: drop the (clean) pages the kernel still caches of it
-            self.files.drop_cache(freed)
+            return Deferred(lambda: self.files.drop_cache(freed), freed.dir_ino)
+        return None
