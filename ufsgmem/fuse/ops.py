@@ -72,7 +72,7 @@ class Operations:
         kind = entry.kind(ino)
         if kind == "dir":
             return Attr(ino, DIR_MODE, nlink=2, timeout=ATTR_TIMEOUT, owner=entry.owner)
-        if kind == "mem":
+        if kind in ("mem", "private"):
             return Attr(ino, stat.S_IFREG | 0o600, size=entry.gm.size, blksize=entry.gm.folio_size,
                         timeout=ATTR_TIMEOUT, owner=entry.owner)
         mode = stat.S_IFREG | (0o400 if kind in ("status", "snapshot") else 0o600)
@@ -172,7 +172,7 @@ class Operations:
         elif kind == "snapshot":
             result = self.files.snapshot(entry)
         fh = self.ns.open(entry, kind, writable=accmode != os.O_RDONLY, result=result, opener=tuple(caller[:2]))
-        if kind == "mem":
+        if kind in ("mem", "private"):
             return Opened(fh, direct_io=True, keep_cache=True, nonseekable=True)
         return Opened(fh, direct_io=True, nonseekable=kind == "ctl")
 
@@ -180,6 +180,8 @@ class Operations:
         handle = self.ns.handle(fh)
         if handle.kind == "mem":
             return self.files.mem_read(handle.entry, off, size, read_syscall=read_syscall)
+        if handle.kind == "private":
+            return self.files.private_read(handle.entry, off, size, read_syscall=read_syscall)
         if not read_syscall:
             raise OSError(errno.EIO, f"{handle.kind} cannot be mapped")
         if handle.kind == "guest":
@@ -196,6 +198,8 @@ class Operations:
         handle = self.ns.handle(fh)
         if handle.kind == "mem":
             return self.files.mem_write(handle.entry, off, buf, writepage=writepage)
+        if handle.kind == "private":
+            return self.files.private_write(handle.entry, off, buf, writepage=writepage)
         if writepage:
             raise OSError(errno.EIO, f"{handle.kind} cannot be mapped")
         if handle.kind == "guest":
