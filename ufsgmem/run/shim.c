@@ -1,0 +1,706 @@
+/*
+ * ufsgmem run's interposer: an LD_PRELOAD library that makes an unmodified program see a kernel with
+ * guest_memfd and in-place conversion (series v8), served by a ufsgmem mount (docs/architecture.md,
+ * "ufsgmem run").
+ *
+ * It wraps ioctl(), mmap() and open*(); everything it does not recognise goes to the kernel unchanged
+ * (through syscall(2), so the real call is always the kernel's):
+ *
+ *   KVM_CHECK_EXTENSION on /dev/kvm and VM fds  answers the guest_memfd caps (v8 or 6.18)
+ *   KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM)      the host's default VM (v8 only)
+ *   KVM_CREATE_GUEST_MEMFD on a VM fd           kernel checks, then a fresh ufsgmem file: created through
+ *                                               MOUNT/ctl (binary form), opened, then destroyed at once, so
+ *                                               it lives exactly as long as its descriptors and mappings
+ *   KVM_SET_USER_MEMORY_REGION2 + GUEST_MEMFD   kernel checks, then a plain memslot over a hidden range this
+ *                                               library owns: shared runs map MOUNT/NAME/mem, private runs
+ *                                               the private view, so the vCPU reaches both
+ *   KVM_SET_MEMORY_ATTRIBUTES2 on our file      the server converts; then the hidden ranges are remapped
+ *                                               (MAP_FIXED); KVM's MMU notifier drops stale stage-2 entries
+ *   KVM_RUN -> EFAULT                           someone else converted (ctl, another process): re-read the
+ *                                               attributes, remap what differs, run again (bounded)
+ *   mmap of our file                            MAP_PRIVATE: EINVAL; a file created without MMAP: ENODEV
+ *   open of /proc/.../fd/N naming our file      ENXIO (the kernel's inode has no open method)
+ *
+ * Caveats: a program that issues the system calls itself (syscall(SYS_ioctl, ...), inline assembly) or
+ * is statically linked is not reached (`ufsgmem run` refuses the latter); descriptors the program makes
+ * with dup() are served, but their close() does not release the file early (it goes at exit).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* --- uAPI absent from older headers (values from include/uapi/linux/kvm.h and the v8 series) ------ */
+#ifndef KVM_CAP_USER_MEMORY2
+#define KVM_CAP_USER_MEMORY2 231
+#endif
+#ifndef KVM_CAP_MEMORY_ATTRIBUTES
+#define KVM_CAP_MEMORY_ATTRIBUTES 233
+#endif
+#ifndef KVM_CAP_GUEST_MEMFD
+#define KVM_CAP_GUEST_MEMFD 234
+#endif
+#ifndef KVM_CAP_VM_TYPES
+#define KVM_CAP_VM_TYPES 235
+#endif
+#ifndef KVM_CAP_GUEST_MEMFD_FLAGS
+#define KVM_CAP_GUEST_MEMFD_FLAGS 244
+#endif
+#ifndef KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES
+#define KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES 250
+#endif
+#ifndef KVM_X86_SW_PROTECTED_VM
+#define KVM_X86_SW_PROTECTED_VM 1
+#endif
+#ifndef GUEST_MEMFD_FLAG_MMAP
+#define GUEST_MEMFD_FLAG_MMAP (1ULL << 0)
+#endif
+#ifndef GUEST_MEMFD_FLAG_INIT_SHARED
+#define GUEST_MEMFD_FLAG_INIT_SHARED (1ULL << 1)
+#endif
+#ifndef KVM_MEMORY_ATTRIBUTE_PRIVATE
+#define KVM_MEMORY_ATTRIBUTE_PRIVATE (1ULL << 3)
+#endif
+#ifndef KVM_MEM_GUEST_MEMFD
+#define KVM_MEM_GUEST_MEMFD (1U << 2)
+#endif
+#define SHIM_CREATE_GUEST_MEMFD 0xC040AED4UL
+#define SHIM_SET_MEMORY_ATTRIBUTES2 0xC080AED2UL
+#define SHIM_SET_USER_MEMORY_REGION2 0x40A0AE49UL
+
+struct shim_create_guest_memfd { uint64_t size, flags, reserved[6]; };
+struct shim_memory_attributes2 { uint64_t offset, size, attributes, flags, error_offset, reserved[11]; };
+struct shim_region2 {
+	uint32_t slot, flags;
+	uint64_t guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset;
+	uint32_t guest_memfd, pad1;
+	uint64_t pad2[14];
+};
+_Static_assert(sizeof(struct shim_region2) == 160, "kvm_userspace_memory_region2");
+
+#define PAGE 4096ULL
+#define SUPPORTED_FLAGS (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+#define MAX_GMEM 256
+#define MAX_SLOTS 512
+#define HIGH_FD 700 /* our own descriptors go from here up, out of the way of the program's */
+
+enum { K_NONE, K_SHARED, K_PRIVATE };
+
+struct gmem {
+	int used;
+	dev_t dev;
+	ino_t ino;
+	uint64_t size, flags; /* the flags the program asked for */
+	int mem_fd, ctl_fd, priv_fd; /* ours, close-on-exec */
+};
+
+struct slot {
+	int used;
+	int vm_fd;
+	uint32_t slot;
+	uint64_t size, gofs, gpa;
+	struct gmem *g;
+	char *hidden;
+	uint8_t *kind; /* per page: what the hidden range maps now */
+};
+
+static const char *g_mount;
+static int g_v8 = 1;
+static char g_backend[32];
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct gmem g_gmem[MAX_GMEM];
+static struct slot g_slots[MAX_SLOTS];
+#define MAX_VCPU_FD 4096
+/* per vCPU descriptor: its VM and our own mapping of its kvm_run (made on first need) */
+static struct vcpu { int vm_fd; struct kvm_run *run; } g_vcpus[MAX_VCPU_FD];
+static int g_ngmem; /* files ever created (a fast "nothing to do" test) */
+static unsigned long g_gen; /* bumped by every remap: KVM_RUN retries when it moved */
+static unsigned long g_counter;
+
+/* --- the kernel's calls ------------------------------------------------------------------------ */
+static long sys_ioctl(int fd, unsigned long req, void *arg) { return syscall(SYS_ioctl, fd, req, arg); }
+static void *sys_mmap(void *a, size_t l, int p, int f, int fd, off_t o)
+{
+	return (void *)syscall(SYS_mmap, a, l, p, f, fd, o);
+}
+static int sys_openat(int dir, const char *path, int flags, mode_t mode)
+{
+	return (int)syscall(SYS_openat, dir, path, flags, mode);
+}
+
+static int fail(int err) { errno = err; return -1; }
+
+/* "/dev/kvm", "anon_inode:kvm-vm", ... (empty if unreadable) */
+static void fd_target(int fd, char *buf, size_t n)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	ssize_t len = readlink(path, buf, n - 1);
+	buf[len < 0 ? 0 : len] = 0;
+}
+static int is_kvm_dev(int fd) { char t[64]; fd_target(fd, t, sizeof(t)); return !strcmp(t, "/dev/kvm"); }
+static int is_vm(int fd) { char t[64]; fd_target(fd, t, sizeof(t)); return !strcmp(t, "anon_inode:kvm-vm"); }
+
+static struct gmem *gmem_by_stat(const struct stat *st)
+{
+	for (int i = 0; i < MAX_GMEM; i++)
+		if (g_gmem[i].used && g_gmem[i].dev == st->st_dev && g_gmem[i].ino == st->st_ino)
+			return &g_gmem[i];
+	return NULL;
+}
+/* our guest_memfd behind fd, or NULL (errno EBADF if fd is not open) */
+static struct gmem *gmem_of(int fd)
+{
+	struct stat st;
+	if (!g_ngmem || fd < 0 || fstat(fd, &st) != 0)
+		return NULL;
+	return gmem_by_stat(&st);
+}
+
+static int high_fd(int fd)
+{
+	if (fd < 0)
+		return fd;
+	int moved = fcntl(fd, F_DUPFD_CLOEXEC, HIGH_FD);
+	syscall(SYS_close, fd);
+	return moved;
+}
+
+/* --- talking to the mount ------------------------------------------------------------------------ */
+static int write_all(int fd, const void *buf, size_t n) { return write(fd, buf, n) == (ssize_t)n ? 0 : -1; }
+
+static int mount_request(const void *req, size_t n)
+{
+	char path[4096];
+	snprintf(path, sizeof(path), "%s/ctl", g_mount);
+	int fd = sys_openat(AT_FDCWD, path, O_RDWR | O_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	int r = write_all(fd, req, n), err = errno;
+	syscall(SYS_close, fd);
+	errno = err;
+	return r;
+}
+
+/* The attribute runs of [off, off+len): calls fn(run_off, run_len, private) for each. */
+static int get_attributes(struct gmem *g, uint64_t off, uint64_t len,
+			  void (*fn)(void *, uint64_t, uint64_t, int), void *ctx)
+{
+	char req[128];
+	int n = snprintf(req, sizeof(req), "get_attributes offset=%#llx size=%#llx",
+			 (unsigned long long)off, (unsigned long long)len);
+	if (write_all(g->ctl_fd, req, n) != 0)
+		return -1;
+	size_t cap = 1 << 16, have = 0;
+	char *buf = malloc(cap);
+	if (!buf)
+		return fail(ENOMEM);
+	for (;;) {
+		if (have + 1 >= cap) {
+			char *bigger = realloc(buf, cap *= 2);
+			if (!bigger) { free(buf); return fail(ENOMEM); }
+			buf = bigger;
+		}
+		ssize_t got = read(g->ctl_fd, buf + have, cap - 1 - have);
+		if (got < 0) { free(buf); return -1; }
+		if (got == 0)
+			break;
+		have += got;
+	}
+	buf[have] = 0;
+	if (strncmp(buf, "ok", 2) != 0) { free(buf); return fail(EIO); }
+	for (char *p = buf + 2; *p;) {
+		while (*p == ' ' || *p == '\n') p++;
+		if (!*p)
+			break;
+		char *end;
+		uint64_t o = strtoull(p, &end, 0);
+		if (*end != '+') break;
+		uint64_t s = strtoull(end + 1, &end, 0);
+		if (*end != '=') break;
+		p = end + 1;
+		fn(ctx, o, s, !strncmp(p, "private", 7));
+		while (*p && *p != ' ' && *p != '\n') p++;
+	}
+	free(buf);
+	return 0;
+}
+
+/* --- the hidden ranges ---------------------------------------------------------------------------- */
+struct sync_ctx { struct slot *s; long changed; int err; };
+
+/* Map [o, o+len) of the file (inside the slot) from the view that serves it now. */
+static void sync_run(void *p, uint64_t o, uint64_t len, int private)
+{
+	struct sync_ctx *c = p;
+	struct slot *s = c->s;
+	uint8_t want = private ? K_PRIVATE : K_SHARED;
+	uint64_t first = (o - s->gofs) / PAGE, last = first + len / PAGE;
+	for (uint64_t i = first; i < last;) {
+		if (s->kind[i] == want) { i++; continue; }
+		uint64_t j = i;
+		while (j < last && s->kind[j] != want) j++;
+		int fd = private ? s->g->priv_fd : s->g->mem_fd;
+		void *at = sys_mmap(s->hidden + i * PAGE, (j - i) * PAGE, PROT_READ | PROT_WRITE,
+				    MAP_SHARED | MAP_FIXED, fd, s->gofs + i * PAGE);
+		if (at == MAP_FAILED) {
+			c->err = errno;
+			return;
+		}
+		memset(s->kind + i, want, j - i);
+		c->changed += j - i;
+		i = j;
+	}
+}
+
+/* Remap the part of the slot that overlaps file range [off, off+len); pages changed, -1 on error. */
+static long sync_slot(struct slot *s, uint64_t off, uint64_t len)
+{
+	uint64_t start = off > s->gofs ? off : s->gofs;
+	uint64_t end = off + len < s->gofs + s->size ? off + len : s->gofs + s->size;
+	if (!s->g || start >= end)
+		return 0;
+	struct sync_ctx c = { s, 0, 0 };
+	if (get_attributes(s->g, start, end - start, sync_run, &c) != 0)
+		return -1;
+	if (c.err)
+		return fail(c.err);
+	if (c.changed)
+		g_gen++;
+	return c.changed;
+}
+
+static long sync_gmem(struct gmem *g, uint64_t off, uint64_t len)
+{
+	long changed = 0;
+	for (int i = 0; i < MAX_SLOTS; i++)
+		if (g_slots[i].used && g_slots[i].g == g) {
+			long c = sync_slot(&g_slots[i], off, len);
+			if (c > 0)
+				changed += c;
+		}
+	return changed;
+}
+
+static struct slot *find_slot(int vm_fd, uint32_t id)
+{
+	for (int i = 0; i < MAX_SLOTS; i++)
+		if (g_slots[i].used && g_slots[i].vm_fd == vm_fd && g_slots[i].slot == id)
+			return &g_slots[i];
+	return NULL;
+}
+
+static void drop_slot(struct slot *s)
+{
+	munmap(s->hidden, s->size);
+	free(s->kind);
+	memset(s, 0, sizeof(*s));
+}
+
+/* --- the ioctls ----------------------------------------------------------------------------------- */
+static long check_extension(int fd, long cap)
+{
+	long real = sys_ioctl(fd, KVM_CHECK_EXTENSION, (void *)cap);
+	if (!g_mount || !(is_kvm_dev(fd) || is_vm(fd)))
+		return real;
+	switch (cap) {
+	case KVM_CAP_GUEST_MEMFD:
+		return 1;
+	case KVM_CAP_GUEST_MEMFD_FLAGS:
+		return SUPPORTED_FLAGS;
+	case KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES:
+		return g_v8 ? (long)KVM_MEMORY_ATTRIBUTE_PRIVATE : real;
+	case KVM_CAP_MEMORY_ATTRIBUTES: /* v8 with in-place conversion: the VM-level PRIVATE is gone */
+		return g_v8 ? 0 : real;
+	case KVM_CAP_VM_TYPES:
+		return g_v8 && real >= 0 ? real | (1L << KVM_X86_SW_PROTECTED_VM) : real;
+	case KVM_CAP_USER_MEMORY2:
+		return real;
+	}
+	return real;
+}
+
+static long create_vm(int fd, unsigned long type)
+{
+	if (g_mount && g_v8 && type == KVM_X86_SW_PROTECTED_VM && is_kvm_dev(fd)
+	    && !(sys_ioctl(fd, KVM_CHECK_EXTENSION, (void *)(long)KVM_CAP_VM_TYPES) & (1L << KVM_X86_SW_PROTECTED_VM)))
+		type = 0; /* served on the host's default VM: the emulation provides the private memory */
+	return sys_ioctl(fd, KVM_CREATE_VM, (void *)type);
+}
+
+static struct gmem *free_gmem(void)
+{
+	for (int i = 0; i < MAX_GMEM; i++)
+		if (!g_gmem[i].used)
+			return &g_gmem[i];
+	return NULL;
+}
+
+static long create_guest_memfd(int vm_fd, struct shim_create_guest_memfd *arg)
+{
+	if (!g_mount || !is_vm(vm_fd))
+		return sys_ioctl(vm_fd, SHIM_CREATE_GUEST_MEMFD, arg);
+	struct shim_create_guest_memfd c = *arg;
+	if (c.flags & ~SUPPORTED_FLAGS)
+		return fail(EINVAL);
+	if ((int64_t)c.size <= 0 || c.size % PAGE)
+		return fail(EINVAL);
+	pthread_mutex_lock(&g_lock);
+	long ret = -1;
+	int err = 0, user = -1;
+	struct gmem *g = free_gmem();
+	if (!g) { err = ENFILE; goto out; }
+	struct {
+		char magic[4];
+		uint32_t cmd;
+		struct shim_create_guest_memfd gmem;
+		char name[64];
+		char backend[32];
+	} req;
+	memset(&req, 0, sizeof(req));
+	memcpy(req.magic, "UGM1", 4);
+	req.cmd = (uint32_t)SHIM_CREATE_GUEST_MEMFD;
+	req.gmem.size = c.size;
+	req.gmem.flags = c.flags | GUEST_MEMFD_FLAG_MMAP; /* the hidden ranges map it whatever the program asked */
+	snprintf(req.name, sizeof(req.name), "run-%d-%lu", (int)getpid(), ++g_counter);
+	memcpy(req.backend, g_backend, sizeof(req.backend));
+	if (mount_request(&req, sizeof(req)) != 0) { err = errno; goto out; }
+	char path[4096];
+	/* The program's descriptor first: it gets the lowest free number, as from the kernel (no CLOEXEC). */
+	snprintf(path, sizeof(path), "%s/%s/mem", g_mount, req.name);
+	user = sys_openat(AT_FDCWD, path, O_RDWR | O_LARGEFILE, 0);
+	g->mem_fd = high_fd(sys_openat(AT_FDCWD, path, O_RDWR | O_CLOEXEC, 0));
+	snprintf(path, sizeof(path), "%s/%s/ctl", g_mount, req.name);
+	g->ctl_fd = high_fd(sys_openat(AT_FDCWD, path, O_RDWR | O_CLOEXEC, 0));
+	snprintf(path, sizeof(path), "%s/%s/private", g_mount, req.name);
+	g->priv_fd = high_fd(sys_openat(AT_FDCWD, path, O_RDWR | O_CLOEXEC, 0));
+	struct stat st;
+	if (user < 0 || g->mem_fd < 0 || g->ctl_fd < 0 || g->priv_fd < 0 || fstat(user, &st) != 0)
+		err = errno ? errno : EIO;
+	/* No name from now on: the file lives as long as its descriptors and mappings, as the kernel's. */
+	char destroy[96];
+	int n = snprintf(destroy, sizeof(destroy), "destroy %s", req.name);
+	mount_request(destroy, n);
+	if (err) {
+		if (user >= 0) syscall(SYS_close, user);
+		if (g->mem_fd >= 0) syscall(SYS_close, g->mem_fd);
+		if (g->ctl_fd >= 0) syscall(SYS_close, g->ctl_fd);
+		if (g->priv_fd >= 0) syscall(SYS_close, g->priv_fd);
+		goto out;
+	}
+	g->used = 1;
+	g->dev = st.st_dev;
+	g->ino = st.st_ino;
+	g->size = c.size;
+	g->flags = c.flags;
+	g_ngmem++;
+	ret = user;
+out:
+	pthread_mutex_unlock(&g_lock);
+	if (ret < 0)
+		errno = err;
+	return ret;
+}
+
+static struct slot *free_slot(void)
+{
+	for (int i = 0; i < MAX_SLOTS; i++)
+		if (!g_slots[i].used)
+			return &g_slots[i];
+	return NULL;
+}
+
+static long set_region2(int vm_fd, struct shim_region2 *arg)
+{
+	if (!g_mount || !g_ngmem)
+		return sys_ioctl(vm_fd, SHIM_SET_USER_MEMORY_REGION2, arg);
+	struct shim_region2 r = *arg;
+	pthread_mutex_lock(&g_lock);
+	long ret;
+	int err = 0;
+	struct slot *s = find_slot(vm_fd, r.slot);
+	if (s && (r.memory_size == 0 || !(r.flags & KVM_MEM_GUEST_MEMFD))) {
+		/* delete (or a change the kernel refuses for a guest_memfd slot: it answers for itself) */
+		r.flags &= ~KVM_MEM_GUEST_MEMFD;
+		r.userspace_addr = (uintptr_t)s->hidden;
+		ret = sys_ioctl(vm_fd, SHIM_SET_USER_MEMORY_REGION2, &r);
+		if (ret == 0 && r.memory_size == 0)
+			drop_slot(s);
+		goto out_errno;
+	}
+	if (!(r.flags & KVM_MEM_GUEST_MEMFD)) {
+		ret = sys_ioctl(vm_fd, SHIM_SET_USER_MEMORY_REGION2, &r);
+		goto out_errno;
+	}
+	if (s) { /* a flags change of our slot: same binding, same hidden range */
+		r.flags &= ~KVM_MEM_GUEST_MEMFD;
+		r.userspace_addr = (uintptr_t)s->hidden;
+		r.guest_memfd = 0;
+		r.guest_memfd_offset = 0;
+		ret = sys_ioctl(vm_fd, SHIM_SET_USER_MEMORY_REGION2, &r);
+		goto out_errno;
+	}
+	/* the kernel's checks: the memslot's own first, then the binding's */
+	if (r.memory_size % PAGE || r.guest_phys_addr % PAGE || r.userspace_addr % PAGE) { err = EINVAL; goto fail; }
+	if (r.memory_size == 0) {
+		ret = sys_ioctl(vm_fd, SHIM_SET_USER_MEMORY_REGION2, &r);
+		goto out_errno;
+	}
+	struct stat st;
+	if (fstat((int)r.guest_memfd, &st) != 0) { err = EBADF; goto fail; }
+	struct gmem *g = gmem_by_stat(&st);
+	if (!g) { err = EINVAL; goto fail; } /* not a guest_memfd */
+	if (r.guest_memfd_offset % PAGE || r.guest_memfd_offset + r.memory_size < r.guest_memfd_offset
+	    || r.guest_memfd_offset + r.memory_size > g->size) { err = EINVAL; goto fail; }
+	s = free_slot();
+	if (!s) { err = ENOSPC; goto fail; }
+	char *hidden = sys_mmap(NULL, r.memory_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	uint8_t *kind = calloc(r.memory_size / PAGE, 1);
+	if (hidden == MAP_FAILED || !kind) {
+		if (hidden != MAP_FAILED) munmap(hidden, r.memory_size);
+		free(kind);
+		err = ENOMEM;
+		goto fail;
+	}
+	*s = (struct slot){ 1, vm_fd, r.slot, r.memory_size, r.guest_memfd_offset, r.guest_phys_addr, g, hidden, kind };
+	if (sync_slot(s, s->gofs, s->size) < 0) { err = errno; drop_slot(s); goto fail; }
+	r.flags &= ~KVM_MEM_GUEST_MEMFD;
+	r.userspace_addr = (uintptr_t)hidden;
+	r.guest_memfd = 0;
+	r.guest_memfd_offset = 0;
+	ret = sys_ioctl(vm_fd, SHIM_SET_USER_MEMORY_REGION2, &r);
+	if (ret != 0) { err = errno; drop_slot(s); goto fail; }
+	goto out;
+out_errno:
+	err = ret < 0 ? errno : 0;
+	goto out;
+fail:
+	ret = -1;
+out:
+	pthread_mutex_unlock(&g_lock);
+	if (ret < 0)
+		errno = err;
+	return ret;
+}
+
+static long set_user_memory_region(int vm_fd, struct kvm_userspace_memory_region *arg)
+{
+	long ret = sys_ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, arg);
+	if (ret == 0 && g_ngmem && arg->memory_size == 0) { /* our slot deleted through the old ioctl */
+		pthread_mutex_lock(&g_lock);
+		struct slot *s = find_slot(vm_fd, arg->slot);
+		if (s)
+			drop_slot(s);
+		pthread_mutex_unlock(&g_lock);
+	}
+	return ret;
+}
+
+static long set_memory_attributes2(int fd, void *arg)
+{
+	struct gmem *g = g_mount ? gmem_of(fd) : NULL;
+	if (!g)
+		return sys_ioctl(fd, SHIM_SET_MEMORY_ATTRIBUTES2, arg);
+	if (!g_v8) /* 6.18 has no guest_memfd ioctl at all */
+		return fail(ENOTTY);
+	pthread_mutex_lock(&g_lock);
+	long ret = sys_ioctl(fd, SHIM_SET_MEMORY_ATTRIBUTES2, arg);
+	int err = errno;
+	if (ret == 0) {
+		struct shim_memory_attributes2 *a = arg;
+		sync_gmem(g, a->offset, a->size);
+	}
+	pthread_mutex_unlock(&g_lock);
+	errno = err;
+	return ret;
+}
+
+static long create_vcpu(int vm_fd, unsigned long id)
+{
+	long ret = sys_ioctl(vm_fd, KVM_CREATE_VCPU, (void *)id);
+	if (ret >= 0 && ret < MAX_VCPU_FD && g_mount) {
+		struct vcpu *v = &g_vcpus[ret];
+		if (v->run)
+			munmap(v->run, PAGE);
+		v->vm_fd = vm_fd;
+		v->run = NULL;
+	}
+	return ret;
+}
+
+/* Bring every hidden range up to date; pages changed. g_lock held. */
+static long sync_all(void)
+{
+	long changed = 0;
+	for (int i = 0; i < MAX_SLOTS; i++)
+		if (g_slots[i].used) {
+			long c = sync_slot(&g_slots[i], g_slots[i].gofs, g_slots[i].size);
+			if (c > 0)
+				changed += c;
+		}
+	return changed;
+}
+
+/* A KVM_EXIT_MMIO inside one of our slots: KVM could not reach the page through a stale hidden mapping
+ * (someone else converted it) and emulated the access as MMIO. Remap, then complete the access through
+ * the fresh mapping (process_vm_readv/writev: EFAULT instead of SIGBUS if it still cannot be reached).
+ * 1 if completed (run again), 0 if the exit is not ours or cannot be completed. */
+static int complete_mmio(int vcpu_fd)
+{
+	if (vcpu_fd < 0 || vcpu_fd >= MAX_VCPU_FD || !g_vcpus[vcpu_fd].vm_fd)
+		return 0;
+	struct vcpu *v = &g_vcpus[vcpu_fd];
+	if (!v->run) {
+		void *run = sys_mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd, 0);
+		if (run == MAP_FAILED)
+			return 0;
+		v->run = run;
+	}
+	struct kvm_run *run = v->run;
+	if (run->exit_reason != KVM_EXIT_MMIO || run->mmio.len > 8)
+		return 0;
+	uint64_t gpa = run->mmio.phys_addr;
+	int done = 0;
+	pthread_mutex_lock(&g_lock);
+	for (int i = 0; i < MAX_SLOTS && !done; i++) {
+		struct slot *s = &g_slots[i];
+		if (!s->used || s->vm_fd != v->vm_fd || gpa < s->gpa || gpa + run->mmio.len > s->gpa + s->size)
+			continue;
+		sync_slot(s, s->gofs, s->size);
+		struct iovec local = { run->mmio.data, run->mmio.len };
+		struct iovec remote = { s->hidden + (gpa - s->gpa), run->mmio.len };
+		ssize_t n = run->mmio.is_write ? process_vm_writev(getpid(), &local, 1, &remote, 1, 0)
+					      : process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+		done = n == (ssize_t)run->mmio.len ? 1 : -1;
+	}
+	pthread_mutex_unlock(&g_lock);
+	return done == 1;
+}
+
+static long run_vcpu(int fd, void *arg)
+{
+	for (int tries = 0;; tries++) {
+		unsigned long gen = __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE);
+		long ret = sys_ioctl(fd, KVM_RUN, arg);
+		if (ret == 0) {
+			if (g_ngmem && tries < 64 && complete_mmio(fd))
+				continue;
+			return ret;
+		}
+		if (errno != EFAULT || !g_ngmem || tries >= 8)
+			return ret;
+		/* A conversion this library did not see (ctl, another process) or one racing this run: bring
+		 * every hidden range up to date; run again if that (or a conversion meanwhile) changed any. */
+		pthread_mutex_lock(&g_lock);
+		long changed = sync_all();
+		int moved = gen != g_gen;
+		pthread_mutex_unlock(&g_lock);
+		if (!changed && !moved) {
+			errno = EFAULT;
+			return ret;
+		}
+	}
+}
+
+int ioctl(int fd, unsigned long req, ...)
+{
+	va_list ap;
+	va_start(ap, req);
+	void *arg = va_arg(ap, void *);
+	va_end(ap);
+	switch (req) {
+	case KVM_CHECK_EXTENSION:
+		return (int)check_extension(fd, (long)arg);
+	case KVM_CREATE_VM:
+		return (int)create_vm(fd, (unsigned long)arg);
+	case SHIM_CREATE_GUEST_MEMFD:
+		return (int)create_guest_memfd(fd, arg);
+	case SHIM_SET_USER_MEMORY_REGION2:
+		return (int)set_region2(fd, arg);
+	case KVM_SET_USER_MEMORY_REGION:
+		return (int)set_user_memory_region(fd, arg);
+	case SHIM_SET_MEMORY_ATTRIBUTES2:
+		return (int)set_memory_attributes2(fd, arg);
+	case KVM_RUN:
+		return (int)run_vcpu(fd, arg);
+	case KVM_CREATE_VCPU:
+		return (int)create_vcpu(fd, (unsigned long)arg);
+	}
+	return (int)sys_ioctl(fd, req, arg);
+}
+
+/* --- mmap and open: guest_memfd's answers where a FUSE file cannot give them ------------------------ */
+void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	if (g_ngmem && !(flags & MAP_ANONYMOUS)) {
+		struct gmem *g = gmem_of(fd);
+		if (g && !(g->flags & GUEST_MEMFD_FLAG_MMAP)) {
+			errno = ENODEV;
+			return MAP_FAILED;
+		}
+		if (g && (flags & MAP_TYPE) == MAP_PRIVATE) {
+			errno = EINVAL;
+			return MAP_FAILED;
+		}
+	}
+	return sys_mmap(addr, len, prot, flags, fd, off);
+}
+void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+	__attribute__((alias("mmap")));
+
+/* Reopening our file through /proc/PID/fd/N: the kernel's guest_memfd inode has no open method. */
+static int proc_reopen(const char *path)
+{
+	if (!g_ngmem || !path || strncmp(path, "/proc/", 6) != 0 || !strstr(path, "/fd/"))
+		return 0;
+	struct stat st;
+	return stat(path, &st) == 0 && gmem_by_stat(&st) != NULL;
+}
+
+static int do_open(int dir, const char *path, int flags, va_list ap)
+{
+	mode_t mode = (flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE ? va_arg(ap, mode_t) : 0;
+	if (proc_reopen(path))
+		return fail(ENXIO);
+	return sys_openat(dir, path, flags, mode);
+}
+int open(const char *path, int flags, ...)
+{ va_list ap; va_start(ap, flags); int r = do_open(AT_FDCWD, path, flags, ap); va_end(ap); return r; }
+int open64(const char *path, int flags, ...)
+{ va_list ap; va_start(ap, flags); int r = do_open(AT_FDCWD, path, flags | O_LARGEFILE, ap); va_end(ap); return r; }
+int openat(int dir, const char *path, int flags, ...)
+{ va_list ap; va_start(ap, flags); int r = do_open(dir, path, flags, ap); va_end(ap); return r; }
+int openat64(int dir, const char *path, int flags, ...)
+{ va_list ap; va_start(ap, flags); int r = do_open(dir, path, flags | O_LARGEFILE, ap); va_end(ap); return r; }
+
+/* --- start-up ------------------------------------------------------------------------------------ */
+__attribute__((constructor)) static void shim_init(void)
+{
+	g_mount = getenv("UFSGMEM_RUN_MOUNT");
+	const char *kernel = getenv("UFSGMEM_RUN_KERNEL");
+	g_v8 = !(kernel && !strcmp(kernel, "6.18"));
+	const char *backend = getenv("UFSGMEM_RUN_BACKEND");
+	if (backend)
+		strncpy(g_backend, backend, sizeof(g_backend) - 1);
+	/* Tell `ufsgmem run` we are loaded (once: the variable goes, so programs this one runs stay quiet). */
+	const char *hs = getenv("UFSGMEM_RUN_HANDSHAKE_FD");
+	if (hs) {
+		int fd = atoi(hs);
+		char msg[64];
+		int n = snprintf(msg, sizeof(msg), "ufsgmem-shim %d\n", (int)getpid());
+		if (write(fd, msg, n) < 0) { /* run then reports that the interposer did not load */ }
+		syscall(SYS_close, fd);
+		unsetenv("UFSGMEM_RUN_HANDSHAKE_FD");
+	}
+}
