@@ -70,6 +70,18 @@
 #ifndef KVM_EXIT_MEMORY_FAULT
 #define KVM_EXIT_MEMORY_FAULT 39
 #endif
+#ifndef KVM_CAP_MEMORY_ATTRIBUTES
+#define KVM_CAP_MEMORY_ATTRIBUTES 233
+#endif
+#ifndef KVM_SET_MEMORY_ATTRIBUTES
+struct kvm_memory_attributes {
+	__u64 address;
+	__u64 size;
+	__u64 attributes;
+	__u64 flags;
+};
+#define KVM_SET_MEMORY_ATTRIBUTES _IOW(KVMIO, 0xd2, struct kvm_memory_attributes)
+#endif
 #ifndef KVM_CREATE_GUEST_MEMFD
 struct kvm_create_guest_memfd {
 	__u64 size;
@@ -348,6 +360,21 @@ static void errno_checks(void)
 		close(reopened);
 }
 
+/* The VM-level attribute ioctl (6.8): PRIVATE is refused unless KVM_CAP_MEMORY_ATTRIBUTES offers it
+ * (v8 with in-place conversion drops it; a default VM never had it). */
+static void vm_attributes_check(void)
+{
+	long cap = ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_MEMORY_ATTRIBUTES);
+	if (cap > 0 && (cap & KVM_MEMORY_ATTRIBUTE_PRIVATE)) {
+		skip("VM-level KVM_SET_MEMORY_ATTRIBUTES", "this VM tracks PRIVATE per VM (not in-place)");
+		return;
+	}
+	struct kvm_memory_attributes a = { .address = GMEM_GPA, .size = PAGE,
+					   .attributes = KVM_MEMORY_ATTRIBUTE_PRIVATE };
+	expect_errno("VM-level KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) is EINVAL without the VM-level cap",
+		     ioctl(vm, KVM_SET_MEMORY_ATTRIBUTES, &a), EINVAL);
+}
+
 static void ioctl_errno_checks(void)
 {
 	struct kvm_memory_attributes2 a;
@@ -536,6 +563,7 @@ int main(void)
 	if ((void *)hva == MAP_FAILED)
 		die("mmap guest_memfd");
 	errno_checks();
+	vm_attributes_check();
 	if (in_place) {
 		ioctl_errno_checks();
 		conversion_checks(hva);

@@ -113,6 +113,7 @@ def test_natively_the_example_skips_with_the_kernels_reason(gmem_vcpu):
     "the parent's vCPU reads page 4 (private, content kept)",
     "punch: the guest reads zeros from the private page", "punch: the page stays private (host SIGBUS)",
     "the guest reads and writes every page, shared and private",
+    "VM-level KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) is EINVAL without the VM-level cap",
 ])
 def test_each_rule(v8_run, line):
     done = v8_run[0]
@@ -124,6 +125,7 @@ def test_playing_6_18_the_gmem_ioctl_is_enotty(gmem_vcpu):
     done = ufsgmem_run("--kernel", "6.18", "--", str(gmem_vcpu))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok   no in-place conversion: the guest_memfd ioctl is ENOTTY" in done.stdout
+    assert "ok   VM-level KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) is EINVAL" in done.stdout
     assert "GUEST_MEMFD_MEMORY_ATTRIBUTES 0," in done.stdout
 
 

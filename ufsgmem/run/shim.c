@@ -14,10 +14,14 @@
  *   KVM_SET_USER_MEMORY_REGION2 + GUEST_MEMFD   kernel checks, then a plain memslot over a hidden range this
  *                                               library owns: shared runs map MOUNT/NAME/mem, private runs
  *                                               the private view, so the vCPU reaches both
+ *   KVM_SET_MEMORY_ATTRIBUTES on a VM fd       where the host lacks it: the kernel's checks for a VM that
+ *                                               supports no attribute (EINVAL for PRIVATE)
  *   KVM_SET_MEMORY_ATTRIBUTES2 on our file      the server converts; then the hidden ranges are remapped
  *                                               (MAP_FIXED); KVM's MMU notifier drops stale stage-2 entries
- *   KVM_RUN -> EFAULT                           someone else converted (ctl, another process): re-read the
- *                                               attributes, remap what differs, run again (bounded)
+ *   KVM_RUN -> EFAULT, or an MMIO exit inside   someone else converted (ctl, another process), so KVM met
+ *   one of our slots                            a stale hidden page: re-read the attributes, remap what
+ *                                               differs; an MMIO access (KVM emulated it) is completed
+ *                                               through the fresh mapping; then run again (bounded)
  *   mmap of our file                            MAP_PRIVATE: EINVAL; a file created without MMAP: ENODEV
  *   open of /proc/.../fd/N naming our file      ENXIO (the kernel's inode has no open method)
  *
@@ -507,6 +511,24 @@ static long set_user_memory_region(int vm_fd, struct kvm_userspace_memory_region
 	return ret;
 }
 
+/* The VM-level KVM_SET_MEMORY_ATTRIBUTES (6.8) where the host's KVM lacks it: the kernel's checks for a
+ * VM whose supported attributes are none (a default VM; a v8 VM with in-place conversion). */
+struct shim_memory_attributes { uint64_t address, size, attributes, flags; };
+#define SHIM_SET_MEMORY_ATTRIBUTES 0x4020AED2UL
+
+static long set_memory_attributes(int fd, struct shim_memory_attributes *arg)
+{
+	long ret = sys_ioctl(fd, SHIM_SET_MEMORY_ATTRIBUTES, arg);
+	if (ret == 0 || errno != ENOTTY || !g_mount || !is_vm(fd))
+		return ret;
+	struct shim_memory_attributes a = *arg;
+	if (a.flags || a.attributes)
+		return fail(EINVAL);
+	if (a.size == 0 || a.address + a.size < a.address || a.address % PAGE || a.size % PAGE)
+		return fail(EINVAL);
+	return 0; /* all shared already */
+}
+
 static long set_memory_attributes2(int fd, void *arg)
 {
 	struct gmem *g = g_mount ? gmem_of(fd) : NULL;
@@ -588,6 +610,12 @@ static int complete_mmio(int vcpu_fd)
 	return done == 1;
 }
 
+static int internal_error(int vcpu_fd)
+{
+	return vcpu_fd >= 0 && vcpu_fd < MAX_VCPU_FD && g_vcpus[vcpu_fd].run
+	       && g_vcpus[vcpu_fd].run->exit_reason == KVM_EXIT_INTERNAL_ERROR;
+}
+
 static long run_vcpu(int fd, void *arg)
 {
 	for (int tries = 0;; tries++) {
@@ -596,6 +624,14 @@ static long run_vcpu(int fd, void *arg)
 		if (ret == 0) {
 			if (g_ngmem && tries < 64 && complete_mmio(fd))
 				continue;
+			if (g_ngmem && tries < 8 && internal_error(fd)) { /* e.g. a fetch from a stale page */
+				pthread_mutex_lock(&g_lock);
+				long changed = sync_all();
+				int moved = gen != g_gen;
+				pthread_mutex_unlock(&g_lock);
+				if (changed || moved)
+					continue;
+			}
 			return ret;
 		}
 		if (errno != EFAULT || !g_ngmem || tries >= 8)
@@ -632,6 +668,8 @@ int ioctl(int fd, unsigned long req, ...)
 		return (int)set_user_memory_region(fd, arg);
 	case SHIM_SET_MEMORY_ATTRIBUTES2:
 		return (int)set_memory_attributes2(fd, arg);
+	case SHIM_SET_MEMORY_ATTRIBUTES:
+		return (int)set_memory_attributes(fd, arg);
 	case KVM_RUN:
 		return (int)run_vcpu(fd, arg);
 	case KVM_CREATE_VCPU:
