@@ -52,7 +52,7 @@ def run_mounts() -> set[str]:
     return {m for m in fuse_server.ufsgmem_mounts() if "/ufsgmem-run-" in m}
 
 
-def ufsgmem_run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ufsgmem", "run", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
@@ -72,7 +72,7 @@ def gmem_vcpu(tmp_path_factory):
 def v8_run(gmem_vcpu):
     """The example once under ``ufsgmem run`` (v8), with what was mounted before and after."""
     before = run_mounts()
-    done = ufsgmem_run("--", str(gmem_vcpu))
+    done = run_cli("--", str(gmem_vcpu))
     return done, before, run_mounts()
 
 
@@ -121,8 +121,9 @@ def test_each_rule(v8_run, line):
 
 
 @pytest.mark.kvm
-def test_playing_6_18_the_gmem_ioctl_is_enotty(gmem_vcpu):
-    done = ufsgmem_run("--kernel", "6.18", "--", str(gmem_vcpu))
+def test_playing_6_18_the_gmem_ioctl_is_enotty(gmem_vcpu, ufsgmem_run):
+    """Through the pytest plugin's ``ufsgmem_run`` fixture, as a VMM project would run it."""
+    done = ufsgmem_run([gmem_vcpu], kernel="6.18", timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok   no in-place conversion: the guest_memfd ioctl is ENOTTY" in done.stdout
     assert "ok   VM-level KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) is EINVAL" in done.stdout
@@ -150,7 +151,7 @@ def test_capabilities(tmp_path, kernel, vm_type, want):
         pytest.skip(reason)
     script = tmp_path / "caps.py"
     script.write_text(CAPS)
-    done = ufsgmem_run("--kernel", kernel, "--", sys.executable, str(script), str(vm_type))
+    done = run_cli("--kernel", kernel, "--", sys.executable, str(script), str(vm_type))
     assert done.returncode == 0, done.stderr
     got = tuple(int(x) for x in done.stdout.split())
     for g, w in zip(got, want):
@@ -170,7 +171,7 @@ def test_a_static_program_is_refused(tmp_path):
         pytest.skip(f"no static libc here: {built.stderr[:200]}")
     with pytest.raises(NotReachable, match="statically linked"):
         check_reachable(str(exe))
-    done = ufsgmem_run("--", str(exe))
+    done = run_cli("--", str(exe))
     assert done.returncode == 127 and "statically linked" in done.stderr
 
 
@@ -205,9 +206,9 @@ def test_exit_status_and_the_mount_goes_with_the_program(tmp_path):
     if fuse_unavailable_reason():
         pytest.skip(fuse_unavailable_reason())
     before = run_mounts()
-    done = ufsgmem_run("--", "/bin/sh", "-c", 'test -f "$UFSGMEM_RUN_MOUNT/ctl" && exit 7')
+    done = run_cli("--", "/bin/sh", "-c", 'test -f "$UFSGMEM_RUN_MOUNT/ctl" && exit 7')
     assert done.returncode == 7, done.stderr
-    killed = ufsgmem_run("--", "/bin/sh", "-c", "kill -SEGV $$")
+    killed = run_cli("--", "/bin/sh", "-c", "kill -SEGV $$")
     assert killed.returncode == 128 + signal.SIGSEGV
     assert run_mounts() <= before
 

@@ -26,6 +26,8 @@ How ``mem`` keeps guest_memfd's file rules under FUSE (each tested; the deviatio
 * ``noflush``: close(2) sends no FLUSH (guest_memfd's close writes nothing back either); munmap still
   writes a mapping's dirty pages back.
 
+``private`` (the private view, ``ufsgmem run``) is opened like ``mem``; ``files.py`` says what it serves.
+
 The other files (``ctl``, ``guest``, ``status``, ``snapshot``) are direct I/O too, so with ALLOW_MMAP
 they could be mapped: their page-cache fills and write-backs are refused (EIO, SIGBUS in the mapper), so
 no mapping ever shows guest memory or sends a request.
