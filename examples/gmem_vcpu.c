@@ -4,7 +4,7 @@
  *
  * It runs unchanged on a kernel with guest_memfd and, on a kernel without, under `ufsgmem run`:
  *
- *     cc -O2 -Wall -o gmem_vcpu examples/gmem_vcpu.c
+ *     cc -O2 -Wall -pthread -o gmem_vcpu examples/gmem_vcpu.c
  *     ./gmem_vcpu                              # the machine's kernel
  *     ufsgmem run -- ./gmem_vcpu               # ufsgmem playing a v8 kernel
  *     ufsgmem run --kernel 6.18 -- ./gmem_vcpu # ufsgmem playing 6.18 (no gmem ioctl: ENOTTY)
@@ -29,6 +29,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/kvm.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdint.h>
@@ -455,6 +456,48 @@ static void child_converts_check(volatile uint32_t *hva)
 	check(host_read(hva + 4 * PAGE / 4, &v) == 0 && v == 0x0405, "  the host reads what the guest wrote", NULL);
 }
 
+/* A vCPU thread keeps reading and incrementing a word of page 5 while the main thread converts that page
+ * back and forth: every access sees the previous value, whatever the attribute is at that moment. */
+#define RACE_ACCESSES 300
+static int race_bad;
+static volatile int race_done;
+static void *race_vcpu(void *unused)
+{
+	(void)unused;
+	for (uint32_t i = 0; i < RACE_ACCESSES; i++) {
+		uint32_t got = 0;
+		if (guest_access(5 * PAGE, i + 1, &got) != 0 || got != i)
+			race_bad++;
+	}
+	race_done = 1;
+	return NULL;
+}
+
+static void thread_check(volatile uint32_t *hva)
+{
+	pthread_t t;
+	host_write(hva + 5 * PAGE / 4, 0);
+	if (pthread_create(&t, NULL, race_vcpu, NULL) != 0)
+		die("pthread_create");
+	int conversions = 0, bad_conversions = 0;
+	for (int i = 0; i < 300 && (!race_done || i < 40); i++) {
+		if (convert(5 * PAGE, PAGE, i % 2 ? 0 : KVM_MEMORY_ATTRIBUTE_PRIVATE) == 0)
+			conversions++;
+		else
+			bad_conversions++;
+	}
+	pthread_join(t, NULL);
+	if (conversions % 2) /* end shared */
+		conversions += convert(5 * PAGE, PAGE, 0) == 0;
+	char detail[128];
+	snprintf(detail, sizeof(detail), "%d conversions; %d of %d accesses wrong, %d conversions failed", conversions,
+		 race_bad, RACE_ACCESSES, bad_conversions);
+	check(!race_bad && !bad_conversions, "threads: a vCPU thread's accesses race conversions, content kept", detail);
+	uint32_t v = 0;
+	check(host_read(hva + 5 * PAGE / 4, &v) == 0 && v == RACE_ACCESSES, "threads: the host reads the last write",
+	      NULL);
+}
+
 static void conversion_checks(volatile uint32_t *hva)
 {
 	uint32_t v = 0;
@@ -483,6 +526,7 @@ static void conversion_checks(volatile uint32_t *hva)
 	host_write(hva + 2 * PAGE / 4, 0x0202);
 	fork_check(hva);
 	child_converts_check(hva);
+	thread_check(hva);
 
 	/* punch: a shared page, then a private one; the attribute stays */
 	check(fallocate(gmem, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, PAGE) == 0, "punch shared page 0", NULL);

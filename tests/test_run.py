@@ -63,7 +63,7 @@ def gmem_vcpu(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     exe = tmp_path_factory.mktemp("run") / "gmem_vcpu"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe), str(EXAMPLE)], check=True,
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(exe), str(EXAMPLE)], check=True,
                    capture_output=True, text=True)
     return exe
 
@@ -113,6 +113,7 @@ def test_natively_the_example_skips_with_the_kernels_reason(gmem_vcpu):
     "the parent's vCPU reads page 4 (private, content kept)",
     "punch: the guest reads zeros from the private page", "punch: the page stays private (host SIGBUS)",
     "the guest reads and writes every page, shared and private",
+    "threads: a vCPU thread's accesses race conversions, content kept",
     "VM-level KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) is EINVAL without the VM-level cap",
 ])
 def test_each_rule(v8_run, line):

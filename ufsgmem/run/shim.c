@@ -43,6 +43,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 /* --- uAPI absent from older headers (values from include/uapi/linux/kvm.h and the v8 series) ------ */
@@ -593,21 +594,29 @@ static int complete_mmio(int vcpu_fd)
 	if (run->exit_reason != KVM_EXIT_MMIO || run->mmio.len > 8)
 		return 0;
 	uint64_t gpa = run->mmio.phys_addr;
-	int done = 0;
-	pthread_mutex_lock(&g_lock);
-	for (int i = 0; i < MAX_SLOTS && !done; i++) {
-		struct slot *s = &g_slots[i];
-		if (!s->used || s->vm_fd != v->vm_fd || gpa < s->gpa || gpa + run->mmio.len > s->gpa + s->size)
-			continue;
-		sync_slot(s, s->gofs, s->size);
-		struct iovec local = { run->mmio.data, run->mmio.len };
-		struct iovec remote = { s->hidden + (gpa - s->gpa), run->mmio.len };
-		ssize_t n = run->mmio.is_write ? process_vm_writev(getpid(), &local, 1, &remote, 1, 0)
-					      : process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
-		done = n == (ssize_t)run->mmio.len ? 1 : -1;
+	/* A conversion by another process may still be revoking the page (its fills are refused until it
+	 * commits): wait for it, bounded, as a kernel vCPU fault waits on the invalidate lock. */
+	for (int attempt = 0; attempt < 2000; attempt++) {
+		int done = 0;
+		pthread_mutex_lock(&g_lock);
+		for (int i = 0; i < MAX_SLOTS && !done; i++) {
+			struct slot *s = &g_slots[i];
+			if (!s->used || s->vm_fd != v->vm_fd || gpa < s->gpa || gpa + run->mmio.len > s->gpa + s->size)
+				continue;
+			sync_slot(s, s->gofs, s->size);
+			struct iovec local = { run->mmio.data, run->mmio.len };
+			struct iovec remote = { s->hidden + (gpa - s->gpa), run->mmio.len };
+			ssize_t n = run->mmio.is_write ? process_vm_writev(getpid(), &local, 1, &remote, 1, 0)
+						      : process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+			done = n == (ssize_t)run->mmio.len ? 1 : -1;
+		}
+		pthread_mutex_unlock(&g_lock);
+		if (done >= 0)
+			return done;
+		struct timespec pause = { 0, 500000 };
+		nanosleep(&pause, NULL);
 	}
-	pthread_mutex_unlock(&g_lock);
-	return done == 1;
+	return 0;
 }
 
 static int internal_error(int vcpu_fd)
