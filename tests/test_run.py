@@ -288,3 +288,71 @@ def test_private_view_serves_private_pages_only_and_keeps_one_copy():
             os.close(mem_fd)
             os.close(priv_fd)
             _ctl(f"{mnt.path}/ctl", "destroy pv")
+
+
+LIFETIME = textwrap.dedent("""
+    import fcntl, mmap, os, struct, sys
+    kvm = os.open("/dev/kvm", os.O_RDWR)
+    vm = fcntl.ioctl(kvm, 0xAE01, 0)
+    args = bytearray(struct.pack("<QQ6Q", 1 << 20, 3, 0, 0, 0, 0, 0, 0))
+    fd = fcntl.ioctl(vm, 0xC040AED4, args, True)
+    step = sys.argv[1]
+    if step == "dup":
+        other = os.dup(fd)
+    elif step == "map":
+        m = mmap.mmap(fd, 4096, mmap.MAP_SHARED)
+        m[0] = 1
+    print("created", flush=True)
+    sys.stdin.readline()
+    os.close(fd)
+    print("closed", flush=True)
+    sys.stdin.readline()
+    if step == "dup":
+        os.close(other)
+    elif step == "map":
+        m.close()
+    print("released", flush=True)
+    sys.stdin.readline()
+""")
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("step", ["close", "dup", "map"])
+def test_the_file_goes_with_the_programs_last_fd_and_mapping(tmp_path, step):
+    """As the kernel frees a guest_memfd on its last reference (a dup'd fd and a mapping are references),
+    the server frees the file's memory then, not when the program exits."""
+    from fusefix import memfds, wait_freed
+    reason = _kvm_skip()
+    if reason:
+        pytest.skip(reason)
+    script = tmp_path / "lifetime.py"
+    script.write_text(LIFETIME)
+    with mounted() as mnt:
+        before = memfds(mnt.pid)
+        proc = subprocess.Popen([sys.executable, "-m", "ufsgmem", "run", "--mount", mnt.path, "--", sys.executable,
+                                 str(script), step], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                cwd=ROOT)
+        try:
+            assert proc.stdout.readline().strip() == "created"
+            created = memfds(mnt.pid) - before
+            assert created, "the server holds no memory for the new file"
+            assert os.listdir(mnt.path) == ["ctl"], "the file has no name on the mount"
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "closed"
+            if step == "close":
+                assert wait_freed(mnt.pid, created, f"{mnt.path}/ctl"), "still held after the last close"
+            else:
+                os.stat(f"{mnt.path}/ctl")
+                assert created & memfds(mnt.pid), "freed while a dup or a mapping still refers to it"
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+                assert proc.stdout.readline().strip() == "released"
+                assert wait_freed(mnt.pid, created, f"{mnt.path}/ctl"), "still held after the last reference"
+            proc.stdin.write("\n\n")
+            proc.stdin.flush()
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

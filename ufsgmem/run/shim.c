@@ -25,11 +25,14 @@
  *   mmap of our file                            MAP_PRIVATE: EINVAL; a file created without MMAP: ENODEV
  *   open of /proc/.../fd/N naming our file      ENXIO (the kernel's inode has no open method)
  *
+ *   close()/munmap() of the program's last reference  the file goes, as the kernel's: its memslots lose
+ *                                               their backing (a guest access is EFAULT), its memory is freed
+ *
  * Caveats: a program that issues the system calls itself (syscall(SYS_ioctl, ...), inline assembly) or
- * is statically linked is not reached (`ufsgmem run` refuses the latter); descriptors the program makes
- * with dup() are served, but their close() does not release the file early (it goes at exit).
+ * is statically linked is not reached (`ufsgmem run` refuses the latter).
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -42,6 +45,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -108,6 +112,8 @@ struct gmem {
 	ino_t ino;
 	uint64_t size, flags; /* the flags the program asked for */
 	int mem_fd, ctl_fd, priv_fd; /* ours, close-on-exec */
+	int user_fd; /* a descriptor of the program's: its close() asks whether the file is still referenced */
+	int orphan; /* the program has no descriptor left but still maps it: munmap() asks again */
 };
 
 struct slot {
@@ -308,7 +314,7 @@ static struct slot *find_slot(int vm_fd, uint32_t id)
 
 static void drop_slot(struct slot *s)
 {
-	munmap(s->hidden, s->size);
+	syscall(SYS_munmap, s->hidden, s->size);
 	free(s->kind);
 	memset(s, 0, sizeof(*s));
 }
@@ -405,6 +411,8 @@ static long create_guest_memfd(int vm_fd, struct shim_create_guest_memfd *arg)
 		goto out;
 	}
 	g->used = 1;
+	g->user_fd = user;
+	g->orphan = 0;
 	g->dev = st.st_dev;
 	g->ino = st.st_ino;
 	g->size = c.size;
@@ -473,7 +481,7 @@ static long set_region2(int vm_fd, struct shim_region2 *arg)
 	char *hidden = sys_mmap(NULL, r.memory_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	uint8_t *kind = calloc(r.memory_size / PAGE, 1);
 	if (hidden == MAP_FAILED || !kind) {
-		if (hidden != MAP_FAILED) munmap(hidden, r.memory_size);
+		if (hidden != MAP_FAILED) syscall(SYS_munmap, hidden, r.memory_size);
 		free(kind);
 		err = ENOMEM;
 		goto fail;
@@ -555,7 +563,7 @@ static long create_vcpu(int vm_fd, unsigned long id)
 	if (ret >= 0 && ret < MAX_VCPU_FD && g_mount) {
 		struct vcpu *v = &g_vcpus[ret];
 		if (v->run)
-			munmap(v->run, PAGE);
+			syscall(SYS_munmap, v->run, PAGE);
 		v->vm_fd = vm_fd;
 		v->run = NULL;
 	}
@@ -685,6 +693,111 @@ int ioctl(int fd, unsigned long req, ...)
 		return (int)create_vcpu(fd, (unsigned long)arg);
 	}
 	return (int)sys_ioctl(fd, req, arg);
+}
+
+/* --- the file's lifetime: the last descriptor and mapping of the program ----------------------------- */
+/* Another descriptor of the program on g, or -1. */
+static int other_fd(struct gmem *g)
+{
+	DIR *dir = opendir("/proc/self/fd");
+	if (!dir)
+		return -1;
+	int found = -1, self = dirfd(dir);
+	struct dirent *d;
+	while (found < 0 && (d = readdir(dir))) {
+		int fd = atoi(d->d_name);
+		struct stat st;
+		if (d->d_name[0] == '.' || fd == self || fd == g->mem_fd || fd == g->ctl_fd || fd == g->priv_fd)
+			continue;
+		if (fstat(fd, &st) == 0 && st.st_dev == g->dev && st.st_ino == g->ino)
+			found = fd;
+	}
+	closedir(dir);
+	return found;
+}
+
+/* Whether the program maps g anywhere outside our hidden ranges (/proc/self/maps: "dev inode"). */
+static int program_maps(struct gmem *g)
+{
+	FILE *f = fopen("/proc/self/maps", "re");
+	if (!f)
+		return 1; /* cannot tell: keep it */
+	char line[512];
+	int found = 0;
+	while (!found && fgets(line, sizeof(line), f)) {
+		unsigned long start, end, ino;
+		unsigned int major, minor;
+		if (sscanf(line, "%lx-%lx %*s %*s %x:%x %lu", &start, &end, &major, &minor, &ino) != 5)
+			continue;
+		if (ino != g->ino || makedev(major, minor) != g->dev)
+			continue;
+		int hidden = 0;
+		for (int i = 0; i < MAX_SLOTS && !hidden; i++)
+			if (g_slots[i].used && (char *)start >= g_slots[i].hidden
+			    && (char *)end <= g_slots[i].hidden + g_slots[i].size)
+				hidden = 1;
+		found = !hidden;
+	}
+	fclose(f);
+	return found;
+}
+
+/* The kernel releases a guest_memfd file on its last reference: its memslots lose their backing (a guest
+ * access then fails with EFAULT) and the memory goes. g_lock held. */
+static void release_if_unreferenced(struct gmem *g)
+{
+	int fd = other_fd(g);
+	if (fd >= 0) {
+		g->user_fd = fd;
+		return;
+	}
+	g->user_fd = -1;
+	if (program_maps(g)) {
+		g->orphan = 1;
+		return;
+	}
+	for (int i = 0; i < MAX_SLOTS; i++) {
+		struct slot *s = &g_slots[i];
+		if (s->used && s->g == g) {
+			sys_mmap(s->hidden, s->size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+			memset(s->kind, K_NONE, s->size / PAGE);
+			s->g = NULL;
+		}
+	}
+	syscall(SYS_close, g->mem_fd);
+	syscall(SYS_close, g->ctl_fd);
+	syscall(SYS_close, g->priv_fd);
+	memset(g, 0, sizeof(*g));
+}
+
+int close(int fd)
+{
+	int ret = (int)syscall(SYS_close, fd);
+	if (ret != 0 || !g_ngmem)
+		return ret;
+	int err = errno;
+	pthread_mutex_lock(&g_lock);
+	for (int i = 0; i < MAX_GMEM; i++)
+		if (g_gmem[i].used && g_gmem[i].user_fd == fd)
+			release_if_unreferenced(&g_gmem[i]);
+	pthread_mutex_unlock(&g_lock);
+	errno = err;
+	return ret;
+}
+
+int munmap(void *addr, size_t len)
+{
+	int ret = (int)syscall(SYS_munmap, addr, len);
+	if (ret != 0 || !g_ngmem)
+		return ret;
+	int err = errno;
+	pthread_mutex_lock(&g_lock);
+	for (int i = 0; i < MAX_GMEM; i++)
+		if (g_gmem[i].used && g_gmem[i].orphan)
+			release_if_unreferenced(&g_gmem[i]);
+	pthread_mutex_unlock(&g_lock);
+	errno = err;
+	return ret;
 }
 
 /* --- mmap and open: guest_memfd's answers where a FUSE file cannot give them ------------------------ */
