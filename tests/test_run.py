@@ -356,3 +356,39 @@ def test_the_file_goes_with_the_programs_last_fd_and_mapping(tmp_path, step):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# --- the conformance suite under run ---------------------------------------------------------------------------
+#: The documented deviations of a plain mount that ``ufsgmem run`` removes: run's answers are the kernel's.
+REMOVED_BY_RUN = {"create_reserved_words", "reopen_via_proc", "mmap_not_supported[0]", "mmap_cow[mmap]",
+                  "mmap_cow[mmap|init_shared]"}
+#: Deviations run keeps (its files are the mount's): listed for a plain mount, they agree under run.
+KEPT_BY_RUN = {"create_huge_sizes", "fstatfs_type"}
+
+
+@pytest.mark.kvm
+def test_conformance_under_run_differs_from_a_plain_mount_exactly_where_run_removes_deviations():
+    """Under run the suite's kernel reference is run's emulation, so comparing it with a plain mount shows
+    what run changes: the mount's deviations it removes differ, everything else agrees."""
+    reason = _kvm_skip()
+    if reason:
+        pytest.skip(reason)
+    done = run_cli("--", sys.executable, "-m", "ufsgmem.conformance", timeout=600)
+    verdicts = {}
+    for line in done.stdout.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] in ("agree", "deviation", "v8", "FAIL", "n/a"):
+            verdicts[words[1]] = words[0]
+    assert len(verdicts) > 40, done.stdout + done.stderr
+    differs = {name for name, v in verdicts.items() if v == "deviation"}
+    assert differs == REMOVED_BY_RUN, done.stdout
+    failed = {name for name, v in verdicts.items() if v == "FAIL"}
+    assert failed == KEPT_BY_RUN, done.stdout  # "listed as a deviation but agrees"
+    assert all(v in ("agree", "v8") for name, v in verdicts.items() if name not in differs | failed)
+
+
+def test_a_symlinked_interpreter_is_run_by_its_own_path(tmp_path):
+    """A venv's python is a symlink; executing its target instead would lose the venv."""
+    link = tmp_path / "python"
+    link.symlink_to(sys.executable)
+    assert check_reachable(str(link)) == str(link)

@@ -22,11 +22,12 @@ class NotReachable(Exception):
 
 
 def check_reachable(program: str, *, _depth: int = 0) -> str:
-    """The program's resolved path; NotReachable if LD_PRELOAD would not reach it."""
-    path = program if "/" in program else shutil.which(program)
-    if path is None or not os.path.exists(path):
+    """The path to execute ``program`` by (found on PATH, symlinks kept: a venv's ``python`` must stay the
+    venv's); NotReachable if LD_PRELOAD would not reach it."""
+    found = program if "/" in program else shutil.which(program)
+    if found is None or not os.path.exists(found):
         raise NotReachable(f"{program}: no such program")
-    path = os.path.realpath(path)
+    path = os.path.realpath(found)
     st = os.stat(path)
     if (st.st_mode & stat.S_ISUID and st.st_uid != os.geteuid()) or (
             st.st_mode & stat.S_ISGID and st.st_gid != os.getegid()):
@@ -47,13 +48,13 @@ def check_reachable(program: str, *, _depth: int = 0) -> str:
             if os.path.basename(interp) == "env" and len(words) > 1 and not words[1].startswith(b"-"):
                 interp = os.fsdecode(words[1])
             check_reachable(interp, _depth=_depth + 1)
-            return path
+            return found
         if head[:4] != b"\x7fELF":
             raise NotReachable(f"{path} is neither an ELF program nor a #! script")
         if not _has_interp(f, head):
             raise NotReachable(f"{path} is statically linked (no program interpreter): LD_PRELOAD cannot reach "
                                "it, so ufsgmem run would not be emulating anything; link it dynamically")
-    return path
+    return found
 
 
 def _has_interp(f, head: bytes) -> bool:
