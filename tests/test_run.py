@@ -392,3 +392,20 @@ def test_a_symlinked_interpreter_is_run_by_its_own_path(tmp_path):
     link = tmp_path / "python"
     link.symlink_to(sys.executable)
     assert check_reachable(str(link)) == str(link)
+
+
+@pytest.mark.kvm
+def test_bench_figures_under_run():
+    """``ufsgmem bench``'s R1/R2: every figure measured on both sides (no timing is asserted)."""
+    from ufsgmem.bench import run_vcpu
+    from ufsgmem.bench.suite import Config, Progress, mounted as bench_mounted
+    reason = _kvm_skip()
+    if reason:
+        pytest.skip(reason)
+    with bench_mounted() as mount:
+        figs = run_vcpu.figures(Config.quick_config(), Progress(1), mount)
+    assert [f.id for f in figs] == ["R1.first", "R1.repeated", "R1.shared", "R2"]
+    for fig in figs:
+        assert len(fig.value.values) == run_vcpu.REPS and len(fig.reference.values) == run_vcpu.REPS, fig.id
+        assert fig.value.median > 0 and fig.reference.median > 0, fig.id
+    assert not os.listdir(mount.path) if os.path.isdir(mount.path) else True
