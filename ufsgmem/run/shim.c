@@ -845,8 +845,13 @@ int openat64(int dir, const char *path, int flags, ...)
 { va_list ap; va_start(ap, flags); int r = do_open(dir, path, flags | O_LARGEFILE, ap); va_end(ap); return r; }
 
 /* --- start-up ------------------------------------------------------------------------------------ */
+/* fork() while another thread holds g_lock would leave the child's copy locked forever */
+static void fork_prepare(void) { pthread_mutex_lock(&g_lock); }
+static void fork_done(void) { pthread_mutex_unlock(&g_lock); }
+
 __attribute__((constructor)) static void shim_init(void)
 {
+	pthread_atfork(fork_prepare, fork_done, fork_done);
 	g_mount = getenv("UFSGMEM_RUN_MOUNT");
 	const char *kernel = getenv("UFSGMEM_RUN_KERNEL");
 	g_v8 = !(kernel && !strcmp(kernel, "6.18"));
