@@ -161,6 +161,18 @@ def test_capabilities(tmp_path, kernel, vm_type, want):
 
 
 # --- what run promises ------------------------------------------------------------------------------------
+def test_an_unknown_backend_is_refused_before_anything_runs():
+    done = run_cli("--backend", "nosuch", "--", "/bin/true")
+    assert done.returncode == 127 and "unknown backend 'nosuch'" in done.stderr and "anon" in done.stderr
+
+
+@pytest.mark.kvm
+def test_the_example_passes_on_another_backend(gmem_vcpu):
+    """--backend reaches the server (a private mount's default and each create request): thp serves it all."""
+    done = run_cli("--backend", "thp", "--", str(gmem_vcpu))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_a_static_program_is_refused(tmp_path):
     if not shutil.which("gcc"):
         pytest.skip("gcc is not installed")

@@ -9,8 +9,8 @@ shared and private pages while every host mapping of a private page gets SIGBUS.
 the kernel as it is.
 
 Without --mount, a mount is made for the program in a private directory and removed when it ends,
-however it ends. --kernel 6.18 plays today's kernels (no guest_memfd ioctl: ENOTTY; conversion through
-the VM's KVM_SET_MEMORY_ATTRIBUTES as the host answers it). A statically linked or setuid program cannot
+however it ends. --kernel 6.18 plays today's kernels (no guest_memfd ioctl: ENOTTY; the VM's
+KVM_SET_MEMORY_ATTRIBUTES refuses PRIVATE, as on a VM without private memory). A statically linked or setuid program cannot
 be reached and is refused. The exit status is the program's (128+N if signal N ended it).
 """
 
@@ -22,11 +22,12 @@ HELP = "run an unmodified VMM as if the kernel had guest_memfd (LD_PRELOAD inter
 
 
 def configure(parser) -> None:
+    parser.usage = "ufsgmem run [--mount MNT] [--backend NAME] [--kernel v8|6.18] -- PROGRAM [ARGS...]"
     parser.add_argument("--mount", metavar="MNT", help="an existing ufsgmem mount (default: a private one)")
     parser.add_argument("--backend", help="backend of the files the program creates (default: the mount's)")
     parser.add_argument("--kernel", choices=("v8", "6.18"), default="v8",
                         help="the kernel to play: v8 (in-place conversion, the default) or 6.18")
-    parser.add_argument("program", nargs="+", metavar="-- PROGRAM ARGS", help="the program and its arguments")
+    parser.add_argument("program", nargs="+", metavar="PROGRAM", help="the program, then its arguments (after --)")
 
 
 def run(args) -> int:

@@ -139,8 +139,12 @@ def run_program(argv: list[str], *, mount: str | None = None, backend: str | Non
         raise RunError("no program to run")
     if kernel not in KERNELS:
         raise RunError(f"--kernel {kernel!r}: one of {', '.join(KERNELS)}")
-    if backend is not None and len(backend.encode()) > 31:
-        raise RunError(f"backend name {backend!r} is longer than 31 bytes")
+    if backend is not None:
+        from ..plugins import BACKENDS, available
+        if backend not in available(BACKENDS):
+            raise RunError(f"unknown backend {backend!r}; available: {', '.join(available(BACKENDS))}")
+        if len(backend.encode()) > 31:
+            raise RunError(f"backend name {backend!r} is longer than 31 bytes")
     program = check_reachable(argv[0])
     shim = build_shim()
     if mount is not None:
