@@ -339,6 +339,16 @@ static void errno_checks(void)
 		     bind(2, 0x40000, PAGE, 0, gmem, 0x800), EINVAL);
 	expect_errno("bind: a range past the file's end is EINVAL",
 		     bind(2, 0x40000, 2 * PAGE, 0, gmem, GMEM_SIZE - PAGE), EINVAL);
+	expect_errno("bind: a range already bound to another memslot is EINVAL",
+		     bind(2, 0x40000, PAGE, 0, gmem, PAGE), EINVAL);
+	int other_vm = ioctl(kvm, KVM_CREATE_VM, 0);
+	if (other_vm < 0)
+		die("KVM_CREATE_VM (a second VM)");
+	int saved_vm = vm;
+	vm = other_vm;
+	expect_errno("bind: another VM's guest_memfd is EINVAL", bind(0, 0x40000, PAGE, 0, gmem, 0), EINVAL);
+	vm = saved_vm;
+	close(other_vm);
 	int notgmem = memfd_create("not-gmem", MFD_CLOEXEC);
 	if (notgmem < 0 || ftruncate(notgmem, GMEM_SIZE) != 0)
 		die("memfd_create");

@@ -112,6 +112,7 @@ struct gmem {
 	ino_t ino;
 	uint64_t size, flags; /* the flags the program asked for */
 	int mem_fd, ctl_fd, priv_fd; /* ours, close-on-exec */
+	int vm_fd; /* the VM it was created on: only that VM may bind it */
 	int user_fd; /* a descriptor of the program's: its close() asks whether the file is still referenced */
 	int orphan; /* the program has no descriptor left but still maps it: munmap() asks again */
 };
@@ -411,6 +412,7 @@ static long create_guest_memfd(int vm_fd, struct shim_create_guest_memfd *arg)
 		goto out;
 	}
 	g->used = 1;
+	g->vm_fd = vm_fd;
 	g->user_fd = user;
 	g->orphan = 0;
 	g->dev = st.st_dev;
@@ -474,8 +476,12 @@ static long set_region2(int vm_fd, struct shim_region2 *arg)
 	if (fstat((int)r.guest_memfd, &st) != 0) { err = EBADF; goto fail; }
 	struct gmem *g = gmem_by_stat(&st);
 	if (!g) { err = EINVAL; goto fail; } /* not a guest_memfd */
+	if (g->vm_fd != vm_fd) { err = EINVAL; goto fail; } /* another VM's guest_memfd */
 	if (r.guest_memfd_offset % PAGE || r.guest_memfd_offset + r.memory_size < r.guest_memfd_offset
 	    || r.guest_memfd_offset + r.memory_size > g->size) { err = EINVAL; goto fail; }
+	for (int i = 0; i < MAX_SLOTS; i++) /* a range of the file is bound to one memslot at most */
+		if (g_slots[i].used && g_slots[i].g == g && r.guest_memfd_offset < g_slots[i].gofs + g_slots[i].size
+		    && g_slots[i].gofs < r.guest_memfd_offset + r.memory_size) { err = EINVAL; goto fail; }
 	s = free_slot();
 	if (!s) { err = ENOSPC; goto fail; }
 	char *hidden = sys_mmap(NULL, r.memory_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
