@@ -44,6 +44,16 @@ runs on node 0 only), and the v8 conversion selftests of reference §6.2 beyond 
 `elevated_refcount`, which need a kernel with in-place conversion to compare against; ufsgmem runs them
 through the mount on its own (`tests/test_fuse_conversions.py`).
 
+Under `ufsgmem run` (`docs/testing-vmms.md`), a program meets the kernel's answers where a plain mount
+deviates above: MAP_PRIVATE of a guest_memfd is `EINVAL`, mmap of a file created without `MMAP` is
+`ENODEV`, reopening it through `/proc/self/fd` is `ENXIO`, and the create struct's reserved words are
+ignored (`tests/test_run.py` checks that these, and only these, differ from a plain mount). What `run`
+cannot give is `KVM_EXIT_MEMORY_FAULT`: KVM sees a plain memslot, so a guest access always takes the type
+its page's attribute says (as on `KVM_X86_SW_PROTECTED_VM`). The exit a v8 kernel raises when an access's
+private/shared type does not match the attribute (the implicit conversion request) never comes, so a
+VMM's handler for it is not exercised; an access to a memslot whose file was released is not reported
+with it either (KVM emulates it as MMIO or `KVM_RUN` fails with `EFAULT`).
+
 """
 
 
