@@ -421,3 +421,16 @@ def test_bench_figures_under_run():
     for fig in figs:
         assert len(fig.value.values) == run_vcpu.REPS and len(fig.reference.values) == run_vcpu.REPS, fig.id
         assert fig.value.median > 0 and fig.reference.median > 0, fig.id
+
+
+@pytest.mark.kvm
+def test_everything_else_is_untouched_a_ufsgmem_aware_vmm_passes_under_run(tmp_path):
+    """examples/vmm opens MNT/NAME/mem itself and converts through its own ioctls: under run its files are
+    not the interposer's, so every call reaches the kernel or its own mount as without run."""
+    reason = _kvm_skip()
+    if reason:
+        pytest.skip(reason)
+    done = run_cli("--", sys.executable, str(ROOT / "examples" / "vmm" / "vmm.py"), "--backend", "anon",
+                   "--out", str(tmp_path), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "checks passed" in done.stdout
