@@ -576,6 +576,40 @@ static void conversion_checks(volatile uint32_t *hva)
 	check(all, "the host reads every page the guest wrote", all ? NULL : detail);
 }
 
+/* The kernel releases a guest_memfd file on its last reference: a memslot bound to it loses its backing,
+ * and a guest access is a memory fault (KVM_RUN -1/EFAULT, exit KVM_EXIT_MEMORY_FAULT). Last check: the
+ * vCPU is left mid-access. */
+static void released_check(void)
+{
+	int g = create_gmem(PAGE, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
+	if (g < 0)
+		die("KVM_CREATE_GUEST_MEMFD (released check)");
+	if (bind(3, 0x60000, PAGE, 0, g, 0) != 0)
+		die("bind (released check)");
+	close(g);
+	struct kvm_sregs s;
+	if (ioctl(vcpu, KVM_GET_SREGS, &s) != 0)
+		die("KVM_GET_SREGS");
+	s.ds.base = 0x60000;
+	s.ds.selector = 0x6000;
+	if (ioctl(vcpu, KVM_SET_SREGS, &s) != 0)
+		die("KVM_SET_SREGS");
+	struct kvm_regs regs;
+	memset(&regs, 0, sizeof(regs));
+	regs.rip = 0x1000;
+	regs.rflags = 2;
+	if (ioctl(vcpu, KVM_SET_REGS, &regs) != 0)
+		die("KVM_SET_REGS");
+	int r = ioctl(vcpu, KVM_RUN, 0);
+	int err = errno;
+	uint64_t *mf = (uint64_t *)((char *)run + 32); /* kvm_run.memory_fault: flags, gpa, size */
+	char detail[128];
+	snprintf(detail, sizeof(detail), "KVM_RUN %d (%s), exit %u, gpa %#llx", r, r ? strerror(err) : "ok",
+		 run->exit_reason, (unsigned long long)mf[1]);
+	check(r == -1 && err == EFAULT && run->exit_reason == KVM_EXIT_MEMORY_FAULT && mf[1] == 0x60000,
+	      "a memslot whose guest_memfd was closed: the guest's access is a memory fault", detail);
+}
+
 int main(void)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -629,6 +663,7 @@ int main(void)
 		check(host_read(hva, &v) == 0 && v == 0x2222, "shared: the host reads what the guest wrote", NULL);
 		skip("conversion checks", "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES lacks PRIVATE (no in-place conversion)");
 	}
+	released_check();
 	printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
 	return failed ? 1 : 0;
 }

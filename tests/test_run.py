@@ -115,6 +115,7 @@ def test_natively_the_example_skips_with_the_kernels_reason(gmem_vcpu):
     "punch: the guest reads zeros from the private page", "punch: the page stays private (host SIGBUS)",
     "the guest reads and writes every page, shared and private",
     "threads: a vCPU thread's accesses race conversions, content kept",
+    "a memslot whose guest_memfd was closed: the guest's access is a memory fault",
     "VM-level KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) is EINVAL without the VM-level cap",
 ])
 def test_each_rule(v8_run, line):

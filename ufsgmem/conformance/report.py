@@ -51,8 +51,8 @@ ignored (`tests/test_run.py` checks that these, and only these, differ from a pl
 cannot give is `KVM_EXIT_MEMORY_FAULT`: KVM sees a plain memslot, so a guest access always takes the type
 its page's attribute says (as on `KVM_X86_SW_PROTECTED_VM`). The exit a v8 kernel raises when an access's
 private/shared type does not match the attribute (the implicit conversion request) never comes, so a
-VMM's handler for it is not exercised; an access to a memslot whose file was released is not reported
-with it either (KVM emulates it as MMIO or `KVM_RUN` fails with `EFAULT`).
+VMM's handler for it is not exercised. (An access to a memslot whose file was released does get it:
+`run` turns KVM's MMIO exit there into the kernel's `EFAULT` with the fault's `gpa`.)
 
 """
 

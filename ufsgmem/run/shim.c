@@ -81,6 +81,9 @@
 #ifndef KVM_MEMORY_ATTRIBUTE_PRIVATE
 #define KVM_MEMORY_ATTRIBUTE_PRIVATE (1ULL << 3)
 #endif
+#ifndef KVM_EXIT_MEMORY_FAULT
+#define KVM_EXIT_MEMORY_FAULT 39
+#endif
 #ifndef KVM_MEM_GUEST_MEMFD
 #define KVM_MEM_GUEST_MEMFD (1U << 2)
 #endif
@@ -289,7 +292,7 @@ static long sync_slot(struct slot *s, uint64_t off, uint64_t len)
 	if (c.err)
 		return fail(c.err);
 	if (c.changed)
-		g_gen++;
+		__atomic_add_fetch(&g_gen, 1, __ATOMIC_RELEASE);
 	return c.changed;
 }
 
@@ -592,7 +595,8 @@ static long sync_all(void)
 /* A KVM_EXIT_MMIO inside one of our slots: KVM could not reach the page through a stale hidden mapping
  * (someone else converted it) and emulated the access as MMIO. Remap, then complete the access through
  * the fresh mapping (process_vm_readv/writev: EFAULT instead of SIGBUS if it still cannot be reached).
- * 1 if completed (run again), 0 if the exit is not ours or cannot be completed. */
+ * 1 if completed (run again), 0 if the exit is not ours or cannot be completed, 2 if the slot's file was
+ * released (the exit is now a memory fault, as the kernel reports it). */
 static int complete_mmio(int vcpu_fd)
 {
 	if (vcpu_fd < 0 || vcpu_fd >= MAX_VCPU_FD || !g_vcpus[vcpu_fd].vm_fd)
@@ -617,6 +621,10 @@ static int complete_mmio(int vcpu_fd)
 			struct slot *s = &g_slots[i];
 			if (!s->used || s->vm_fd != v->vm_fd || gpa < s->gpa || gpa + run->mmio.len > s->gpa + s->size)
 				continue;
+			if (!s->g) { /* its file was released: the access stays what KVM made of it */
+				done = -2;
+				break;
+			}
 			sync_slot(s, s->gofs, s->size);
 			struct iovec local = { run->mmio.data, run->mmio.len };
 			struct iovec remote = { s->hidden + (gpa - s->gpa), run->mmio.len };
@@ -625,6 +633,14 @@ static int complete_mmio(int vcpu_fd)
 			done = n == (ssize_t)run->mmio.len ? 1 : -1;
 		}
 		pthread_mutex_unlock(&g_lock);
+		if (done == -2) { /* the kernel's answer: a memory fault exit, KVM_RUN fails with EFAULT */
+			uint64_t *fault = (uint64_t *)((char *)run + 32); /* kvm_run.memory_fault: flags, gpa, size */
+			fault[0] = 0;
+			fault[1] = gpa & ~(PAGE - 1);
+			fault[2] = PAGE;
+			run->exit_reason = KVM_EXIT_MEMORY_FAULT;
+			return 2;
+		}
 		if (done >= 0)
 			return done;
 		struct timespec pause = { 0, 500000 };
@@ -645,12 +661,15 @@ static long run_vcpu(int fd, void *arg)
 		unsigned long gen = __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE);
 		long ret = sys_ioctl(fd, KVM_RUN, arg);
 		if (ret == 0) {
-			if (g_ngmem && tries < 64 && complete_mmio(fd))
+			int completed = g_ngmem && tries < 64 ? complete_mmio(fd) : 0;
+			if (completed == 2)
+				return fail(EFAULT);
+			if (completed)
 				continue;
 			if (g_ngmem && tries < 8 && internal_error(fd)) { /* e.g. a fetch from a stale page */
 				pthread_mutex_lock(&g_lock);
 				long changed = sync_all();
-				int moved = gen != g_gen;
+				int moved = gen != __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE);
 				pthread_mutex_unlock(&g_lock);
 				if (changed || moved)
 					continue;
@@ -663,7 +682,7 @@ static long run_vcpu(int fd, void *arg)
 		 * every hidden range up to date; run again if that (or a conversion meanwhile) changed any. */
 		pthread_mutex_lock(&g_lock);
 		long changed = sync_all();
-		int moved = gen != g_gen;
+		int moved = gen != __atomic_load_n(&g_gen, __ATOMIC_ACQUIRE);
 		pthread_mutex_unlock(&g_lock);
 		if (!changed && !moved) {
 			errno = EFAULT;
