@@ -404,6 +404,23 @@ static void ioctl_errno_checks(void)
 	a.reserved[3] = 1;
 	expect_errno("ioctl: a reserved field set is EINVAL", ioctl(gmem, KVM_SET_MEMORY_ATTRIBUTES2, &a), EINVAL);
 	expect_errno("ioctl: another command on the guest_memfd is ENOTTY", ioctl(gmem, KVM_RUN, 0), ENOTTY);
+
+	/* a default VM has no private memory: its guest_memfd cannot convert (v8's check 4) */
+	int saved_vm = vm, plain_vm = ioctl(kvm, KVM_CREATE_VM, 0);
+	if (plain_vm < 0)
+		die("KVM_CREATE_VM (default type)");
+	vm = plain_vm;
+	long cap = ioctl(vm, KVM_CHECK_EXTENSION, KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES);
+	int plain_gmem = create_gmem(PAGE, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
+	vm = saved_vm;
+	if (plain_gmem < 0)
+		die("KVM_CREATE_GUEST_MEMFD (default VM)");
+	check(cap == 0, "a default VM reports no guest_memfd attributes", NULL);
+	a = (struct kvm_memory_attributes2){ .size = PAGE, .attributes = KVM_MEMORY_ATTRIBUTE_PRIVATE };
+	expect_errno("ioctl: a guest_memfd of a VM without private memory cannot convert (EINVAL)",
+		     ioctl(plain_gmem, KVM_SET_MEMORY_ATTRIBUTES2, &a), EINVAL);
+	close(plain_gmem);
+	close(plain_vm);
 }
 
 /* A forked child maps page 2 while shared and reads it; the parent makes it private; the child's older

@@ -116,6 +116,7 @@ def test_natively_the_example_skips_with_the_kernels_reason(gmem_vcpu):
     "the guest reads and writes every page, shared and private",
     "threads: a vCPU thread's accesses race conversions, content kept",
     "a memslot whose guest_memfd was closed: the guest's access is a memory fault",
+    "ioctl: a guest_memfd of a VM without private memory cannot convert (EINVAL)",
     "VM-level KVM_SET_MEMORY_ATTRIBUTES(PRIVATE) is EINVAL without the VM-level cap",
 ])
 def test_each_rule(v8_run, line):
@@ -146,6 +147,7 @@ CAPS = textwrap.dedent("""
 @pytest.mark.kvm
 @pytest.mark.parametrize("kernel,vm_type,want", [
     ("v8", 1, (1, 3, 8, 0, 1, 3, 8, 0)),  # a KVM_X86_SW_PROTECTED_VM, served on the host's default type
+    ("v8", 0, (1, 3, 8, 0, 1, 3, 0, 0)),  # a default VM has no private memory: no attributes on it
     ("6.18", 0, (1, 3, 0, None, 1, 3, 0, None)),
 ])
 def test_capabilities(tmp_path, kernel, vm_type, want):

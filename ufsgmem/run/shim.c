@@ -28,7 +28,8 @@
  *   close()/munmap() of the program's last reference  the file goes, as the kernel's: its memslots lose
  *                                               their backing (a guest access is EFAULT), its memory is freed
  *
- * Caveats: a program that issues the system calls itself (syscall(SYS_ioctl, ...), inline assembly) or
+ * Caveats: memslots are tracked per VM descriptor number: closing a VM fd forgets (and unmaps) its slots,
+ * even if a dup of it lives on. A program that issues the system calls itself (syscall(SYS_ioctl, ...), inline assembly) or
  * is statically linked is not reached (`ufsgmem run` refuses the latter).
  */
 #define _GNU_SOURCE
@@ -116,6 +117,7 @@ struct gmem {
 	uint64_t size, flags; /* the flags the program asked for */
 	int mem_fd, ctl_fd, priv_fd; /* ours, close-on-exec */
 	int vm_fd; /* the VM it was created on: only that VM may bind it */
+	int private_ok; /* that VM has private memory (KVM_X86_SW_PROTECTED_VM): conversions are allowed */
 	int user_fd; /* a descriptor of the program's: its close() asks whether the file is still referenced */
 	int orphan; /* the program has no descriptor left but still maps it: munmap() asks again */
 };
@@ -126,6 +128,7 @@ struct slot {
 	uint32_t slot;
 	uint64_t size, gofs, gpa;
 	struct gmem *g;
+	int private_ok; /* its VM has private memory: private pages map the private view, else nothing */
 	char *hidden;
 	uint8_t *kind; /* per page: what the hidden range maps now */
 };
@@ -139,6 +142,9 @@ static struct slot g_slots[MAX_SLOTS];
 #define MAX_VCPU_FD 4096
 /* per vCPU descriptor: its VM and our own mapping of its kvm_run (made on first need) */
 static struct vcpu { int vm_fd; struct kvm_run *run; } g_vcpus[MAX_VCPU_FD];
+/* per VM descriptor: created as KVM_X86_SW_PROTECTED_VM (playing v8), so it has private memory */
+static uint8_t g_vm_private[MAX_VCPU_FD];
+static int vm_private(int vm_fd) { return vm_fd >= 0 && vm_fd < MAX_VCPU_FD && g_vm_private[vm_fd]; }
 static int g_ngmem; /* files ever created (a fast "nothing to do" test) */
 static unsigned long g_gen; /* bumped by every remap: KVM_RUN retries when it moved */
 static unsigned long g_counter;
@@ -260,15 +266,20 @@ static void sync_run(void *p, uint64_t o, uint64_t len, int private)
 {
 	struct sync_ctx *c = p;
 	struct slot *s = c->s;
-	uint8_t want = private ? K_PRIVATE : K_SHARED;
+	/* A VM without private memory never reaches a private page: KVM emulates the access as MMIO, as the
+	 * kernel's does (measured on 6.18 for a file without INIT_SHARED). */
+	uint8_t want = !private ? K_SHARED : s->private_ok ? K_PRIVATE : K_NONE;
 	uint64_t first = (o - s->gofs) / PAGE, last = first + len / PAGE;
 	for (uint64_t i = first; i < last;) {
 		if (s->kind[i] == want) { i++; continue; }
 		uint64_t j = i;
 		while (j < last && s->kind[j] != want) j++;
-		int fd = private ? s->g->priv_fd : s->g->mem_fd;
-		void *at = sys_mmap(s->hidden + i * PAGE, (j - i) * PAGE, PROT_READ | PROT_WRITE,
-				    MAP_SHARED | MAP_FIXED, fd, s->gofs + i * PAGE);
+		int fd = want == K_PRIVATE ? s->g->priv_fd : s->g->mem_fd;
+		void *at = want == K_NONE
+			? sys_mmap(s->hidden + i * PAGE, (j - i) * PAGE, PROT_NONE,
+				   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+			: sys_mmap(s->hidden + i * PAGE, (j - i) * PAGE, PROT_READ | PROT_WRITE,
+				   MAP_SHARED | MAP_FIXED, fd, s->gofs + i * PAGE);
 		if (at == MAP_FAILED) {
 			c->err = errno;
 			return;
@@ -334,8 +345,8 @@ static long check_extension(int fd, long cap)
 		return 1;
 	case KVM_CAP_GUEST_MEMFD_FLAGS:
 		return SUPPORTED_FLAGS;
-	case KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES:
-		return g_v8 ? (long)KVM_MEMORY_ATTRIBUTE_PRIVATE : real;
+	case KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: /* a VM without private memory: none */
+		return !g_v8 ? real : is_kvm_dev(fd) || vm_private(fd) ? (long)KVM_MEMORY_ATTRIBUTE_PRIVATE : 0;
 	case KVM_CAP_MEMORY_ATTRIBUTES: /* v8 with in-place conversion: the VM-level PRIVATE is gone */
 		return g_v8 ? 0 : real;
 	case KVM_CAP_VM_TYPES:
@@ -348,10 +359,14 @@ static long check_extension(int fd, long cap)
 
 static long create_vm(int fd, unsigned long type)
 {
-	if (g_mount && g_v8 && type == KVM_X86_SW_PROTECTED_VM && is_kvm_dev(fd)
+	int sw_protected = g_mount && g_v8 && type == KVM_X86_SW_PROTECTED_VM && is_kvm_dev(fd);
+	if (sw_protected
 	    && !(sys_ioctl(fd, KVM_CHECK_EXTENSION, (void *)(long)KVM_CAP_VM_TYPES) & (1L << KVM_X86_SW_PROTECTED_VM)))
 		type = 0; /* served on the host's default VM: the emulation provides the private memory */
-	return sys_ioctl(fd, KVM_CREATE_VM, (void *)type);
+	long vm = sys_ioctl(fd, KVM_CREATE_VM, (void *)type);
+	if (vm >= 0 && vm < MAX_VCPU_FD)
+		g_vm_private[vm] = (uint8_t)sw_protected;
+	return vm;
 }
 
 static struct gmem *free_gmem(void)
@@ -416,6 +431,7 @@ static long create_guest_memfd(int vm_fd, struct shim_create_guest_memfd *arg)
 	}
 	g->used = 1;
 	g->vm_fd = vm_fd;
+	g->private_ok = vm_private(vm_fd);
 	g->user_fd = user;
 	g->orphan = 0;
 	g->dev = st.st_dev;
@@ -495,7 +511,8 @@ static long set_region2(int vm_fd, struct shim_region2 *arg)
 		err = ENOMEM;
 		goto fail;
 	}
-	*s = (struct slot){ 1, vm_fd, r.slot, r.memory_size, r.guest_memfd_offset, r.guest_phys_addr, g, hidden, kind };
+	*s = (struct slot){ 1, vm_fd, r.slot, r.memory_size, r.guest_memfd_offset, r.guest_phys_addr, g,
+			    g->private_ok, hidden, kind };
 	if (sync_slot(s, s->gofs, s->size) < 0) { err = errno; drop_slot(s); goto fail; }
 	r.flags &= ~KVM_MEM_GUEST_MEMFD;
 	r.userspace_addr = (uintptr_t)hidden;
@@ -554,6 +571,8 @@ static long set_memory_attributes2(int fd, void *arg)
 		return sys_ioctl(fd, SHIM_SET_MEMORY_ATTRIBUTES2, arg);
 	if (!g_v8) /* 6.18 has no guest_memfd ioctl at all */
 		return fail(ENOTTY);
+	if (!g->private_ok) /* v8's check 4: the VM has no private memory (every failure here is EINVAL) */
+		return fail(EINVAL);
 	pthread_mutex_lock(&g_lock);
 	long ret = sys_ioctl(fd, SHIM_SET_MEMORY_ATTRIBUTES2, arg);
 	int err = errno;
@@ -626,6 +645,8 @@ static int complete_mmio(int vcpu_fd)
 				break;
 			}
 			sync_slot(s, s->gofs, s->size);
+			if (s->kind[(gpa - s->gpa) / PAGE] == K_NONE) /* a private page of a VM without private */
+				break;				   /* memory: the MMIO exit is the kernel's */
 			struct iovec local = { run->mmio.data, run->mmio.len };
 			struct iovec remote = { s->hidden + (gpa - s->gpa), run->mmio.len };
 			ssize_t n = run->mmio.is_write ? process_vm_writev(getpid(), &local, 1, &remote, 1, 0)
@@ -798,10 +819,31 @@ static void release_if_unreferenced(struct gmem *g)
 int close(int fd)
 {
 	int ret = (int)syscall(SYS_close, fd);
-	if (ret != 0 || !g_ngmem)
+	if (ret != 0)
 		return ret;
 	int err = errno;
+	if (fd >= 0 && fd < MAX_VCPU_FD && (g_vcpus[fd].vm_fd || g_vcpus[fd].run)) {
+		/* a vCPU goes: our mapping of its kvm_run would keep it (and its VM) alive */
+		pthread_mutex_lock(&g_lock);
+		if (g_vcpus[fd].run)
+			syscall(SYS_munmap, g_vcpus[fd].run, PAGE);
+		g_vcpus[fd].run = NULL;
+		g_vcpus[fd].vm_fd = 0;
+		pthread_mutex_unlock(&g_lock);
+	}
+	if (fd >= 0 && fd < MAX_VCPU_FD)
+		g_vm_private[fd] = 0;
+	if (!g_ngmem)
+		return ret;
 	pthread_mutex_lock(&g_lock);
+	/* A VM fd goes: its memslots go with the VM (the number may name another VM next), and its files can
+	 * no longer be bound by a VM that gets the same number. */
+	for (int i = 0; i < MAX_SLOTS; i++)
+		if (g_slots[i].used && g_slots[i].vm_fd == fd)
+			drop_slot(&g_slots[i]);
+	for (int i = 0; i < MAX_GMEM; i++)
+		if (g_gmem[i].used && g_gmem[i].vm_fd == fd)
+			g_gmem[i].vm_fd = -1;
 	for (int i = 0; i < MAX_GMEM; i++)
 		if (g_gmem[i].used && g_gmem[i].user_fd == fd)
 			release_if_unreferenced(&g_gmem[i]);
