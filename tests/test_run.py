@@ -437,3 +437,24 @@ def test_everything_else_is_untouched_a_ufsgmem_aware_vmm_passes_under_run(tmp_p
                    "--out", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "checks passed" in done.stdout
+
+
+def test_a_static_program_started_by_the_program_is_refused_too(tmp_path):
+    """The handshake proves only the first program loaded the interposer: an exec of a program it cannot
+    follow (static) is refused in the child with a message, never run natively."""
+    if fuse_unavailable_reason() or not shutil.which("gcc"):
+        pytest.skip(fuse_unavailable_reason() or "gcc is not installed")
+    src = tmp_path / "s.c"
+    src.write_text('#include <stdio.h>\nint main(void) { puts("ran natively"); return 0; }\n')
+    exe = tmp_path / "static"
+    built = subprocess.run(["gcc", "-static", "-o", str(exe), str(src)], capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"no static libc here: {built.stderr[:200]}")
+    done = run_cli("--", "/bin/sh", "-c", f'{exe}; echo "status $?"')
+    assert "ran natively" not in done.stdout
+    assert "refusing to execute" in done.stderr and "status 126" in done.stdout
+    script = tmp_path / "py.py"
+    script.write_text(f"import subprocess, sys\ntry:\n    subprocess.run([{str(exe)!r}])\n"
+                      "except PermissionError:\n    print('refused')\n")
+    done = run_cli("--", sys.executable, str(script))
+    assert "refused" in done.stdout and "ran natively" not in done.stdout, done.stdout + done.stderr

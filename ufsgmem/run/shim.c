@@ -24,6 +24,8 @@
  *                                               through the fresh mapping; then run again (bounded)
  *   mmap of our file                            MAP_PRIVATE: EINVAL; a file created without MMAP: ENODEV
  *   open of /proc/.../fd/N naming our file      ENXIO (the kernel's inode has no open method)
+ *   execve/execv/execvp/execvpe of a program    EPERM with a message if the loader would not load this
+ *   it cannot follow (static, setuid)           library into it: it would run without guest_memfd
  *
  *   close()/munmap() of the program's last reference  the file goes, as the kernel's: its memslots lose
  *                                               their backing (a guest access is EFAULT), its memory is freed
@@ -910,6 +912,116 @@ int openat(int dir, const char *path, int flags, ...)
 { va_list ap; va_start(ap, flags); int r = do_open(dir, path, flags, ap); va_end(ap); return r; }
 int openat64(int dir, const char *path, int flags, ...)
 { va_list ap; va_start(ap, flags); int r = do_open(dir, path, flags | O_LARGEFILE, ap); va_end(ap); return r; }
+
+/* --- exec: a program this library cannot follow is refused, never run natively ------------------------ */
+/* Whether the loader will load this library into `path`: a dynamically linked ELF (PT_INTERP), not
+ * setuid/setgid to someone else; a #! script by its interpreter. 1 yes, 0 no, -1 cannot tell (let the
+ * kernel answer the exec). */
+static int reachable(const char *path, int depth)
+{
+	struct stat st;
+	if (stat(path, &st) != 0)
+		return -1;
+	if ((st.st_mode & S_ISUID && st.st_uid != geteuid()) || (st.st_mode & S_ISGID && st.st_gid != getegid()))
+		return 0;
+	int fd = sys_openat(AT_FDCWD, path, O_RDONLY | O_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	unsigned char head[4096];
+	ssize_t n = pread(fd, head, sizeof(head) - 1, 0);
+	int result = -1;
+	if (n >= 2 && head[0] == '#' && head[1] == '!' && depth < 4) {
+		head[n] = 0;
+		char *p = (char *)head + 2, interp[256];
+		while (*p == ' ' || *p == '\t') p++;
+		size_t len = strcspn(p, " \t\n");
+		if (len && len < sizeof(interp)) {
+			memcpy(interp, p, len);
+			interp[len] = 0;
+			result = reachable(interp, depth + 1);
+		}
+	} else if (n >= 64 && !memcmp(head, "\x7f" "ELF", 4)) {
+		int is64 = head[4] == 2;
+		uint64_t phoff;
+		uint16_t phentsize, phnum;
+		if (is64) {
+			memcpy(&phoff, head + 32, 8);
+			memcpy(&phentsize, head + 54, 2);
+			memcpy(&phnum, head + 56, 2);
+		} else {
+			uint32_t off32;
+			memcpy(&off32, head + 28, 4);
+			phoff = off32;
+			memcpy(&phentsize, head + 42, 2);
+			memcpy(&phnum, head + 44, 2);
+		}
+		result = 0;
+		for (unsigned i = 0; i < phnum && phentsize >= 4; i++) {
+			uint32_t type;
+			if (pread(fd, &type, 4, (off_t)(phoff + (uint64_t)i * phentsize)) != 4)
+				break;
+			if (type == 3 /* PT_INTERP */) {
+				result = 1;
+				break;
+			}
+		}
+	}
+	syscall(SYS_close, fd);
+	return result;
+}
+
+static int refuse_exec(const char *path)
+{
+	if (!g_mount || reachable(path, 0) != 0)
+		return 0;
+	char msg[512];
+	int n = snprintf(msg, sizeof(msg), "ufsgmem run: refusing to execute %s: it is statically linked or "
+			 "setuid, so the interposer cannot follow it and it would run without guest_memfd\n", path);
+	if (write(2, msg, n) < 0) { /* nothing more to say */ }
+	errno = EPERM;
+	return 1;
+}
+
+extern char **environ;
+
+int execve(const char *path, char *const argv[], char *const envp[])
+{
+	if (refuse_exec(path))
+		return -1;
+	return (int)syscall(SYS_execve, path, argv, envp);
+}
+
+int execv(const char *path, char *const argv[]) { return execve(path, argv, environ); }
+
+int execvpe(const char *file, char *const argv[], char *const envp[])
+{
+	if (!*file)
+		return fail(ENOENT);
+	if (strchr(file, '/'))
+		return execve(file, argv, envp);
+	const char *dirs = getenv("PATH");
+	if (!dirs)
+		dirs = "/bin:/usr/bin";
+	int err = ENOENT;
+	for (const char *p = dirs;; p++) {
+		const char *end = strchrnul(p, ':');
+		char path[4096];
+		int n = snprintf(path, sizeof(path), "%.*s%s%s", (int)(end - p), p, end == p ? "" : "/", file);
+		if (n > 0 && (size_t)n < sizeof(path)) {
+			execve(path, argv, envp);
+			if (errno == EACCES || errno == EPERM)
+				err = errno;
+			else if (errno != ENOENT && errno != ENOTDIR)
+				return -1;
+		}
+		if (!*end)
+			break;
+		p = end;
+	}
+	return fail(err);
+}
+
+int execvp(const char *file, char *const argv[]) { return execvpe(file, argv, environ); }
 
 /* --- start-up ------------------------------------------------------------------------------------ */
 /* fork() while another thread holds g_lock would leave the child's copy locked forever */
