@@ -377,9 +377,9 @@ def test_the_file_goes_with_the_programs_last_fd_and_mapping(tmp_path, step):
 # --- the conformance suite under run ---------------------------------------------------------------------------
 #: The documented deviations of a plain mount that ``ufsgmem run`` removes: run's answers are the kernel's.
 REMOVED_BY_RUN = {"create_reserved_words", "reopen_via_proc", "mmap_not_supported[0]", "mmap_cow[mmap]",
-                  "mmap_cow[mmap|init_shared]"}
+                  "mmap_cow[mmap|init_shared]", "fstatfs_type"}
 #: Deviations run keeps (its files are the mount's): listed for a plain mount, they agree under run.
-KEPT_BY_RUN = {"create_huge_sizes", "fstatfs_type"}
+KEPT_BY_RUN = {"create_huge_sizes"}
 
 
 @pytest.mark.kvm

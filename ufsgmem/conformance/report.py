@@ -46,8 +46,9 @@ through the mount on its own (`tests/test_fuse_conversions.py`).
 
 Under `ufsgmem run` (`docs/testing-vmms.md`), a program meets the kernel's answers where a plain mount
 deviates above: MAP_PRIVATE of a guest_memfd is `EINVAL`, mmap of a file created without `MMAP` is
-`ENODEV`, reopening it through `/proc/self/fd` is `ENXIO`, and the create struct's reserved words are
-ignored (`tests/test_run.py` checks that these, and only these, differ from a plain mount). What `run`
+`ENODEV`, reopening it through `/proc/self/fd` is `ENXIO`, `fstatfs` reports the anon_inode filesystem,
+and the create struct's reserved words are ignored (`tests/test_run.py` checks that these, and only
+these, differ from a plain mount). What `run`
 cannot give is `KVM_EXIT_MEMORY_FAULT`: KVM sees a plain memslot, so a guest access always takes the type
 its page's attribute says (as on `KVM_X86_SW_PROTECTED_VM`). The exit a v8 kernel raises when an access's
 private/shared type does not match the attribute (the implicit conversion request) never comes, so a

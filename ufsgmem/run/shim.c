@@ -23,7 +23,8 @@
  *                                               differs; an MMIO access (KVM emulated it) is completed
  *                                               through the fresh mapping; then run again (bounded)
  *   mmap of our file                            MAP_PRIVATE: EINVAL; a file created without MMAP: ENODEV
- *   open of /proc/.../fd/N naming our file      ENXIO (the kernel's inode has no open method)
+ *   open of /proc/.../fd/N naming our file      ENXIO, as the kernel's anonymous inode (measured on 6.18)
+ *   fstatfs of our file                         f_type ANON_INODE_FS_MAGIC, as the kernel's (6.18)
  *   execve/execv/execvp/execvpe of a program    EPERM with a message if the loader would not load this
  *   it cannot follow (static, setuid)           library into it: it would run without guest_memfd
  *
@@ -47,6 +48,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
@@ -887,6 +889,23 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 }
 void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 	__attribute__((alias("mmap")));
+
+/* fstatfs: guest_memfd's inode lives on the anon_inode filesystem (measured on 6.18: 0x09041934) */
+#define ANON_INODE_FS_MAGIC 0x09041934
+int fstatfs(int fd, struct statfs *buf)
+{
+	int ret = (int)syscall(SYS_fstatfs, fd, buf);
+	if (ret == 0 && gmem_of(fd))
+		buf->f_type = ANON_INODE_FS_MAGIC;
+	return ret;
+}
+int fstatfs64(int fd, struct statfs64 *buf)
+{
+	int ret = (int)syscall(SYS_fstatfs, fd, buf);
+	if (ret == 0 && gmem_of(fd))
+		buf->f_type = ANON_INODE_FS_MAGIC;
+	return ret;
+}
 
 /* Reopening our file through /proc/PID/fd/N: the kernel's guest_memfd inode has no open method. */
 static int proc_reopen(const char *path)
