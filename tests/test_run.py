@@ -458,3 +458,28 @@ def test_a_static_program_started_by_the_program_is_refused_too(tmp_path):
                       "except PermissionError:\n    print('refused')\n")
     done = run_cli("--", sys.executable, str(script))
     assert "refused" in done.stdout and "ran natively" not in done.stdout, done.stdout + done.stderr
+
+
+def test_guest_file_and_private_view_stay_coherent():
+    """``NAME/guest`` (pread/pwrite of any page) sees what a mapping of ``private`` wrote, and a mapping
+    of ``private`` sees what ``guest`` wrote."""
+    if fuse_unavailable_reason():
+        pytest.skip(fuse_unavailable_reason())
+    page = mmap.PAGESIZE
+    with mounted() as mnt:
+        _ctl(f"{mnt.path}/ctl", "create gv size=8K flags=mmap")  # all private
+        priv_fd = os.open(f"{mnt.path}/gv/private", os.O_RDWR)
+        guest_fd = os.open(f"{mnt.path}/gv/guest", os.O_RDWR)
+        try:
+            with mmap.mmap(priv_fd, 2 * page, mmap.MAP_SHARED) as priv:
+                priv[8:12] = b"vcpu"  # dirty in the private view's page cache
+                assert os.pread(guest_fd, 4, 8) == b"vcpu"
+                os.pwrite(guest_fd, b"host", page + 16)
+                assert priv[page + 16:page + 20] == b"host"
+                priv[16:20] = b"more"
+                os.pwrite(guest_fd, b"gw", 0)  # a guest write of the same page keeps the mapping's bytes
+                assert priv[0:2] == b"gw" and priv[16:20] == b"more" and priv[8:12] == b"vcpu"
+        finally:
+            os.close(priv_fd)
+            os.close(guest_fd)
+            _ctl(f"{mnt.path}/ctl", "destroy gv")

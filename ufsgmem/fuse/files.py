@@ -47,7 +47,8 @@ ranges marked as possibly cached, so the next conversion revokes them again.
     dirty host pages back (so an older dirty page cannot overwrite the guest's bytes later), then
     applies the write, then revokes the range so every mapping faults the new bytes in. A host write to
     the same page racing the guest write may still win with its whole page (the kernel would order the
-    two; FUSE gives us no page lock to do that).
+    two; FUSE gives us no page lock to do that). Pages the private view (below) handed out are written
+    back before a guest read and revoked around a guest write, likewise.
 
 ``private``
     The private view, for ``ufsgmem run`` (docs/architecture.md): a mappable file whose page fills serve
@@ -494,6 +495,7 @@ class Files:
                 with entry.state:
                     shared = self._shared_pages(gm, offset, size)
                 self.write_back(entry, shared)
+            self.revoke_private(entry, self._page_range(gm, offset, size))  # what a vCPU wrote there
             with entry.state:  # a vCPU's first access allocates, as a guest fault does
                 return bytes(self._committing(entry, offset, size, lambda: gm.guest_read(offset, size)))
 
@@ -506,10 +508,17 @@ class Files:
             with entry.state:
                 shared = self._shared_pages(gm, offset, len(data)) if gm.flags & GUEST_MEMFD_FLAG_MMAP else []
             self.write_back(entry, shared)
+            self.revoke_private(entry, self._page_range(gm, offset, len(data)))
             with entry.state:
                 self._committing(entry, offset, len(data), lambda: gm.guest_write(offset, data))
             self.revoke(entry, shared)
+            self.revoke_private(entry, self._page_range(gm, offset, len(data)))  # a fill that raced the write
         return len(data)
+
+    @staticmethod
+    def _page_range(gm: GuestMemfd, offset: int, size: int) -> Range:
+        return Range(align_down(offset, PAGE_SIZE), max(align_down(offset, PAGE_SIZE),
+                                                        min(gm.size, align_up(offset + size, PAGE_SIZE))))
 
     # --- status and snapshot ------------------------------------------------------------------------
     def status(self, entry: Entry) -> bytes:
