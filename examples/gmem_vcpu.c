@@ -339,6 +339,8 @@ static void errno_checks(void)
 		     bind(2, 0x40000, PAGE, 0, gmem, 0x800), EINVAL);
 	expect_errno("bind: a range past the file's end is EINVAL",
 		     bind(2, 0x40000, 2 * PAGE, 0, gmem, GMEM_SIZE - PAGE), EINVAL);
+	expect_errno("bind: a guest_memfd memslot is immutable (moving it is EINVAL)",
+		     bind(1, GMEM_GPA + GMEM_SIZE, GMEM_SIZE, 0, gmem, 0), EINVAL);
 	expect_errno("bind: a range already bound to another memslot is EINVAL",
 		     bind(2, 0x40000, PAGE, 0, gmem, PAGE), EINVAL);
 	int other_vm = ioctl(kvm, KVM_CREATE_VM, 0);

@@ -105,6 +105,7 @@ def test_natively_the_example_skips_with_the_kernels_reason(gmem_vcpu):
     "bind: unaligned guest_memfd_offset is EINVAL", "bind: a range past the file's end is EINVAL",
     "bind: an fd that is not a guest_memfd is EINVAL",
     "bind: a range already bound to another memslot is EINVAL", "bind: another VM's guest_memfd is EINVAL",
+    "bind: a guest_memfd memslot is immutable (moving it is EINVAL)",
     "mmap: MAP_PRIVATE of a guest_memfd is EINVAL", "mmap: a guest_memfd created without MMAP is ENODEV",
     "reopening the guest_memfd through /proc is refused",
     "ioctl: unaligned offset is EINVAL", "ioctl: a range past the end is EINVAL", "ioctl: flags != 0 is EINVAL",

@@ -481,13 +481,9 @@ static long set_region2(int vm_fd, struct shim_region2 *arg)
 		ret = sys_ioctl(vm_fd, SHIM_SET_USER_MEMORY_REGION2, &r);
 		goto out_errno;
 	}
-	if (s) { /* a flags change of our slot: same binding, same hidden range */
-		r.flags &= ~KVM_MEM_GUEST_MEMFD;
-		r.userspace_addr = (uintptr_t)s->hidden;
-		r.guest_memfd = 0;
-		r.guest_memfd_offset = 0;
-		ret = sys_ioctl(vm_fd, SHIM_SET_USER_MEMORY_REGION2, &r);
-		goto out_errno;
+	if (s) { /* the kernel's rule: a guest_memfd memslot is immutable, it can only be deleted */
+		err = EINVAL;
+		goto fail;
 	}
 	/* the kernel's checks: the memslot's own first, then the binding's */
 	if (r.memory_size % PAGE || r.guest_phys_addr % PAGE || r.userspace_addr % PAGE) { err = EINVAL; goto fail; }
