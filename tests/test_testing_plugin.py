@@ -37,7 +37,7 @@ pytest_plugins = ["pytester"]
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "testing-vmms.md")
 SUBPROCESS_TIMEOUT = 180  # seconds; a run takes about two
 SZ_2M = 2 << 20
-FIXTURES = {"ufsgmem_mount", "ufsgmem_file", "ufsgmem_hugepages", "gmem_expect_sigbus", "gmem_target"}
+FIXTURES = {"ufsgmem_mount", "ufsgmem_file", "ufsgmem_hugepages", "gmem_expect_sigbus", "gmem_target", "ufsgmem_run"}
 KEEP_PUNCH = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 requires_fuse = pytest.mark.skipif(fuse_unavailable_reason() is not None,

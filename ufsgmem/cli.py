@@ -14,7 +14,7 @@ import sys
 from . import __version__, commands
 from .errors import GuestMemfdError, PluginError
 
-ORDER = ["demo", "mount", "umount", "create", "destroy", "convert", "status", "layout", "policy", "bench"]
+ORDER = ["demo", "mount", "umount", "create", "destroy", "convert", "status", "run", "layout", "policy", "bench"]
 
 
 def _command_names() -> list[str]:

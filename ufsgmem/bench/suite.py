@@ -47,7 +47,7 @@ from .. import __version__, hugepages, kvm
 from ..client import GmemFile, Mount
 from ..fuse.latency import DEVICE as CPU_LATENCY_DEVICE, NO_LIMIT, current_limit
 from ..uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, SZ_1G, SZ_2M, SZ_4K
-from . import floor, memory
+from . import floor, memory, run_vcpu
 from .dirtier import Dirtier
 from .stats import Figure, Series, fmt, timed
 
@@ -548,7 +548,7 @@ def machine() -> dict:
 
 
 def run(cfg: Config) -> dict:
-    progress = Progress(cfg.reps + 13)
+    progress = Progress(cfg.reps + 14)
     refs = References.probe()
     figures: list[Figure] = []
     with mounted() as mount:
@@ -558,6 +558,7 @@ def run(cfg: Config) -> dict:
         figures += p4_file_size(cfg, mount, progress)
         figures += page_cache_cost(cfg, mount, progress)
         figures += late_mmap(cfg, mount, refs, progress)
+        figures += run_vcpu.figures(cfg, progress, mount)
     figures += floor_round_trips(cfg, refs, progress)
     figures += p3_one_cpu(cfg, progress)
     figures += p3_low_latency(cfg, refs, progress)

@@ -52,6 +52,17 @@ Not run here: the selftest's `numa_allocation` (it needs two NUMA nodes; the ker
 and `elevated_refcount`, which need a kernel with in-place conversion to compare against; ufsgmem runs them
 through the mount on its own (`tests/test_fuse_conversions.py`).
 
+Under `ufsgmem run` (`docs/testing-vmms.md`), a program meets the kernel's answers where a plain mount
+deviates above: MAP_PRIVATE of a guest_memfd is `EINVAL`, mmap of a file created without `MMAP` is
+`ENODEV`, reopening it through `/proc/self/fd` is `ENXIO`, `fstatfs` reports the anon_inode filesystem,
+and the create struct's reserved words are ignored (`tests/test_run.py` checks that these, and only
+these, differ from a plain mount). What `run`
+cannot give is `KVM_EXIT_MEMORY_FAULT`: KVM sees a plain memslot, so a guest access always takes the type
+its page's attribute says (as on `KVM_X86_SW_PROTECTED_VM`). The exit a v8 kernel raises when an access's
+private/shared type does not match the attribute (the implicit conversion request) never comes, so a
+VMM's handler for it is not exercised. (An access to a memslot whose file was released does get it:
+`run` turns KVM's MMIO exit there into the kernel's `EFAULT` with the fault's `gpa`.)
+
 To record a kernel (on a machine whose kernel has guest_memfd): `python -m ufsgmem.conformance --record`
 writes `ufsgmem/conformance/records/linux-RELEASE.json`; commit it, then regenerate this page with
 `--reference record` so that every machine can check it.

@@ -48,7 +48,17 @@ ranges marked as possibly cached, so the next conversion revokes them again.
     dirty host pages back (so an older dirty page cannot overwrite the guest's bytes later), then
     applies the write, then revokes the range so every mapping faults the new bytes in. A host write to
     the same page racing the guest write may still win with its whole page (the kernel would order the
-    two; FUSE gives us no page lock to do that).
+    two; FUSE gives us no page lock to do that). Pages the private view (below) handed out are written
+    back before a guest read and revoked around a guest write, likewise.
+
+``private``
+    The private view, for ``ufsgmem run`` (docs/architecture.md): a mappable file whose page fills serve
+    only *private* pages (from the backend, as a vCPU access would) and whose write-backs are accepted
+    only for private pages; a shared page, a page past EOF or read(2)/write(2) is EIO/EINVAL. So a page
+    sits in at most one of the two page caches (``mem`` for shared, ``private`` for private):
+    shared→private revokes it from ``mem`` (above); private→shared first writes it back and revokes it
+    from ``private`` (fills of the range are refused meanwhile), then flips; a punch revokes both. Only
+    pages a private fill handed out are revoked (``Files._private_cached``).
 
 Only pages some READ filled since their last revocation are revoked or written back (``Entry.cached``):
 revoking a range nobody mapped costs nothing. A fill marks its pages *before* it answers, under the same
@@ -73,6 +83,7 @@ from ..uapi import (
     KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SHIFT, PAGE_SIZE,
 )
 from . import creating
+from ..runmap import RunMap
 from .budget import Charges, MemoryBudget, owner_uid
 from .inodes import Entry, Namespace
 from .revoke import Revoker, WriteBackFiles, write_back
@@ -95,6 +106,10 @@ class Files:
         self.mountpoint: str | None = None  # set once mounted: lets revocations write back in bulk
         self.write_back_files = WriteBackFiles()  # our own descriptor of each mem, for bulk write-back
         self.latency = None  # the mount's latency.LatencyHold under --low-latency (for status)
+        #: per entry (dir_ino): pages of ``private`` a fill handed out since their last revocation
+        self._private_cached: dict[int, RunMap] = {}
+        #: per entry (dir_ino): the range a private→shared conversion is taking out of ``private``
+        self._private_closing: dict[int, Range] = {}
 
     def _freed(self, entry: Entry) -> None:
         """The file's memory went back (entry.state held): so do its charge and its place in its owner's
@@ -144,6 +159,8 @@ class Files:
         when the last mapping goes), so invalidating them only gives the memory back early."""
         if self.revoker is not None and entry.cached.count(1):
             self.revoker.revoke(entry.ino("mem"), (Range(0, entry.gm.size),), None)
+        if self._private_cached.pop(entry.dir_ino, None) is not None and self.revoker is not None:
+            self.revoker.revoke(entry.ino("private"), (Range(0, entry.gm.size),), None)
 
     def _cached_parts(self, entry: Entry, ranges) -> tuple[Range, ...]:
         """The parts of ``ranges`` that may be cached, marked uncached *before* revoking them: a page read
@@ -169,6 +186,8 @@ class Files:
             return
         try:
             self.revoke(entry, transition.revoke)
+            if transition.kind == "punch_hole":
+                self.revoke_private(entry, transition.range)
         except BaseException:
             with entry.state:
                 transition.abort()
@@ -284,10 +303,107 @@ class Files:
                                      "(gmem_in_place_conversion=0)")
         gm = entry.gm
         with entry.lock:
-            with entry.state:
-                transition = gm.prepare_set_memory_attributes(req.offset, req.size, req.attributes, req.flags,
-                                                              req.reserved)
+            closing = req.attributes == SHARED and self._close_private(entry, req.offset, req.size)
+            try:
+                with entry.state:
+                    transition = gm.prepare_set_memory_attributes(req.offset, req.size, req.attributes,
+                                                                  req.flags, req.reserved)
+            finally:
+                if closing:
+                    with entry.state:
+                        self._private_closing.pop(entry.dir_ino, None)
             self.run_transition(entry, transition)
+
+    # --- private: the private view (ufsgmem run) ----------------------------------------------------
+    def private_read(self, entry: Entry, offset: int, size: int, *, read_syscall: bool) -> bytes:
+        """A page fill of ``private``: the bytes of private pages, as a vCPU reads them (a first use
+        allocates, as a guest fault does). EIO for a shared page, past EOF or during private→shared."""
+        if read_syscall:
+            raise OSError(errno.EINVAL, "the private view has no read(): map it")
+        gm = entry.gm
+        with entry.state:
+            if offset >= gm.size:
+                raise OSError(errno.EIO, "past the end of the file")
+            size = min(size, gm.size - offset)
+            first, last = offset >> PAGE_SHIFT, -(-(offset + size) // PAGE_SIZE)
+            self._check_private(entry, offset, size)
+            data = bytearray(self._committing(entry, offset, size, lambda: gm.guest_read(offset, size)))
+            pending = gm.pending
+            if pending is not None and pending.kind == "punch_hole":  # what the range holds once it commits
+                cut = pending.range.intersect(Range(offset, offset + size))
+                if cut is not None and cut.size:
+                    data[cut.start - offset:cut.end - offset] = bytes(cut.size)
+            cached = self._private_cached.get(entry.dir_ino)
+            if cached is None:
+                cached = self._private_cached[entry.dir_ino] = RunMap(gm.size >> PAGE_SHIFT, 0)
+            cached.set(first, last, 1)
+        return bytes(data)
+
+    def private_write(self, entry: Entry, offset: int, data, *, writepage: bool) -> int:
+        """A write-back of ``private``: accepted for private pages only (and for pages a private→shared
+        conversion is taking out of the view: the guest wrote them while they were private)."""
+        if not writepage:
+            raise OSError(errno.EINVAL, "the private view has no write(): map it")
+        gm = entry.gm
+        size = len(data)
+        with entry.state:
+            if offset + size > gm.size:
+                raise OSError(errno.EIO, "write-back past the end of the file")
+            self._check_private(entry, offset, size, closing_ok=True)
+            self._committing(entry, offset, size, lambda: gm.guest_write(offset, data))
+        return size
+
+    def _check_private(self, entry: Entry, offset: int, size: int, *, closing_ok: bool = False) -> None:
+        """EIO unless every page of the range is private (entry.state held)."""
+        if size <= 0:
+            return
+        rng = Range(align_down(offset, PAGE_SIZE), align_up(offset + size, PAGE_SIZE))
+        closing = self._private_closing.get(entry.dir_ino)
+        if closing is not None and closing.intersect(rng):
+            if closing_ok:
+                return
+            raise OSError(errno.EIO, "the page is being converted to shared")
+        if any(a == SHARED for _o, _s, a in entry.gm.get_attributes(rng.start, rng.size)):
+            raise OSError(errno.EIO, "the private view reaches private pages only")
+
+    def _close_private(self, entry: Entry, offset: int, size: int) -> bool:
+        """Before private→shared: refuse fills of the range in ``private``, then write its pages back and
+        unmap them there. Nothing to do (False) if the view never served a page. entry.lock held."""
+        gm = entry.gm
+        if entry.dir_ino not in self._private_cached or size <= 0 or offset < 0 or offset >= gm.size:
+            return False
+        rng = Range(align_down(offset, PAGE_SIZE), min(gm.size, align_up(offset + size, PAGE_SIZE)))
+        with entry.state:
+            self._private_closing[entry.dir_ino] = rng
+        try:
+            self.revoke_private(entry, rng)
+        except BaseException:
+            with entry.state:
+                self._private_closing.pop(entry.dir_ino, None)
+            raise
+        return True
+
+    def revoke_private(self, entry: Entry, rng: Range) -> None:
+        """Write back and unmap the pages of ``rng`` that ``private`` handed out (entry.lock held). The
+        kernel launders dirty pages one by one here (no descriptor of ours: the file has no name under
+        ``ufsgmem run``)."""
+        with entry.state:
+            cached = self._private_cached.get(entry.dir_ino)
+            if cached is None or self.revoker is None:
+                return
+            first, last = rng.start >> PAGE_SHIFT, min(cached.npages, -(-rng.end // PAGE_SIZE))
+            parts = [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for s, e, v in cached.runs(first, last) if v]
+            if parts:
+                cached.set(first, last, 0)
+        if not parts:
+            return
+        try:
+            self.revoker.revoke(entry.ino("private"), parts, None)
+        except BaseException:
+            with entry.state:  # fail closed: still possibly mapped
+                for part in parts:
+                    cached.set(part.start >> PAGE_SHIFT, part.end >> PAGE_SHIFT, 1)
+            raise
 
     # --- NAME/ctl -----------------------------------------------------------------------------------
     def file_request(self, entry: Entry, data: bytes) -> tuple[bytes, OSError | None]:
@@ -404,6 +520,7 @@ class Files:
                 with entry.state:
                     shared = self._shared_pages(gm, offset, size)
                 self.write_back(entry, shared)
+            self.revoke_private(entry, self._page_range(gm, offset, size))  # what a vCPU wrote there
             with entry.state:  # a vCPU's first access allocates, as a guest fault does
                 return bytes(self._committing(entry, offset, size, lambda: gm.guest_read(offset, size)))
 
@@ -416,10 +533,17 @@ class Files:
             with entry.state:
                 shared = self._shared_pages(gm, offset, len(data)) if gm.flags & GUEST_MEMFD_FLAG_MMAP else []
             self.write_back(entry, shared)
+            self.revoke_private(entry, self._page_range(gm, offset, len(data)))
             with entry.state:
                 self._committing(entry, offset, len(data), lambda: gm.guest_write(offset, data))
             self.revoke(entry, shared)
+            self.revoke_private(entry, self._page_range(gm, offset, len(data)))  # a fill that raced the write
         return len(data)
+
+    @staticmethod
+    def _page_range(gm: GuestMemfd, offset: int, size: int) -> Range:
+        return Range(align_down(offset, PAGE_SIZE), max(align_down(offset, PAGE_SIZE),
+                                                        min(gm.size, align_up(offset + size, PAGE_SIZE))))
 
     # --- status and snapshot ------------------------------------------------------------------------
     def status(self, entry: Entry) -> bytes:

@@ -9,6 +9,7 @@ Layout (design §2.2, docs/design.md)::
     /NAME/guest          the guest's view (pread/pwrite of any page)
     /NAME/status         JSON of GuestMemfd.status()
     /NAME/snapshot       JSON of GuestMemfd.snapshot() (for ``ufsgmem layout``)
+    /NAME/private        the private view: a mappable file of the private pages only (``ufsgmem run``)
 
 Each guest_memfd gets a fresh block of inode numbers that is never reused, so every ``mem`` has its own
 st_ino (as every KVM_CREATE_GUEST_MEMFD makes a new inode) and a stale kernel reference can never reach a
@@ -65,7 +66,7 @@ def trim_heap() -> None:
 
 ROOT_INO = 1
 MOUNT_CTL_INO = 2
-FILES = ("mem", "ctl", "guest", "status", "snapshot")
+FILES = ("mem", "ctl", "guest", "status", "snapshot", "private")
 BLOCK = 8  # inode numbers per entry: the directory, then FILES in order
 
 

@@ -36,6 +36,8 @@ How ``mem`` keeps guest_memfd's file rules under FUSE (each tested; the deviatio
 * ``noflush``: close(2) sends no FLUSH (guest_memfd's close writes nothing back either); munmap still
   writes a mapping's dirty pages back.
 
+``private`` (the private view, ``ufsgmem run``) is opened like ``mem``; ``files.py`` says what it serves.
+
 The other files (``ctl``, ``guest``, ``status``, ``snapshot``) are direct I/O too, so with ALLOW_MMAP
 they could be mapped: their page-cache fills and write-backs are refused (EIO, SIGBUS in the mapper), so
 no mapping ever shows guest memory or sends a request.
@@ -89,7 +91,7 @@ class Operations:
         kind = entry.kind(ino)
         if kind == "dir":
             return Attr(ino, DIR_MODE, nlink=2, timeout=ATTR_TIMEOUT, owner=entry.owner)
-        if kind == "mem":
+        if kind in ("mem", "private"):
             return Attr(ino, stat.S_IFREG | 0o600, size=entry.gm.size, blksize=entry.gm.folio_size,
                         timeout=ATTR_TIMEOUT, owner=entry.owner)
         mode = stat.S_IFREG | (0o400 if kind in ("status", "snapshot") else 0o600)
@@ -202,7 +204,7 @@ class Operations:
             result = self.files.snapshot(entry)
         fh = self.ns.open(entry, kind, ino=ino, writable=accmode != os.O_RDONLY, result=result,
                           opener=tuple(caller[:2]))
-        if kind == "mem":
+        if kind in ("mem", "private"):
             return Opened(fh, direct_io=True, keep_cache=True, nonseekable=True)
         return Opened(fh, direct_io=True, nonseekable=kind == "ctl")
 
@@ -210,6 +212,8 @@ class Operations:
         handle = self._file_handle(ino, fh, "read", errno.EISDIR)
         if handle.kind == "mem":
             return self.files.mem_read(handle.entry, off, size, read_syscall=read_syscall)
+        if handle.kind == "private":
+            return self.files.private_read(handle.entry, off, size, read_syscall=read_syscall)
         if not read_syscall:
             raise OSError(errno.EIO, f"{handle.kind} cannot be mapped")
         if handle.kind == "guest":
@@ -226,6 +230,8 @@ class Operations:
         handle = self._file_handle(ino, fh, "write", errno.EISDIR)
         if handle.kind == "mem":
             return self.files.mem_write(handle.entry, off, buf, writepage=writepage)
+        if handle.kind == "private":
+            return self.files.private_write(handle.entry, off, buf, writepage=writepage)
         if writepage:
             raise OSError(errno.EIO, f"{handle.kind} cannot be mapped")
         if handle.kind == "guest":

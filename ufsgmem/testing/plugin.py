@@ -30,6 +30,11 @@ Fixtures:
     kernel target skips when ``/dev/kvm`` cannot make a guest_memfd, the ufsgmem targets when FUSE is not
     usable.
 
+``ufsgmem_run`` (function)
+    ``ufsgmem_run(argv, *, kernel="v8", backend=None, mount=None, timeout=600)`` runs a program unmodified
+    under ``ufsgmem run`` (its KVM guest_memfd calls served by a private mount that goes with it) and
+    returns the ``subprocess.CompletedProcess`` (text output captured). Skips where FUSE is not usable.
+
 Markers:
 
 ``@pytest.mark.gmem_requires("conversion", "pin", ...)``
@@ -87,6 +92,25 @@ def pytest_generate_tests(metafunc):
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: gmem_targets{unknown}: unknown target; "
                                 f"use {', '.join(_g.TARGETS)}")
     metafunc.parametrize("gmem_target", targets, indirect=True, ids=list(targets))
+
+
+# --- ufsgmem run -------------------------------------------------------------------------------------------
+@pytest.fixture
+def ufsgmem_run():
+    """Run a program under ``ufsgmem run`` in a child process (so its signals and exit stay its own)."""
+    reason = _g.fuse_unavailable_reason()
+    if reason:
+        pytest.skip(f"ufsgmem run needs FUSE: {reason}")
+
+    def run(argv, *, kernel: str = "v8", backend: str | None = None, mount: str | None = None,
+            timeout: float = 600.0):
+        import subprocess
+        import sys
+        command = [sys.executable, "-m", "ufsgmem", "run", "--kernel", kernel] \
+            + (["--backend", backend] if backend else []) + (["--mount", str(mount)] if mount else []) \
+            + ["--", *map(str, argv)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    return run
 
 
 # --- the mount, files, huge pages -----------------------------------------------------------------------
