@@ -12,10 +12,14 @@ the mount, the converter and the mapping processes, hangs unkillably. Two things
   belong to the user who mounted it, so a user can too, where ``fusectl`` is mounted (systemd mounts it
   at boot; a container may not have it, and only root may mount it).
 * **answering, then closing** (any user): a process holding a copy of the server's ``/dev/fuse``
-  descriptor (the same open file) can read the requests the dead server left and answer each with
-  ENOTCONN. The stuck thread's write-back then completes, its syscall returns, the SIGKILL takes it and
-  the server finishes exiting; once it has, the copy is the device file's last reference, and closing it
-  makes the kernel abort the connection, failing everything still waiting.
+  descriptor (the same open file) can answer for the dead server. Requests the server had already read
+  when it died sit in the kernel's "being processed" list, where no reader sees them: the notification
+  ``FUSE_NOTIFY_RESEND`` (Linux 6.9, meant for a server that restarts with its old descriptor) puts them
+  back in the queue. The copy's holder then reads every request and answers it with ENOTCONN; the stuck
+  thread's write-back completes, its syscall returns, the SIGKILL takes it and the server finishes
+  exiting. Once it has, the copy is the device file's last reference, and closing it makes the kernel
+  abort the connection, failing everything still waiting. (On a kernel without ``FUSE_NOTIFY_RESEND`` only
+  the requests still queued are answered: a thread stuck on one the server had read stays stuck.)
 
 :func:`abort_mount` finds the connection of a mount point in ``/proc/self/mountinfo`` (never touching
 the mount itself, which may hang) and aborts it through fusectl. ``python -m ufsgmem.fuse.abort --watch
@@ -130,6 +134,7 @@ FUSE_IN_HEADER = struct.Struct("<IIQQIIIHH")    # len, opcode, unique, nodeid, u
 FUSE_OUT_HEADER = struct.Struct("<IiQ")          # len, error, unique
 FUSE_FORGET, FUSE_BATCH_FORGET = 2, 42           # the kernel expects no answer to these
 FUSE_INT_REQ_BIT = 1 << 0                        # an INTERRUPT's unique: nothing to answer either
+FUSE_NOTIFY_RESEND = 7                           # requeue every request read but not answered (Linux 6.9)
 _READ_SIZE = 2 << 20                             # past max_write (1 MiB) plus headers; grown on EINVAL
 
 
@@ -140,24 +145,41 @@ def server_gone(pid: int, started: int | None) -> bool:
         with open(f"/proc/{pid}/stat") as f:
             if started is not None and int(f.read().rsplit(")", 1)[1].split()[19]) != started:
                 return True  # the pid names another process now
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (OSError, ValueError, IndexError):
+        return True  # the process is gone (reaped)
+    for tid in tids:
+        try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
                     return False
-    except (OSError, ValueError, IndexError):
-        pass  # vanished while we looked
+        except (OSError, IndexError):
+            continue  # this thread was reaped while we looked: the others still count
+    return True
+
+
+def resend(fd: int) -> bool:
+    """FUSE_NOTIFY_RESEND: requests read from the connection but not answered go back in its queue."""
+    try:
+        os.write(fd, FUSE_OUT_HEADER.pack(FUSE_OUT_HEADER.size, FUSE_NOTIFY_RESEND, 0))
+    except OSError:  # older kernel (EINVAL), or the connection is gone
+        return False
     return True
 
 
 def answer_until_gone(fd: int, pid: int, started: int | None) -> int:
     """Answer every request on ``fd`` (a copy of the server's /dev/fuse descriptor) with ENOTCONN until
-    the server has exited; how many were answered. Stops early if the connection is aborted meanwhile."""
+    the server has exited, including those the server had read when it died; how many were answered.
+    Stops early if the connection is aborted meanwhile."""
     os.set_blocking(fd, False)  # the server is dead: nobody else reads this file any more
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     size, answered = _READ_SIZE, 0
+    can_resend = resend(fd)
     while not server_gone(pid, started):
         if not poller.poll(50):
+            if can_resend:  # a server thread may have read one more request as it died
+                resend(fd)
             continue
         try:
             request = os.read(fd, size)
