@@ -16,6 +16,7 @@ Root only (a mount namespace and device nodes); skips with the reason otherwise.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -69,7 +70,8 @@ def root_and_unshare():
 
 
 def test_the_namespace_really_has_no_kvm():
-    done = without_kvm(sys.executable, "-c", "import os; print(os.path.exists('/dev/kvm'), os.path.exists('/dev/fuse'))")
+    done = without_kvm(sys.executable, "-c",
+                       "import os; print(os.path.exists('/dev/kvm'), os.path.exists('/dev/fuse'))")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True"], done.stdout
 
@@ -97,7 +99,6 @@ print(json.dumps({"skip_reason": kvm.skip_reason(), "testing": kernel_unavailabl
 def test_kvm_code_reports_the_absence():
     done = without_kvm(sys.executable, "-c", REPORTS)
     assert done.returncode == 0, done.stderr
-    import json
     out = json.loads(done.stdout.splitlines()[-1])
     assert out["skip_reason"] == "/dev/kvm is absent (no KVM on this machine)", out
     assert "/dev/kvm" in out["testing"], out

@@ -101,7 +101,7 @@ def user():
 
 
 @pytest.fixture(scope="module")
-def sandbox(user, tmp_path_factory):
+def sandbox(user):
     """A scratch directory others can enter: the user's home and runtime directory, the uAPI program,
     and the interpreter the user runs."""
     root = tempfile.mkdtemp(prefix="ufsgmem-user-")

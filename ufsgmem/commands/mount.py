@@ -54,9 +54,9 @@ def configure(parser) -> None:
                              "ioctl(mem, KVM_SET_MEMORY_ATTRIBUTES2) is ENOTTY, so a VMM can test its fallback "
                              "(a file created with in_place_conversion=1 still converts)")
     parser.add_argument("--allow-other", action="store_true",
-                        help="serve other users too (a VMM rarely runs as root; as a user this needs user_allow_other in "
-                             "/etc/fuse.conf): any user may create files through "
-                             "MOUNTPOINT/ctl, each file belongs to its creator (mode 0600, enforced by the kernel: "
+                        help="serve other users too (a VMM rarely runs as root; mounting as a user, this needs "
+                             "user_allow_other in /etc/fuse.conf): any user may create files through MOUNTPOINT/ctl, "
+                             "each file belongs to its creator (mode 0600, enforced by the kernel: "
                              "default_permissions), and only its owner, you, or root may destroy it")
     parser.add_argument("--max-memory", metavar="SIZE", type=_size,
                         help="cap the guest memory this mount commits (e.g. 8G): backend memory plus pages a mapping "
@@ -64,7 +64,7 @@ def configure(parser) -> None:
                              "(a faulting mapping SIGBUS), never the server an OOM kill (see docs/reliability.md)")
     parser.add_argument("--low-latency", action="store_true",
                         help="while requests flow (and 0.2 s after), keep idle CPUs polling instead of sleeping "
-                             "(a 0 µs CPU latency limit: root only): faster conversions on a VM whose idle vCPUs halt, "
+                             "(a 0 µs CPU latency limit, root only): faster conversions on a VM whose idle vCPUs halt, "
                              "paid for in CPU time on every CPU (see docs/performance.md)")
     parser.add_argument("--cpus", metavar="LIST",
                         help="pin the server to these CPUs (e.g. 0 or 0,2-3): lower conversion latency for a "
@@ -109,7 +109,6 @@ def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = Fa
                      max_memory: int | None = None, low_latency: bool = False) -> int:
     """Start the server detached; return its pid once the mount works, or raise OSError with its error."""
     from ..fuse import server
-
     from ..runtime import ensure_run_dir
 
     ensure_run_dir()

@@ -4,15 +4,15 @@
 through ``fusermount3`` (``usermount.py``). It writes a pidfile (``<runtime dir>/<mountpoint,
 %-quoted>.pid``: pid, start time, mount point; the runtime directory is ``/run/ufsgmem`` for root,
 ``$XDG_RUNTIME_DIR/ufsgmem`` or ``~/.cache/ufsgmem`` for a user, ``ufsgmem/runtime.py``) so ``ufsgmem
-umount`` and tests can end the server by pid,
-and reports readiness only once a request has gone through the mount (a stat of ``ctl`` from a helper
-thread while the loop runs), so a background ``ufsgmem mount`` returns when the mount is really usable.
+umount`` and tests can end the server by pid, and reports readiness only once a request has gone through
+the mount (a stat of ``ctl`` from a helper thread while the loop runs), so a background ``ufsgmem mount``
+returns when the mount is really usable.
 
 Run as ``python -m ufsgmem.fuse.server [--ready-fd N] MOUNTPOINT``; ``ufsgmem mount`` does that for the
 background mode. On SIGTERM, SIGINT or SIGHUP the loop ends, the mount is removed (detached lazily, by
-libfuse as root or ``fusermount3 -u -z`` as a user, so files still open elsewhere don't keep it busy), every guest_memfd is freed and the
-pidfile goes. If the process dies without that, the kernel leaves a "Transport endpoint is not
-connected" mount that ``ufsgmem umount`` removes.
+libfuse as root or ``fusermount3 -u -z`` as a user, so files still open elsewhere don't keep it busy),
+every guest_memfd is freed and the pidfile goes. If the process dies without that, the kernel leaves a
+"Transport endpoint is not connected" mount that ``ufsgmem umount`` removes.
 
 The mount is ``noexec``, as the kernel's internal guest_memfd mount is, so a PROT_EXEC mapping of ``mem``
 is EPERM as on the kernel. Nothing is ever run from the mount.
@@ -246,8 +246,6 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     pidfile = pidfile_path(mountpoint)
     ensure_run_dir()
     as_user = os.geteuid() != 0
-    if as_user:  # before anything is mounted: what fusermount3 would refuse, with the remedy
-        usermount.check_options(options)
     session = Session(ops, options, uid=os.getuid(), gid=os.getgid(), time_ns=ops.started_ns,
                       on_request=None if hold is None else hold.touch)
     ops.on_destroy = lambda name: session.inval_entry(ROOT_INO, name)
