@@ -123,14 +123,16 @@ def sandbox(user):
 
 
 def _user_python(root: str) -> str:
-    if _open_to_others(sys.executable) and _open_to_others(sysconfig.get_paths()["purelib"]) and \
-            _open_to_others(os.path.dirname(os.path.dirname(__file__))):
+    site = sysconfig.get_paths()["purelib"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # an editable install points here
+    if not (_open_to_others(site) and _open_to_others(repo)):
+        pytest.skip(f"the unprivileged user cannot read this environment's packages ({site}) or the code ({repo})")
+    if _open_to_others(sys.executable):
         return sys.executable
     system = _system_python()
-    site = sysconfig.get_paths()["purelib"]
-    if system is None or not _open_to_others(site):
+    if system is None:
         pytest.skip(f"the unprivileged user can reach neither this Python ({sys.executable}) nor a system "
-                    f"python{sys.version_info.major}.{sys.version_info.minor} with this environment's packages")
+                    f"python{sys.version_info.major}.{sys.version_info.minor}")
     venv = os.path.join(root, "venv")
     subprocess.run([system, "-m", "venv", "--without-pip", venv], check=True, capture_output=True, timeout=120)
     purelib = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
