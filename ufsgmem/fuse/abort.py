@@ -141,13 +141,12 @@ _READ_SIZE = 2 << 20                             # past max_write (1 MiB) plus h
 def server_gone(pid: int, started: int | None) -> bool:
     """Whether every thread of process ``pid`` (started at ``started``, /proc/PID/stat field 22) has
     exited: its descriptors are closed then. A zombie leader with a live thread is not gone."""
+    if started is not None and _start_time(pid) != started:
+        return True  # reaped, or the pid names another process now
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            if started is not None and int(f.read().rsplit(")", 1)[1].split()[19]) != started:
-                return True  # the pid names another process now
         tids = os.listdir(f"/proc/{pid}/task")
-    except (OSError, ValueError, IndexError):
-        return True  # the process is gone (reaped)
+    except OSError:
+        return True  # reaped
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
