@@ -1,9 +1,14 @@
 """Mount a ufsgmem filesystem at MOUNTPOINT.
 
 Without --foreground the server runs on in the background and this command returns once the mount
-answers requests (it waits on a readiness pipe). The server's pid is written to
-/run/ufsgmem/<mountpoint>.pid and its log to /run/ufsgmem/<mountpoint>.log. SIGTERM or SIGINT to the
-server unmounts cleanly; `ufsgmem umount MOUNTPOINT` does that for you.
+answers requests (it waits on a readiness pipe). The server's pid is written to <run dir>/<mountpoint>.pid
+and its log to <run dir>/<mountpoint>.log, where the run dir is /run/ufsgmem for root and
+$XDG_RUNTIME_DIR/ufsgmem (else ~/.cache/ufsgmem) for anyone else (ufsgmem/runtime.py). SIGTERM or SIGINT
+to the server unmounts cleanly; `ufsgmem umount MOUNTPOINT` does that for you.
+
+Any user may mount on a directory of their own: a user's server mounts through fusermount3
+(ufsgmem/fuse/usermount.py). What needs more than that says so when asked for: --allow-other needs
+`user_allow_other` in /etc/fuse.conf, --low-latency needs root.
 
 --cpus pins the server (every thread it will have) to the given CPUs. A FUSE request costs two
 wake-ups, and on a VM a wake-up that crosses to another vCPU is expensive: measured here, a 4 KiB
@@ -49,8 +54,9 @@ def configure(parser) -> None:
                              "ioctl(mem, KVM_SET_MEMORY_ATTRIBUTES2) is ENOTTY, so a VMM can test its fallback "
                              "(a file created with in_place_conversion=1 still converts)")
     parser.add_argument("--allow-other", action="store_true",
-                        help="serve other users too (a VMM rarely runs as root): any user may create files through "
-                             "MOUNTPOINT/ctl, each file belongs to its creator (mode 0600, enforced by the kernel: "
+                        help="serve other users too (a VMM rarely runs as root; mounting as a user, this needs "
+                             "user_allow_other in /etc/fuse.conf): any user may create files through MOUNTPOINT/ctl, "
+                             "each file belongs to its creator (mode 0600, enforced by the kernel: "
                              "default_permissions), and only its owner, you, or root may destroy it")
     parser.add_argument("--max-memory", metavar="SIZE", type=_size,
                         help="cap the guest memory this mount commits (e.g. 8G): backend memory plus pages a mapping "
@@ -121,8 +127,9 @@ def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = Fa
                      max_memory: int | None = None, low_latency: bool = False, per_user: str | None = None) -> int:
     """Start the server detached; return its pid once the mount works, or raise OSError with its error."""
     from ..fuse import server
+    from ..runtime import ensure_run_dir
 
-    os.makedirs(server.RUN_DIR, mode=0o700, exist_ok=True)
+    ensure_run_dir()
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "ufsgmem.fuse.server", "--ready-fd", str(write_end),
                "--backend", backend, mountpoint] + (["--debug"] if debug else []) + (["--cpus", cpus] if cpus else []) \

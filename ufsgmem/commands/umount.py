@@ -1,12 +1,17 @@
 """Unmount a ufsgmem filesystem: stop its server, and clean up after one that died or hangs.
 
-1. The pid in /run/ufsgmem/<mountpoint>.pid is signalled only if that process really is this mount's
-   server (the same pid *and* start time as recorded): a stale pidfile whose pid was reused by another
-   process is ignored, never signalled.
-2. SIGTERM, and the server unmounts and exits. One that does not stop within ``--timeout`` gets SIGKILL.
+1. The pid in <run dir>/<mountpoint>.pid (``ufsgmem/runtime.py``: /run/ufsgmem for root) is signalled
+   only if that process really is this mount's server (the same pid *and* start time as recorded): a
+   stale pidfile whose pid was reused by another process is ignored, never signalled.
+2. SIGTERM, and the server unmounts and exits. One that does not stop within ``--timeout`` (or is
+   stopped: SIGSTOP holds SIGTERM back) gets SIGKILL.
 3. If the mount is still there (the server died, is a zombie, or cannot finish exiting because a thread
-   of it waits in the kernel), its FUSE connection is aborted through fusectl, so every client still
-   waiting on it gets an error instead of hanging, and the mount is removed (lazy unmount).
+   of it waits in the kernel), its FUSE connection is aborted, so every client still waiting on it gets
+   an error instead of hanging, and the mount is removed (lazy unmount; ``fusermount3 -u -z`` for a
+   user). Root aborts through fusectl; so does a user where fusectl is mounted (the kernel gives the
+   connection's control files to the user who mounted). Elsewhere the server's watcher ends the
+   connection for a user (``ufsgmem/fuse/abort.py``): this command waits, bounded, for the killed server
+   to finish exiting, which the watcher makes possible.
 
 Each step that was needed is reported. ``ufsgmem/fuse/abort.py`` says why a killed server can hang its
 clients, and how every server also arranges for that not to happen even if nobody runs this command.
@@ -79,9 +84,7 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
     elif mounted is not None:
         done.append("the server is gone (it died without unmounting)")
     if server.mount_type(mountpoint) == server.FSTYPE:
-        connection = abort.abort_mount(mountpoint)
-        if connection is not None:
-            done.append(f"aborted FUSE connection {connection}: clients waiting on it get errors")
+        done.append(_end_connection(mountpoint, pid, started, timeout))
         _force_unmount(mountpoint)
         done.append("removed the stale mount (lazy unmount)")
     if pid is not None and not _wait_gone(pid, 5.0):
@@ -92,6 +95,31 @@ def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
         pass
     _drop_log_if_uneventful(server.logfile_path(mountpoint), not done)
     return done
+
+
+def _end_connection(mountpoint: str, pid: int | None, started: int | None, timeout: float) -> str:
+    """Abort the FUSE connection of a mount whose server is dead or killed; what happened, one line."""
+    from ..fuse import abort
+
+    connection = abort.connection_of(mountpoint)
+    if abort.abort_mount(mountpoint) is not None:
+        return f"aborted FUSE connection {connection}: clients waiting on it get errors"
+    # Not root and no fusectl of ours: the watcher answers what the server left and, once the server
+    # has exited, closes the last /dev/fuse descriptor, which makes the kernel abort the connection.
+    if pid is None or _wait(lambda: abort.server_gone(pid, started), timeout):
+        return (f"FUSE connection {connection} is ended by the server's watcher (it closes the last /dev/fuse "
+                "descriptor once the server has exited): clients waiting on it get errors")
+    return (f"could not abort FUSE connection {connection} (not root, no fusectl access) and the server (pid {pid}) "
+            f"has not exited: clients waiting on it may stay blocked; as root: ufsgmem umount {mountpoint}")
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _drop_log_if_uneventful(path: str, clean: bool) -> None:
@@ -107,8 +135,9 @@ def _drop_log_if_uneventful(path: str, clean: bool) -> None:
 
 
 def _force_unmount(mountpoint: str) -> None:
-    """A dead server's mount: fusermount3 -u -z, else umount -l."""
+    """A dead server's mount: fusermount3 -u -z (a user's way, and root's), else umount -l."""
     for command in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
         if shutil.which(command[0]) and subprocess.run(command, capture_output=True, timeout=30).returncode == 0:
             return
-    raise OSError(errno.EBUSY, f"could not unmount {mountpoint}")
+    hint = "" if os.geteuid() == 0 else " (a user may unmount only their own mounts: is it yours?)"
+    raise OSError(errno.EBUSY, f"could not unmount {mountpoint}{hint}")

@@ -64,7 +64,7 @@ class LatencyHold:
         try:
             self._fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
-            hint = " (it needs root)" if exc.errno in (errno.EACCES, errno.EPERM) else ""
+            hint = " (it needs root: mount as root, or leave --low-latency out)" if exc.errno in (errno.EACCES, errno.EPERM) else ""
             raise OSError(exc.errno, f"--low-latency: cannot open {device}{hint}: {exc.strerror}") from None
         self.window = window
         self.raised = 0          # how many times the limit was raised (one per burst of requests)

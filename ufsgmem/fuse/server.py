@@ -1,15 +1,18 @@
 """The ufsgmem FUSE server process: mount, serve on libfuse's multi-threaded loop, unmount on a signal.
 
-``serve()`` mounts through libfuse's low-level API (``lowlevel.py``), writes a pidfile
-(``/run/ufsgmem/<mountpoint, %-quoted>.pid``: pid, start time, mount point) so ``ufsgmem umount`` and tests can end the server by pid,
-and reports readiness only once a request has gone through the mount (a stat of ``ctl`` from a helper
-thread while the loop runs), so a background ``ufsgmem mount`` returns when the mount is really usable.
+``serve()`` mounts through libfuse's low-level API (``lowlevel.py``); as root directly, as any other user
+through ``fusermount3`` (``usermount.py``). It writes a pidfile (``<runtime dir>/<mountpoint,
+%-quoted>.pid``: pid, start time, mount point; the runtime directory is ``/run/ufsgmem`` for root,
+``$XDG_RUNTIME_DIR/ufsgmem`` or ``~/.cache/ufsgmem`` for a user, ``ufsgmem/runtime.py``) so ``ufsgmem
+umount`` and tests can end the server by pid, and reports readiness only once a request has gone through
+the mount (a stat of ``ctl`` from a helper thread while the loop runs), so a background ``ufsgmem mount``
+returns when the mount is really usable.
 
 Run as ``python -m ufsgmem.fuse.server [--ready-fd N] MOUNTPOINT``; ``ufsgmem mount`` does that for the
-background mode. On SIGTERM, SIGINT or SIGHUP the loop ends, the mount is removed (libfuse detaches it
-lazily as root, so files still open elsewhere don't keep it busy), every guest_memfd is freed and the
-pidfile goes. If the process dies without that, the kernel leaves a "Transport endpoint is not
-connected" mount that ``ufsgmem umount`` removes.
+background mode. On SIGTERM, SIGINT or SIGHUP the loop ends, the mount is removed (detached lazily, by
+libfuse as root or ``fusermount3 -u -z`` as a user, so files still open elsewhere don't keep it busy),
+every guest_memfd is freed and the pidfile goes. If the process dies without that, the kernel leaves a
+"Transport endpoint is not connected" mount that ``ufsgmem umount`` removes.
 
 The mount is ``noexec``, as the kernel's internal guest_memfd mount is, so a PROT_EXEC mapping of ``mem``
 is EPERM as on the kernel. Nothing is ever run from the mount.
@@ -28,8 +31,10 @@ import resource
 import threading
 
 from ..address import format_size
+from ..runtime import ROOT_DIR, ensure_run_dir, run_dir
 from ..syscalls import parse_cpu_list, pin_process, prctl
-from . import memcg
+from . import memcg, usermount
+from ._lowlevel import lib
 from .abort import mount_path, start_watcher, unescape
 from .files import Files
 from .inodes import ROOT_INO, Namespace
@@ -41,7 +46,7 @@ from .revoke import Revoker
 
 log = logging.getLogger("ufsgmem.fuse")
 
-RUN_DIR = "/run/ufsgmem"
+RUN_DIR = ROOT_DIR  # root's; a user's is run_dir() (ufsgmem/runtime.py)
 FSNAME = "ufsgmem"
 FSTYPE = "fuse.ufsgmem"
 
@@ -52,11 +57,11 @@ def _key(mountpoint: str) -> str:
 
 
 def pidfile_path(mountpoint: str) -> str:
-    return os.path.join(RUN_DIR, _key(mountpoint) + ".pid")
+    return os.path.join(run_dir(), _key(mountpoint) + ".pid")
 
 
 def logfile_path(mountpoint: str) -> str:
-    return os.path.join(RUN_DIR, _key(mountpoint) + ".log")
+    return os.path.join(run_dir(), _key(mountpoint) + ".log")
 
 
 def read_pid(mountpoint: str) -> int | None:
@@ -241,15 +246,24 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     # before the loop runs would wait forever for ourselves.
     mountpoint = os.path.realpath(mountpoint)
     pidfile = pidfile_path(mountpoint)
-    os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
+    ensure_run_dir()
+    as_user = os.geteuid() != 0
     session = Session(ops, options, uid=os.getuid(), gid=os.getgid(), time_ns=ops.started_ns,
                       on_request=None if hold is None else hold.touch)
     ops.on_destroy = lambda name: session.inval_entry(ROOT_INO, name)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # libfuse installs its handlers only over the defaults
     failure: list[OSError] = []
+    user_mounted = False
     try:
-        session.mount(mountpoint)
-        start_watcher(mountpoint)  # from this (main) thread, before any other thread exists
+        if as_user:
+            # libfuse takes an open /dev/fuse as the mount point /dev/fd/N and leaves unmounting to us.
+            fuse_fd = usermount.mount(mountpoint, [o for o in options if o != "debug"])
+            user_mounted = True
+            session.mount(f"/dev/fd/{fuse_fd}")
+        else:
+            session.mount(mountpoint)
+            fuse_fd = lib.fuse_session_fd(session._se)  # noqa: SLF001 - the descriptor libfuse opened
+        start_watcher(mountpoint, fuse_fd)  # from this (main) thread, before any other thread exists
         files.revoker = Revoker(session)
         files.mountpoint = mountpoint
         fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -271,6 +285,8 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
         log.info("the loop ended (%s)", f"signal {result}" if result > 0 else "unmounted")
     finally:
         try:
+            if user_mounted:
+                usermount.unmount(mountpoint)  # libfuse unmounts only what it mounted itself
             session.close()
         finally:
             files.write_back_files.close_all()  # the connection is gone: nothing to flush
