@@ -184,6 +184,11 @@ class Session:
         else:
             log.warning("cannot abort FUSE connection %s; unmounting instead", self.connection)
 
+    @property
+    def fd(self) -> int:
+        """The connection's ``/dev/fuse`` descriptor (libfuse's; it stays open until :meth:`close`)."""
+        return lib.fuse_session_fd(self._se)
+
     def exit(self) -> None:
         lib.fuse_session_exit(self._se)
 

@@ -34,7 +34,6 @@ from ..address import format_size
 from ..runtime import ROOT_DIR, ensure_run_dir, run_dir
 from ..syscalls import parse_cpu_list, pin_process, prctl
 from . import memcg, usermount
-from ._lowlevel import lib
 from .abort import mount_path, start_watcher, unescape
 from .files import Files
 from .inodes import ROOT_INO, Namespace
@@ -262,7 +261,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
             session.mount(f"/dev/fd/{fuse_fd}")
         else:
             session.mount(mountpoint)
-            fuse_fd = lib.fuse_session_fd(session._se)  # noqa: SLF001 - the descriptor libfuse opened
+            fuse_fd = session.fd
         start_watcher(mountpoint, fuse_fd)  # from this (main) thread, before any other thread exists
         files.revoker = Revoker(session)
         files.mountpoint = mountpoint
