@@ -63,8 +63,8 @@ a VM with private memory (v8 refuses every conversion on a default VM); the emul
 call a program could make, so its case is n/a there. [Under `ufsgmem run`](#under-ufsgmem-run) lists the
 deviations it removes, as observed.
 
-What `run` cannot give is `KVM_EXIT_MEMORY_FAULT`: KVM sees a plain memslot, so a guest access always takes the type
-its page's attribute says (as on `KVM_X86_SW_PROTECTED_VM`). The exit a v8 kernel raises when an access's
+What `run` cannot give is `KVM_EXIT_MEMORY_FAULT`: KVM sees a plain memslot, so a guest access always
+takes the type its page's attribute says (as on `KVM_X86_SW_PROTECTED_VM`). The exit a v8 kernel raises when an access's
 private/shared type does not match the attribute (the implicit conversion request) never comes, so a
 VMM's handler for it is not exercised. (An access to a memslot whose file was released does get it:
 `run` turns KVM's MMIO exit there into the kernel's `EFAULT` with the fault's `gpa`.)
