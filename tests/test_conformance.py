@@ -13,8 +13,9 @@ Nothing else may differ, and a listed deviation that agrees fails too. Two imple
 * a real ufsgmem mount (the ``fuse_mount`` fixture of ``fusefix``), the product;
 * the in-process core, which runs everywhere and covers the rules it models (no file: n/a otherwise).
 
-``docs/compat.md`` is generated from the mount run against the record; a test regenerates it and fails
-if the committed file differs. The record itself is tested: it covers every case, it round-trips
+``docs/compat.md`` is generated from the mount run against the record, with the same cases run as a
+program under ``ufsgmem run`` (``tests/test_run.py`` judges that subject case by case); a test regenerates
+it and fails if the committed file differs. The record itself is tested: it covers every case, it round-trips
 (recording a subject gives the format that loads), and an altered entry is reported as a difference.
 """
 
@@ -27,7 +28,7 @@ import pytest
 
 from ufsgmem import kvm
 from ufsgmem.conformance import record as records
-from ufsgmem.conformance import report, runner, transcribe
+from ufsgmem.conformance import report, runner, transcribe, under_run
 from ufsgmem.conformance.__main__ import main as conformance_main
 from ufsgmem.conformance.cases import CASES, Case, by_name
 from ufsgmem.conformance.deviations import Deviation
@@ -76,6 +77,17 @@ def core_runs(kept_record):
 
 
 @pytest.fixture(scope="module")
+def run_runs(kept_record):
+    """The cases under ``ufsgmem run`` (one child, observed once), judged per reference kind."""
+    observed = under_run.observe_all()
+    runs = Runs(None, "run", kept_record)
+    for kind in REFERENCES:
+        runs._runs[kind] = runner.judge_observations(observed, "run", runs.reference(kind),
+                                                     record=kept_record if kind == "live" else None)
+    return runs
+
+
+@pytest.fixture(scope="module")
 def mount_runs(fuse_mount, kept_record):
     # the fixture also checks, at the end of the module, that the server lived and logged no traceback
     runs = Runs(lambda: MountSubject(fuse_mount.path), "ufsgmem", kept_record)
@@ -107,15 +119,19 @@ def test_mount_matches_kernel(mount_runs, reference, name):
 
 @pytest.mark.fuse
 @requires_fuse
-def test_compat_md_is_a_fresh_run(mount_runs, kept_record):
-    """The committed page is the mount compared with the record (every machine can check that); where a
-    live kernel is compared, a page generated against it is fresh too."""
+def test_compat_md_is_a_fresh_run(mount_runs, kept_record, request):
+    """The committed page is the mount (and the cases under ``ufsgmem run``) compared with the record
+    (every machine with KVM can check that); where a live kernel is compared, a page generated against it
+    is fresh too."""
     if vm_unavailable_reason():
         pytest.skip(f"the vCPU cases cannot run on the mount here: {vm_unavailable_reason()}")
+    if under_run.unavailable_reason():
+        pytest.skip(f"the page's ufsgmem run column cannot be made here: {under_run.unavailable_reason()}")
+    run_runs = request.getfixturevalue("run_runs")
     with open(COMPAT_MD) as f:
         committed = f.read()
     fresh = {kind: report.render(mount_runs(kind), "ufsgmem", mount_runs.reference(kind),
-                                 kept_record if kind == "live" else None) for kind in REFERENCES}
+                                 kept_record if kind == "live" else None, run=run_runs(kind)) for kind in REFERENCES}
     assert committed in fresh.values(), (
         "docs/compat.md differs from a fresh differential run against the record: regenerate it with "
         "`python -m ufsgmem.conformance --reference record --write docs/compat.md`")
@@ -300,6 +316,24 @@ def test_keyed_deviation_only_covers_its_keys():
     assert runner.judge(_case(), {"a": "ok", "b": "ok"}, {"a": "X", "b": "ok"}, deviations).verdict == "deviation"
     assert runner.judge(_case(), {"a": "ok", "b": "ok"}, {"a": "X", "b": "Y"}, deviations).verdict == "FAIL"
     assert runner.judge(_case(), {"a": "ok", "b": "ok"}, {"a": "ok", "b": "Y"}, deviations).verdict == "FAIL"
+
+
+def test_a_removed_deviation_must_agree():
+    """A subject judged against another's list (run against the mount's) must agree where it removes an
+    entry: agreeing is the verdict ``agree`` saying so, still differing fails."""
+    removed = {"demo": Deviation("why", run="how")}
+    v = runner.judge(_case(), {"a": "ENXIO"}, {"a": "ENXIO"}, {}, removed=removed)
+    assert v.verdict == "agree" and v.why == f"{runner.REMOVES}: how"
+    v = runner.judge(_case(), {"a": "ENXIO"}, {"a": "ok"}, {}, removed=removed)
+    assert v.verdict == "FAIL" and "removes (how), but it differs" in v.why
+
+
+def test_page_says_why_run_did_not_run(kept_record):
+    """Where ``ufsgmem run`` cannot work, the page says why in its section and column, never fails."""
+    verdicts = runner.run(CoreSubject, "core", kept_record, cases=CASES[:2])
+    page = report.render(verdicts, "core", kept_record, run="/dev/kvm is absent (a reason)")
+    assert "## Under `ufsgmem run`\n\nNot run here: /dev/kvm is absent (a reason).\n" in page
+    assert page.count("| not run |") == 2 and "under `ufsgmem run` |" in page
 
 
 def test_v8_rows_compare_with_the_reference():

@@ -377,32 +377,39 @@ def test_the_file_goes_with_the_programs_last_fd_and_mapping(tmp_path, step):
 
 
 # --- the conformance suite under run ---------------------------------------------------------------------------
-#: The documented deviations of a plain mount that ``ufsgmem run`` removes: run's answers are the kernel's.
-REMOVED_BY_RUN = {"create_reserved_words", "reopen_via_proc", "mmap_not_supported[0]", "mmap_cow[mmap]",
-                  "mmap_cow[mmap|init_shared]", "fstatfs_type"}
-#: Deviations run keeps (its files are the mount's): listed for a plain mount, they agree under run.
-KEPT_BY_RUN = {"create_huge_sizes"}
-
-
 @pytest.mark.kvm
-def test_conformance_under_run_differs_from_a_plain_mount_exactly_where_run_removes_deviations():
-    """Under run the suite's kernel reference is run's emulation, so comparing it with a plain mount shows
-    what run changes: the mount's deviations it removes differ, everything else agrees."""
-    reason = _kvm_skip()
+def test_conformance_under_run_removes_exactly_the_documented_deviations():
+    """The suite's third subject: every case as a program under run (KVM_CREATE_GUEST_MEMFD on a VM fd),
+    judged against the kernel record and the mount's deviation list. Nothing fails, and the deviations it
+    removes (observed: it agrees where the mount is a listed deviation) are exactly the entries that say
+    how run removes them; the others it keeps. Nothing of the run is left mounted."""
+    from ufsgmem.conformance import record, runner, under_run
+    from ufsgmem.conformance.deviations import MOUNT, REMOVED_BY_RUN
+
+    reason = _kvm_skip() or under_run.unavailable_reason()
     if reason:
         pytest.skip(reason)
-    done = run_cli("--", sys.executable, "-m", "ufsgmem.conformance", timeout=600)
-    verdicts = {}
-    for line in done.stdout.splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[0] in ("agree", "deviation", "v8", "FAIL", "n/a"):
-            verdicts[words[1]] = words[0]
-    assert len(verdicts) > 40, done.stdout + done.stderr
-    differs = {name for name, v in verdicts.items() if v == "deviation"}
-    assert differs == REMOVED_BY_RUN, done.stdout
-    failed = {name for name, v in verdicts.items() if v == "FAIL"}
-    assert failed == KEPT_BY_RUN, done.stdout  # "listed as a deviation but agrees"
-    assert all(v in ("agree", "v8") for name, v in verdicts.items() if name not in differs | failed)
+    before = run_mounts()
+    verdicts = runner.judge_observations(under_run.observe_all(), "run", record.select())
+    assert run_mounts() == before
+    failed = {v.case.name: f"{v.why}; run: {v.other}; kernel: {v.kernel}" for v in verdicts if not v.ok}
+    assert not failed, failed
+    assert len(verdicts) > 40
+    removed = {v.case.name for v in verdicts if v.case.name in MOUNT and v.verdict == "agree"}
+    kept = {v.case.name for v in verdicts if v.verdict == "deviation"}
+    assert removed == set(REMOVED_BY_RUN) and removed | kept == set(MOUNT), (removed, kept)
+    assert all(v.verdict in ("agree", "v8", "n/a") for v in verdicts if v.case.name not in MOUNT)
+    # only the emulated pin, which has no system call, is out of a program's reach
+    assert {v.case.name for v in verdicts if v.verdict == "n/a"} == {"set_memory_attributes_pinned[mmap|init_shared]"}
+
+
+def test_the_conformance_child_refuses_to_run_natively(tmp_path):
+    """Outside ufsgmem run the child would observe the machine's kernel: it refuses and writes nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "UFSGMEM_RUN_MOUNT"}
+    done = subprocess.run([sys.executable, "-m", "ufsgmem.conformance.under_run", "--out", str(tmp_path / "o.json")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert done.returncode == 2 and "not under ufsgmem run" in done.stderr
+    assert not (tmp_path / "o.json").exists()
 
 
 def test_a_symlinked_interpreter_is_run_by_its_own_path(tmp_path):

@@ -1,5 +1,5 @@
 """``python -m ufsgmem.conformance [--reference auto|live|record] [--record-file FILE]
-[--write FILE | --check FILE | --record [FILE]] [--mountpoint DIR] [--subject core]``
+[--write FILE | --check FILE | --record [FILE]] [--mountpoint DIR] [--subject ufsgmem|run|core]``
 
 Runs every case on ufsgmem and compares it with the kernel's guest_memfd, then prints the verdicts (exit
 status 1 on any FAIL). The kernel's side is the live kernel where this machine's kernel has guest_memfd,
@@ -15,6 +15,11 @@ it needs a kernel with guest_memfd (exit status 2 without one, with the reason).
 With ``--write`` it writes the compatibility page; with ``--check`` it exits 1 if the page differs from a
 fresh run. Without ``--mountpoint`` it mounts ufsgmem on a temporary directory (``ufsgmem mount``) and
 unmounts it afterwards. ``--subject core`` compares the in-process core instead (no mount needed).
+
+The mount's run (the default) also runs every case as a program under ``ufsgmem run`` (the third
+subject, :mod:`.under_run`) and the page gets its column, and the list of the mount's deviations ``run``
+removes; where ``run`` cannot work here, the page says why instead. ``--subject run`` runs only that
+subject (a failure of the child under ``run`` is exit status 1 with its output, never an empty column).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import sys
 
 from .. import kvm
 from . import record as records
-from . import report, runner
+from . import report, runner, under_run
 from .subjects import CoreSubject, MountSubject, temporary_mount
 
 
@@ -47,6 +52,8 @@ def reference_for(choice: str, record_file: str | None) -> tuple[runner.Referenc
 def run(subject: str, mountpoint: str | None, reference, record=None) -> list[runner.Verdict]:
     if subject == "core":
         return runner.run(CoreSubject, "core", reference, record=record)
+    if subject == "run":
+        return runner.judge_observations(under_run.observe_all(), "run", reference, record=record)
     with contextlib.ExitStack() as stack:
         if mountpoint is None:
             mountpoint = stack.enter_context(temporary_mount())
@@ -65,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="what ufsgmem is compared with (auto: the live kernel where it has guest_memfd)")
     parser.add_argument("--record-file", metavar="FILE", help="compare with this record instead of the kept one")
     parser.add_argument("--mountpoint", help="use this existing ufsgmem mount")
-    parser.add_argument("--subject", choices=("ufsgmem", "core"), default="ufsgmem")
+    parser.add_argument("--subject", choices=("ufsgmem", "run", "core"), default="ufsgmem",
+                        help="a mount (and the same cases under ufsgmem run), only ufsgmem run, or the core")
     args = parser.parse_args(argv)
     try:
         if args.record is not None:
@@ -78,11 +86,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"conformance: comparing {args.subject} with the {reference.label}"
           + (f", and the live kernel with the {record.label}" if record is not None else ""), file=sys.stderr)
-    verdicts = run(args.subject, args.mountpoint, reference, record)
+    try:
+        verdicts = run(args.subject, args.mountpoint, reference, record)
+        under = None
+        if args.subject == "ufsgmem":
+            reason = under_run.unavailable_reason()
+            under = reason or run("run", None, reference, record)
+    except under_run.RunFailed as exc:
+        print(f"conformance: {exc}", file=sys.stderr)
+        return 1
     print(report.console(verdicts, record))
-    counts = report.summary(verdicts)
+    if under is not None:
+        print("under ufsgmem run: " + (f"not run here: {under}" if isinstance(under, str)
+                                       else "\n" + report.console(under, record)))
+    both = verdicts + (under if isinstance(under, list) else [])
+    counts = report.summary(both)
     changes = [v for v in verdicts if v.kernel_change]
-    page = report.render(verdicts, "ufsgmem" if args.subject == "ufsgmem" else "core", reference, record)
+    page = report.render(verdicts, args.subject, reference, record, run=under)
     if args.write:
         with open(args.write, "w") as f:
             f.write(page)

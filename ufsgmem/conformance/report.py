@@ -15,7 +15,7 @@ from collections import Counter
 
 from .deviations import BY_SUBJECT
 from .record import Record
-from .runner import Verdict
+from .runner import NA, REMOVES, Verdict
 
 HEADER = """\
 # Compatibility with the kernel's guest_memfd
@@ -52,13 +52,19 @@ Not run here: the selftest's `numa_allocation` (it needs two NUMA nodes; the ker
 and `elevated_refcount`, which need a kernel with in-place conversion to compare against; ufsgmem runs them
 through the mount on its own (`tests/test_fuse_conversions.py`).
 
-Under `ufsgmem run` (`docs/testing-vmms.md`), a program meets the kernel's answers where a plain mount
-deviates above: MAP_PRIVATE of a guest_memfd is `EINVAL`, mmap of a file created without `MMAP` is
-`ENODEV`, reopening it through `/proc/self/fd` is `ENXIO`, `fstatfs` reports the anon_inode filesystem,
-and the create struct's reserved words are ignored (`tests/test_run.py` checks that these, and only
-these, differ from a plain mount). What `run`
-cannot give is `KVM_EXIT_MEMORY_FAULT`: KVM sees a plain memslot, so a guest access always takes the type
-its page's attribute says (as on `KVM_X86_SW_PROTECTED_VM`). The exit a v8 kernel raises when an access's
+The column **under `ufsgmem run`** is the same suite as a program under `ufsgmem run`
+(`docs/testing-vmms.md`): a child started with `python -m ufsgmem run -- python -m
+ufsgmem.conformance.under_run` runs the kernel's side of every case (`KVM_CREATE_GUEST_MEMFD` on a VM fd,
+then the same system calls) with the interposer loaded, and its observations are judged against the same
+reference and the mount's deviation list: an entry that says how `run` removes it (`run=` in
+`deviations.py`) must agree there, every other entry must still differ. A cell gives `run`'s verdict, and
+its observation where that differs from the mount's. The v8 rules run there on a `KVM_X86_SW_PROTECTED_VM`,
+a VM with private memory (v8 refuses every conversion on a default VM); the emulated pin has no system
+call a program could make, so its case is n/a there. [Under `ufsgmem run`](#under-ufsgmem-run) lists the
+deviations it removes, as observed.
+
+What `run` cannot give is `KVM_EXIT_MEMORY_FAULT`: KVM sees a plain memslot, so a guest access always
+takes the type its page's attribute says (as on `KVM_X86_SW_PROTECTED_VM`). The exit a v8 kernel raises when an access's
 private/shared type does not match the attribute (the implicit conversion request) never comes, so a
 VMM's handler for it is not exercised. (An access to a memslot whose file was released does get it:
 `run` turns KVM's MMIO exit there into the kernel's `EFAULT` with the fault's `gpa`.)
@@ -132,16 +138,62 @@ def summary(verdicts: list[Verdict]) -> Counter:
     return Counter(v.verdict for v in verdicts)
 
 
-def render(verdicts: list[Verdict], other_name: str = "ufsgmem", reference=None,
-           record: Record | None = None) -> str:
-    """The page for ``verdicts`` of ``other_name`` judged against ``reference`` (a Record or a live kernel);
-    ``record``: the record a live reference was checked against."""
+def _tally(verdicts: list[Verdict]) -> str:
     counts = summary(verdicts)
+    return ", ".join(f"{counts[k]} {k}" for k in ("agree", "deviation", "v8", "n/a", "unrecorded", "FAIL")
+                     if counts[k])
+
+
+def removed_by_run(mount: list[Verdict], run: list[Verdict]) -> list[Verdict]:
+    """The run verdicts of the cases where the mount is a documented deviation and run agrees."""
+    deviating = {v.case.name for v in mount if v.verdict == "deviation"}
+    return [v for v in run if v.case.name in deviating and v.verdict == "agree"]
+
+
+def _run_section(mount: list[Verdict], run: list[Verdict] | str) -> list[str]:
+    lines = ["## Under `ufsgmem run`", ""]
+    if isinstance(run, str):
+        return lines + [f"Not run here: {run}.", ""]
+    removed = removed_by_run(mount, run)
+    kept = [v for v in run if v.verdict == "deviation"]
+    deviating = sum(1 for v in mount if v.verdict == "deviation")
+    lines += [f"{len(run)} cases: {_tally(run)}.", "",
+              f"`ufsgmem run` removes {len(removed)} of the plain mount's {deviating} deviations: "
+              f"{', '.join(f'`{v.case.name}`' for v in removed) or 'none'}; it keeps "
+              f"{', '.join(f'`{v.case.name}`' for v in kept) or 'none'}.", ""]
+    hows: dict[str, list[str]] = {}
+    for v in removed:
+        hows.setdefault(v.why.removeprefix(f"{REMOVES}: "), []).append(v.case.name)
+    lines += [f"- {', '.join(f'`{n}`' for n in names)}: {how}." for how, names in hows.items()]
+    return lines + [""] if hows else lines
+
+
+def _run_cell(run: Verdict | None, mount: Verdict) -> str:
+    if run is None:
+        return "not run"
+    if isinstance(run.other, str) and run.other.startswith(NA):
+        return run.other
+    if run.verdict == "agree" and run.why:
+        text = f"**agree**: {REMOVES}"
+    elif run.verdict == "deviation":
+        text = "**deviation**" + (", as the mount" if run.other == mount.other else "")
+    elif run.verdict in ("FAIL", "unrecorded"):
+        text = f"**{run.verdict}**: {run.why}"
+    else:
+        text = run.verdict
+    if run.other != mount.other:
+        text += "<br>" + _cell(run.other)
+    return text
+
+
+def render(verdicts: list[Verdict], other_name: str = "ufsgmem", reference=None,
+           record: Record | None = None, run: list[Verdict] | str | None = None) -> str:
+    """The page for ``verdicts`` of ``other_name`` judged against ``reference`` (a Record or a live kernel);
+    ``record``: the record a live reference was checked against; ``run``: the verdicts of the same cases
+    under ``ufsgmem run`` (a column and a section), or why it could not run here (None: no column)."""
     lines = [HEADER]
     lines.append("## Summary\n")
-    tally = ", ".join(f"{counts[k]} {k}" for k in ("agree", "deviation", "v8", "n/a", "unrecorded", "FAIL")
-                      if counts[k])
-    lines.append(f"{len(verdicts)} cases: {tally}.\n")
+    lines.append(f"{len(verdicts)} cases: {_tally(verdicts)}.\n")
     reasons: dict[str, list[str]] = {}
     for v in verdicts:
         if v.verdict == "deviation":
@@ -151,28 +203,35 @@ def render(verdicts: list[Verdict], other_name: str = "ufsgmem", reference=None,
         for why, names in reasons.items():
             lines.append(f"- {', '.join(f'`{n}`' for n in names)}: {why}.")
         lines.append("")
+    if run is not None:
+        lines += _run_section(verdicts, run)
     if reference is not None:
         lines += _reference_section(reference, record, verdicts)
     lines.append("## Cases\n")
-    lines.append(f"| case | rule | kernel | {other_name} | verdict | compared with |")
-    lines.append("|---|---|---|---|---|---|")
+    run_by_name = {v.case.name: v for v in run} if isinstance(run, list) else {}
+    extra = [] if run is None else ["under `ufsgmem run`"]
+    lines.append("| " + " | ".join(["case", "rule", "kernel", other_name, "verdict", *extra, "compared with"]) + " |")
+    lines.append("|" + "---|" * (6 + len(extra)))
     for v in verdicts:
         verdict = v.verdict if not v.why else f"**{v.verdict}**: {v.why}"
         compared = v.reference + (f"; **kernel change**: {v.kernel_change}" if v.kernel_change else "")
         cells = [f"`{v.case.name}`", f"{v.case.ref}: {v.case.what}", _cell(v.kernel), _cell(v.other), verdict,
-                 compared]
+                 *([] if run is None else [_run_cell(run_by_name.get(v.case.name), v)]), compared]
         lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
     listed = BY_SUBJECT.get(other_name, {})
     lines.append("")
     lines.append(f"{len(listed)} documented deviation entries for {other_name}; "
-                 f"{sum(1 for v in verdicts if v.verdict == 'FAIL')} failures.")
+                 f"{sum(1 for v in verdicts if v.verdict == 'FAIL')} failures"
+                 + (f"; under `ufsgmem run`, {sum(1 for v in run if v.verdict == 'FAIL')} failures."
+                    if isinstance(run, list) else "."))
     return "\n".join(lines) + "\n"
 
 
 def console(verdicts: list[Verdict], record: Record | None = None) -> str:
     """What the CLI prints: one line per case (why, where it failed or had no reference), every kernel
     change with both observations, then the tally."""
-    lines = [f"{v.verdict:10} {v.case.name}" + (f"  ({v.why})" if v.verdict in ("FAIL", "unrecorded") else "")
+    lines = [f"{v.verdict:10} {v.case.name}"
+             + (f"  ({v.why})" if v.verdict in ("FAIL", "unrecorded") or v.why.startswith(REMOVES) else "")
              for v in verdicts]
     changes = [v for v in verdicts if v.kernel_change]
     for v in changes:

@@ -7,7 +7,8 @@ and each case where the live kernel no longer does what was recorded carries a `
 
 Verdicts:
 
-* ``agree`` — same observation;
+* ``agree`` — same observation (for a subject judged against another's list, e.g. ``run`` against the
+  mount's, a listed deviation it must remove agrees, and the verdict's ``why`` says it removes it);
 * ``deviation`` — a listed :class:`~ufsgmem.conformance.deviations.Deviation`; the keys it does not name
   still agree;
 * ``v8`` — a conversion rule this kernel cannot run: the subject matches the expected observation the case
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .cases import CASES, Case
-from .deviations import BY_SUBJECT, Deviation
+from .deviations import BY_SUBJECT, REMOVED_BY_SUBJECT, Deviation
 from .record import Entry, Record, live_capabilities
 from .subjects import KernelSubject, NotApplicable, Subject
 
@@ -101,20 +102,30 @@ def _known(observation, keys):
     return {k: observation[k] for k in keys if k in observation}
 
 
+REMOVES = "removes the mount's deviation"
+
+
 def judge(case: Case, kernel, other, deviations: dict[str, Deviation],
-          known_keys: tuple[str, ...] | None = None) -> Verdict:
+          known_keys: tuple[str, ...] | None = None, removed: dict[str, Deviation] | None = None) -> Verdict:
     """The verdict on ``other`` against the kernel's observation ``kernel`` (None: none is known).
 
     With ``known_keys`` (a partial record entry) only those keys of both observations are compared, and
-    a keyed deviation only over the keys among them."""
+    a keyed deviation only over the keys among them. ``removed``: another subject's listed deviations
+    this one must not have (it agrees there, or fails)."""
     if known_keys is not None and isinstance(kernel, dict) and isinstance(other, dict):
         deviation = deviations.get(case.name)
         if deviation is not None and deviation.keys is not None:
             keys = tuple(k for k in deviation.keys if k in known_keys)
             deviations = {case.name: Deviation(deviation.reason, keys)} if keys else {}
-        verdict = judge(case, _known(kernel, known_keys), _known(other, known_keys), deviations)
+        verdict = judge(case, _known(kernel, known_keys), _known(other, known_keys), deviations, removed=removed)
         verdict.other = other
         return verdict
+    gone = (removed or {}).get(case.name)
+    if gone is not None and kernel is not None and not (isinstance(other, str) and other.startswith(NA)):
+        if kernel == other:
+            return Verdict(case, kernel, other, "agree", f"{REMOVES}: {gone.run}")
+        return Verdict(case, kernel, other, "FAIL", f"documented as a deviation this subject removes ({gone.run}), "
+                       "but it differs")
     deviation = deviations.get(case.name)
     if isinstance(other, str) and other.startswith(NA):
         return Verdict(case, kernel, other, "n/a" if deviation is None else "FAIL",
@@ -169,11 +180,23 @@ def run(other_factory: Callable[[], Subject], other_name: str, reference: Refere
         cases: list[Case] = CASES, record: Record | None = None) -> list[Verdict]:
     """Judge every case of ``other_factory``'s subjects against ``reference``; with a live reference and
     a ``record``, also mark each case where the live kernel differs from the record."""
+    return _judge_all(lambda c: observe(c, other_factory), other_name, reference, cases, record)
+
+
+def judge_observations(observed: dict[str, dict | str], other_name: str, reference: Reference,
+                       cases: list[Case] = CASES, record: Record | None = None) -> list[Verdict]:
+    """As :func:`run`, for observations made elsewhere (by case name: the ``run`` subject's child)."""
+    return _judge_all(lambda c: observed[c.name], other_name, reference, cases, record)
+
+
+def _judge_all(observation: Callable[[Case], dict | str], other_name: str, reference: Reference,
+               cases: list[Case], record: Record | None) -> list[Verdict]:
     deviations = BY_SUBJECT.get(other_name, {})
+    removed = REMOVED_BY_SUBJECT.get(other_name)
     verdicts = []
     for c in cases:
         expected = reference.entry(c)
-        v = judge(c, expected.observation, observe(c, other_factory), deviations, expected.known_keys)
+        v = judge(c, expected.observation, observation(c), deviations, expected.known_keys, removed)
         v.reference = reference_cell(reference, expected)
         if expected.unrecovered is not None and v.verdict == "unrecorded":
             v.why = f"no kernel observation: {expected.unrecovered}"

@@ -154,12 +154,13 @@ class KernelSubject(Subject):
 
     name = "kernel"
     capabilities = frozenset({FD, MMAP, ACCESS, GUEST, ATTRIBUTES})
+    vm_type = 0  # KVM_CREATE_VM's type: the default VM
 
     def __init__(self):
         super().__init__()
         self.kvm = kvm.Kvm()
         try:
-            self.vm = self.kvm.create_vm(0)
+            self.vm = self.kvm.create_vm(self.vm_type)
         except BaseException:
             self.kvm.close()
             raise
