@@ -328,3 +328,54 @@ def test_one_user_cannot_take_the_huge_page_pool(hugepages):
             mallory.finish()
         for n in range(2):
             mount.ctl(f"destroy h{n}")
+
+
+def test_held_results_cost_their_arrays_not_their_text():
+    """A snapshot and a ``get_attributes`` result of a file of 40 000 attribute runs are held as arrays
+    (~9 bytes a run, what ``results`` counts) and rendered as they are read, byte for byte what they were;
+    a result past the bound is refused before it is built, for what its arrays would take. Before, each
+    was held and counted as its text (~17 and ~24 bytes a run), so these two did not fit in 1 MiB."""
+    runs = 40_000
+    with mounted(allow_other=True, per_user="results=1M") as mount:
+        def hold(report):
+            from ufsgmem import control
+            from ufsgmem.client import GmemFile
+            from ufsgmem.snapshot import Snapshot
+            from ufsgmem.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+            ctl = os.path.join(mount.path, "ctl")
+            assert write_request(ctl, f"create frag size={runs * PS} flags=mmap|init_shared")[0] == "ok"
+            f = GmemFile(os.path.join(mount.path, "frag"))
+            for page in range(1, runs, 2):
+                f.set_memory_attributes(page * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            snap_fd = os.open(os.path.join(mount.path, "frag", "snapshot"), os.O_RDONLY)
+            text = b"".join(iter(lambda: os.read(snap_fd, 100_000), b""))  # reads that split blocks
+            snapshot = Snapshot.from_json(text)
+            assert len(snapshot.attr_starts) == runs and snapshot.to_json().encode() == text
+            ctl_fd = os.open(os.path.join(mount.path, "frag", "ctl"), os.O_RDWR)
+            os.write(ctl_fd, b"get_attributes")
+            result = b"".join(iter(lambda: os.read(ctl_fd, 4096), b""))
+            runs_read = [(o, s, 8 if a == "private" else 0) for o, s, a in
+                         ((int(o, 16), int(s, 16), a) for o, s, a in
+                          (r.replace("+", " ").replace("=", " ").split() for r in result.decode()[3:].split()))]
+            assert len(runs_read) == runs
+            assert result == control.ok_result(None, control.format_runs(runs_read))
+            report("held")
+            outcome, why = write_request(os.path.join(mount.path, "frag", "ctl"), "get_attributes")
+            report({"errno": outcome, "why": why})
+            hold.fds = (snap_fd, ctl_fd, f)
+
+        mallory = Child(MALLORY, hold)
+        try:
+            assert mallory.next() == "held"
+            with open(os.path.join(mount.path, "frag", "status")) as s:
+                held = json.load(s)["owner_bounds"]["results"]["held"]
+            assert 2 * 9 * runs <= held <= 2 * 10 * runs, held
+            refused = mallory.next()
+            assert refused["errno"] == "ENOMEM" and "results=" in refused["why"], refused
+            from ufsgmem.address import format_size
+            assert f"{format_size(9 * runs)} more would pass it" in refused["why"], refused["why"]
+            assert mallory.next() == "done"
+        finally:
+            mallory.finish()
+        mount.ctl("destroy frag")

@@ -199,7 +199,7 @@ class Operations:
         if kind == "status":
             result = self.files.status(entry)
         elif kind == "snapshot":
-            result = self.files.snapshot(entry)
+            result = self.files.snapshot(entry, caller[0])  # counted against the opener's bound
         fh = self.ns.open(entry, kind, ino=ino, writable=accmode != os.O_RDONLY, result=result,
                           opener=tuple(caller[:2]))
         if kind == "mem":
@@ -220,7 +220,7 @@ class Operations:
             chunk = handle.result[handle.read_pos:handle.read_pos + size]
             handle.read_pos += len(chunk)
             return chunk
-        return handle.result[off:off + size]  # status/snapshot: the content at open
+        return handle.result[off:off + size]  # status/snapshot: the content at open (rendered as read)
 
     def write(self, ino: int, fh: int, off: int, buf, writepage: bool) -> int | Deferred:
         handle = self._file_handle(ino, fh, "write", errno.EISDIR)
@@ -242,7 +242,7 @@ class Operations:
             if removed is not None and self.on_destroy is not None:
                 self.on_destroy(removed)
         else:
-            result, error = self.files.file_request(handle.entry, data)
+            result, error = self.files.file_request(handle.entry, data, handle.opener[0])
         try:
             self.ns.set_result(handle, result)  # ENOMEM past the opener's bound on held results
         except OSError as exc:  # (only a result with no side effect is big: get_attributes)

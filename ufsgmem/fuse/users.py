@@ -36,9 +36,11 @@ import errno
 import os
 import threading
 from dataclasses import dataclass, fields
+from typing import Callable
 
 from ..address import format_size, parse_size
 from ..errors import fail
+from ..pagedtext import PagedText
 
 #: results up to this size are always granted (see the module docstring)
 SMALL_RESULT = 4096
@@ -168,6 +170,37 @@ class Users:
         for what in ("files", "handles", "memory", "results"):
             out[what] = {"held": self.held(uid, what), "max": self.bound(uid, what)}
         return out
+
+
+@dataclass(frozen=True)
+class Held:
+    """A result whose server memory its builder has already counted against ``uid``'s ``results`` bound
+    (``charged`` bytes): the namespace keeps the count with the handle and gives it back with it."""
+
+    result: bytes | PagedText
+    uid: int
+    charged: int
+
+
+def hold_result(users: Users, uid: int, estimate: int, build: Callable[[], PagedText]) -> Held:
+    """Build a long result for ``uid`` within its ``results`` bound: ``estimate`` (what the result's arrays
+    will take) is counted *before* ``build()`` runs, so a refused request builds nothing (ENOMEM); then
+    the count is set to what the result really holds (``PagedText.held_bytes``: arrays, index, one
+    rendered block), which may still refuse it if the estimate fell short. A result of at most
+    SMALL_RESULT bytes is kept as bytes and always granted, like every small result."""
+    charged = users.take(uid, "results", estimate, force=estimate <= SMALL_RESULT)
+    try:
+        text = build()
+        result, held = (text[0:len(text)], len(text)) if len(text) <= SMALL_RESULT else (text, text.held_bytes())
+        if held > charged:
+            charged += users.take(uid, "results", held - charged, force=held <= SMALL_RESULT)
+        elif held < charged:
+            users.give(uid, "results", charged - held)
+            charged = held
+    except BaseException:
+        users.give(uid, "results", charged)
+        raise
+    return Held(result, uid, charged)
 
 
 def _replace(limits: UserLimits, **changes) -> UserLimits:
