@@ -363,6 +363,9 @@ def test_held_results_cost_their_arrays_not_their_text():
             report("held")
             outcome, why = write_request(os.path.join(mount.path, "frag", "ctl"), "get_attributes")
             report({"errno": outcome, "why": why})
+            # what a request's data holds while it waits counts too: 1 MiB more is refused before it runs
+            outcome, why = write_request(os.path.join(mount.path, "frag", "ctl"), "x" * MiB)
+            report({"errno": outcome, "why": why})
             hold.fds = (snap_fd, ctl_fd, f)
 
         mallory = Child(MALLORY, hold)
@@ -375,7 +378,88 @@ def test_held_results_cost_their_arrays_not_their_text():
             assert refused["errno"] == "ENOMEM" and "results=" in refused["why"], refused
             from ufsgmem.address import format_size
             assert f"{format_size(9 * runs)} more would pass it" in refused["why"], refused["why"]
+            refused = mallory.next()
+            assert refused["errno"] == "ENOMEM" and "requests in flight" in refused["why"], refused
             assert mallory.next() == "done"
         finally:
             mallory.finish()
         mount.ctl("destroy frag")
+
+
+def test_a_user_flooding_guest_writes_is_refused_and_another_user_converts():
+    """The data of a guest write (up to 1 MiB) waits with its request, maybe long in the executor's queue,
+    and counts against its writer's ``results`` bound until the write ends. Mallory's 32 threads each
+    pwrite 1 MiB to a ``guest`` file of their own over and over (the kernel sends one direct write of an
+    inode at a time): past 1 MiB in flight (two writes) her writes get ENOMEM and change nothing (every file reads
+    back as its last acknowledged write), and Alice, meanwhile, maps, converts and allocates. Before,
+    nothing bounded what one user's waiting writes held."""
+    threads, rounds = 32, 500
+    stop = os.path.join(mount_tmp := __import__("tempfile").mkdtemp(prefix="ufsgmem-flood-"), "stop")
+    os.chmod(mount_tmp, 0o755)
+    with mounted(allow_other=True, per_user="results=1M") as mount:
+        def flood(report):
+            import threading
+
+            fds = []
+            for i in range(threads):
+                assert write_request(os.path.join(mount.path, "ctl"),
+                                     f"create flood{i} size={MiB} flags=mmap|init_shared")[0] == "ok"
+                fds.append(os.open(os.path.join(mount.path, f"flood{i}", "guest"), os.O_RDWR))
+            last = [None] * threads  # the last acknowledged write of each thread (its own MiB)
+            outcomes: dict[str, int] = {}
+            refused = threading.Event()
+
+            def writer(i: int) -> None:
+                for r in range(rounds):
+                    if os.path.exists(stop):
+                        return
+                    data = bytes([i, r % 256]) * (MiB // 2)
+                    try:
+                        assert os.pwrite(fds[i], data, 0) == MiB
+                        last[i] = r
+                        outcome = "ok"
+                    except OSError as exc:
+                        outcome = errno.errorcode[exc.errno]
+                        refused.set()
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+            pool = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
+            for t in pool:
+                t.start()
+            while not refused.wait(0.05) and any(t.is_alive() for t in pool):
+                pass
+            report({"refused": refused.is_set()})
+            for t in pool:
+                t.join()
+            intact = all(last[i] is None or os.pread(fds[i], MiB, 0) == bytes([i, last[i] % 256]) * (MiB // 2)
+                         for i in range(threads))
+            report({"outcomes": outcomes, "intact": intact})
+            for i in range(threads):
+                os.close(fds[i])
+                assert write_request(os.path.join(mount.path, "ctl"), f"destroy flood{i}")[0] == "ok"
+
+        mallory = Child(MALLORY, flood)
+        try:
+            assert mallory.next() == {"refused": True}, "32 x 1 MiB guest writes in flight passed a 1M bound"
+            alice = Child(ALICE, lambda report: alice_uses_a_file(mount.path, report))
+            assert alice.next() == "alice's!"
+            assert alice.next() == "done"
+            alice.finish()
+            open(stop, "w").close()
+            summary = mallory.next()
+            assert set(summary["outcomes"]) == {"ok", "ENOMEM"}, summary
+            assert summary["intact"], "a refused guest write changed the file"
+            assert mallory.next() == "done"
+        finally:
+            mallory.finish()
+            os.unlink(stop) if os.path.exists(stop) else None
+            os.rmdir(mount_tmp)
+        with open(os.path.join(mount.path, "ctl"), "w") as f:  # a handle of root's: Mallory's count is back
+            f.write(f"create probe size={PS}")
+        wait_for(lambda: _results_held(mount.path, "probe") == 0, 30, "Mallory's results to be given back")
+        mount.ctl("destroy probe")
+
+
+def _results_held(path: str, name: str) -> int:
+    with open(os.path.join(path, name, "status")) as f:
+        return json.load(f)["owner_bounds"]["results"]["held"]

@@ -16,9 +16,12 @@ memory      committed guest memory of the user's files      ENOMEM   half of ``-
             (``budget.py``), huge pages included                      else half of MemTotal
 huge        hugetlb memory of the user's files, per page     ENOSPC   half of that size's pool
             size                                                      (at the time of the create)
-results     server memory held for the user's open files:    ENOMEM   64M
-            ``status``/``snapshot`` contents, control
-            results larger than 4 KiB
+results     server memory held for the user: its open       ENOMEM   64M
+            ``status``/``snapshot`` contents and control
+            results larger than 4 KiB (long ones as their
+            arrays, ~9 bytes an attribute run:
+            ``pagedtext.py``), and the data of its
+            ``guest``/``ctl`` writes while they wait or run
 ==========  ===============================================  =======  ==========================
 
 ``ufsgmem mount --per-user files=N,handles=N,memory=SIZE,huge=SIZE,results=SIZE`` changes them (any
@@ -28,6 +31,10 @@ The bounds are counters taken *before* the thing they count exists and given bac
 one lock, so concurrent requests of one user can never pass a bound together. Control results of at
 most 4 KiB are always granted (counted, never refused): a request with side effects has already run when
 its result is stored, so refusing its ``ok`` would misreport it; the handle bound already limits them.
+So is a write's data of at most 4 KiB (every well-formed control request), so that a user at the bound
+can still destroy files; a longer write is refused before it is copied. A write's data counts because
+it waits with its request, perhaps long in the executor's queue (``executor.py``), and a blocked caller
+costs the user nothing: thousands of waiting 1 MiB ``guest`` writes held gigabytes before.
 """
 
 from __future__ import annotations
@@ -104,7 +111,7 @@ _KINDS = {
     "handles": (errno.EMFILE, "open files", str),
     "memory": (errno.ENOMEM, "committed guest memory", format_size),
     "huge": (errno.ENOSPC, "hugetlb memory", format_size),
-    "results": (errno.ENOMEM, "server memory for results and snapshots", format_size),
+    "results": (errno.ENOMEM, "server memory for results, snapshots and requests in flight", format_size),
 }
 
 
