@@ -18,6 +18,8 @@ import mmap
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -390,12 +392,13 @@ def test_a_user_flooding_guest_writes_is_refused_and_another_user_converts():
     """The data of a guest write (up to 1 MiB) waits with its request, maybe long in the executor's queue,
     and counts against its writer's ``results`` bound until the write ends. Mallory's 32 threads each
     pwrite 1 MiB to a ``guest`` file of their own over and over (the kernel sends one direct write of an
-    inode at a time): past 1 MiB in flight (two writes) her writes get ENOMEM and change nothing (every file reads
-    back as its last acknowledged write), and Alice, meanwhile, maps, converts and allocates. Before,
-    nothing bounded what one user's waiting writes held."""
-    threads, rounds = 32, 500
-    stop = os.path.join(mount_tmp := __import__("tempfile").mkdtemp(prefix="ufsgmem-flood-"), "stop")
-    os.chmod(mount_tmp, 0o755)
+    inode at a time): past 1 MiB in flight (two writes) her writes get ENOMEM and change nothing (every
+    file reads back as its last acknowledged write), and Alice, while they go on, maps, converts and
+    allocates. Before, nothing bounded what one user's waiting writes held: no write was refused."""
+    threads, writes, seconds = 32, 16_000, 120  # Mallory reports after 16 000 writes with no refusal
+    signals = tempfile.mkdtemp(prefix="ufsgmem-flood-")  # Mallory's threads stop once "stop" is there
+    os.chmod(signals, 0o755)
+    stop = os.path.join(signals, "stop")
     with mounted(allow_other=True, per_user="results=1M") as mount:
         def flood(report):
             import threading
@@ -407,12 +410,13 @@ def test_a_user_flooding_guest_writes_is_refused_and_another_user_converts():
                 fds.append(os.open(os.path.join(mount.path, f"flood{i}", "guest"), os.O_RDWR))
             last = [None] * threads  # the last acknowledged write of each thread (its own MiB)
             outcomes: dict[str, int] = {}
-            refused = threading.Event()
+            refused, tried = threading.Event(), threading.Semaphore(0)
+            deadline = time.monotonic() + seconds  # a bound, should the parent never say stop
 
             def writer(i: int) -> None:
-                for r in range(rounds):
-                    if os.path.exists(stop):
-                        return
+                r = 0
+                while not os.path.exists(stop) and time.monotonic() < deadline:
+                    r += 1
                     data = bytes([i, r % 256]) * (MiB // 2)
                     try:
                         assert os.pwrite(fds[i], data, 0) == MiB
@@ -422,12 +426,14 @@ def test_a_user_flooding_guest_writes_is_refused_and_another_user_converts():
                         outcome = errno.errorcode[exc.errno]
                         refused.set()
                     outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                    tried.release()
 
             pool = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
             for t in pool:
                 t.start()
-            while not refused.wait(0.05) and any(t.is_alive() for t in pool):
-                pass
+            for _ in range(writes):
+                if refused.is_set() or not tried.acquire(timeout=seconds):
+                    break
             report({"refused": refused.is_set()})
             for t in pool:
                 t.join()
@@ -451,9 +457,10 @@ def test_a_user_flooding_guest_writes_is_refused_and_another_user_converts():
             assert summary["intact"], "a refused guest write changed the file"
             assert mallory.next() == "done"
         finally:
+            open(stop, "w").close()
             mallory.finish()
-            os.unlink(stop) if os.path.exists(stop) else None
-            os.rmdir(mount_tmp)
+            os.unlink(stop)
+            os.rmdir(signals)
         with open(os.path.join(mount.path, "ctl"), "w") as f:  # a handle of root's: Mallory's count is back
             f.write(f"create probe size={PS}")
         wait_for(lambda: _results_held(mount.path, "probe") == 0, 30, "Mallory's results to be given back")
