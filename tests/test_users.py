@@ -18,6 +18,8 @@ import mmap
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -328,3 +330,143 @@ def test_one_user_cannot_take_the_huge_page_pool(hugepages):
             mallory.finish()
         for n in range(2):
             mount.ctl(f"destroy h{n}")
+
+
+def test_held_results_cost_their_arrays_not_their_text():
+    """A snapshot and a ``get_attributes`` result of a file of 40 000 attribute runs are held as arrays
+    (~9 bytes a run, what ``results`` counts) and rendered as they are read, byte for byte what they were;
+    a result past the bound is refused before it is built, for what its arrays would take. Before, each
+    was held and counted as its text (~17 and ~24 bytes a run), so these two did not fit in 1 MiB."""
+    runs = 40_000
+    with mounted(allow_other=True, per_user="results=1M") as mount:
+        def hold(report):
+            from ufsgmem import control
+            from ufsgmem.client import GmemFile
+            from ufsgmem.snapshot import Snapshot
+            from ufsgmem.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+            ctl = os.path.join(mount.path, "ctl")
+            assert write_request(ctl, f"create frag size={runs * PS} flags=mmap|init_shared")[0] == "ok"
+            f = GmemFile(os.path.join(mount.path, "frag"))
+            for page in range(1, runs, 2):
+                f.set_memory_attributes(page * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            snap_fd = os.open(os.path.join(mount.path, "frag", "snapshot"), os.O_RDONLY)
+            text = b"".join(iter(lambda: os.read(snap_fd, 100_000), b""))  # reads that split blocks
+            snapshot = Snapshot.from_json(text)
+            assert len(snapshot.attr_starts) == runs and snapshot.to_json().encode() == text
+            ctl_fd = os.open(os.path.join(mount.path, "frag", "ctl"), os.O_RDWR)
+            os.write(ctl_fd, b"get_attributes")
+            result = b"".join(iter(lambda: os.read(ctl_fd, 4096), b""))
+            runs_read = [(o, s, 8 if a == "private" else 0) for o, s, a in
+                         ((int(o, 16), int(s, 16), a) for o, s, a in
+                          (r.replace("+", " ").replace("=", " ").split() for r in result.decode()[3:].split()))]
+            assert len(runs_read) == runs
+            assert result == control.ok_result(None, control.format_runs(runs_read))
+            report("held")
+            outcome, why = write_request(os.path.join(mount.path, "frag", "ctl"), "get_attributes")
+            report({"errno": outcome, "why": why})
+            # what a request's data holds while it waits counts too: 1 MiB more is refused before it runs
+            outcome, why = write_request(os.path.join(mount.path, "frag", "ctl"), "x" * MiB)
+            report({"errno": outcome, "why": why})
+            hold.fds = (snap_fd, ctl_fd, f)
+
+        mallory = Child(MALLORY, hold)
+        try:
+            assert mallory.next() == "held"
+            with open(os.path.join(mount.path, "frag", "status")) as s:
+                held = json.load(s)["owner_bounds"]["results"]["held"]
+            assert 2 * 9 * runs <= held <= 2 * 10 * runs, held
+            refused = mallory.next()
+            assert refused["errno"] == "ENOMEM" and "results=" in refused["why"], refused
+            from ufsgmem.address import format_size
+            assert f"{format_size(9 * runs)} more would pass it" in refused["why"], refused["why"]
+            refused = mallory.next()
+            assert refused["errno"] == "ENOMEM" and "requests in flight" in refused["why"], refused
+            assert mallory.next() == "done"
+        finally:
+            mallory.finish()
+        mount.ctl("destroy frag")
+
+
+def test_a_user_flooding_guest_writes_is_refused_and_another_user_converts():
+    """The data of a guest write (up to 1 MiB) waits with its request, maybe long in the executor's queue,
+    and counts against its writer's ``results`` bound until the write ends. Mallory's 32 threads each
+    pwrite 1 MiB to a ``guest`` file of their own over and over (the kernel sends one direct write of an
+    inode at a time): past 1 MiB in flight (two writes) her writes get ENOMEM and change nothing (every
+    file reads back as its last acknowledged write), and Alice, while they go on, maps, converts and
+    allocates. Before, nothing bounded what one user's waiting writes held: no write was refused."""
+    threads, writes, seconds = 32, 16_000, 120  # Mallory reports after 16 000 writes with no refusal
+    signals = tempfile.mkdtemp(prefix="ufsgmem-flood-")  # Mallory's threads stop once "stop" is there
+    os.chmod(signals, 0o755)
+    stop = os.path.join(signals, "stop")
+    with mounted(allow_other=True, per_user="results=1M") as mount:
+        def flood(report):
+            import threading
+
+            fds = []
+            for i in range(threads):
+                assert write_request(os.path.join(mount.path, "ctl"),
+                                     f"create flood{i} size={MiB} flags=mmap|init_shared")[0] == "ok"
+                fds.append(os.open(os.path.join(mount.path, f"flood{i}", "guest"), os.O_RDWR))
+            last = [None] * threads  # the last acknowledged write of each thread (its own MiB)
+            outcomes: dict[str, int] = {}
+            refused, tried = threading.Event(), threading.Semaphore(0)
+            deadline = time.monotonic() + seconds  # a bound, should the parent never say stop
+
+            def writer(i: int) -> None:
+                r = 0
+                while not os.path.exists(stop) and time.monotonic() < deadline:
+                    r += 1
+                    data = bytes([i, r % 256]) * (MiB // 2)
+                    try:
+                        assert os.pwrite(fds[i], data, 0) == MiB
+                        last[i] = r
+                        outcome = "ok"
+                    except OSError as exc:
+                        outcome = errno.errorcode[exc.errno]
+                        refused.set()
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                    tried.release()
+
+            pool = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
+            for t in pool:
+                t.start()
+            for _ in range(writes):
+                if refused.is_set() or not tried.acquire(timeout=seconds):
+                    break
+            report({"refused": refused.is_set()})
+            for t in pool:
+                t.join()
+            intact = all(last[i] is None or os.pread(fds[i], MiB, 0) == bytes([i, last[i] % 256]) * (MiB // 2)
+                         for i in range(threads))
+            report({"outcomes": outcomes, "intact": intact})
+            for i in range(threads):
+                os.close(fds[i])
+                assert write_request(os.path.join(mount.path, "ctl"), f"destroy flood{i}")[0] == "ok"
+
+        mallory = Child(MALLORY, flood)
+        try:
+            assert mallory.next() == {"refused": True}, "32 x 1 MiB guest writes in flight passed a 1M bound"
+            alice = Child(ALICE, lambda report: alice_uses_a_file(mount.path, report))
+            assert alice.next() == "alice's!"
+            assert alice.next() == "done"
+            alice.finish()
+            open(stop, "w").close()
+            summary = mallory.next()
+            assert set(summary["outcomes"]) == {"ok", "ENOMEM"}, summary
+            assert summary["intact"], "a refused guest write changed the file"
+            assert mallory.next() == "done"
+        finally:
+            open(stop, "w").close()
+            mallory.finish()
+            os.unlink(stop)
+            os.rmdir(signals)
+        with open(os.path.join(mount.path, "ctl"), "w") as f:  # a handle of root's: Mallory's count is back
+            f.write(f"create probe size={PS}")
+        wait_for(lambda: _results_held(mount.path, "probe") == 0, 30, "Mallory's results to be given back")
+        mount.ctl("destroy probe")
+
+
+def _results_held(path: str, name: str) -> int:
+    with open(os.path.join(path, name, "status")) as f:
+        return json.load(f)["owner_bounds"]["results"]["held"]

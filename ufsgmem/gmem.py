@@ -314,14 +314,32 @@ class GuestMemfd:
 
     def get_attributes(self, offset: int = 0, size: int | None = None) -> list[tuple[int, int, int]]:
         """``(offset, size, attributes)`` runs covering ``[offset, offset + size)``."""
+        first, last = self._attribute_range(offset, size)
+        return [(s << PAGE_SHIFT, (e - s) << PAGE_SHIFT, v) for s, e, v in self._attrs.runs(first, last)]
+
+    def attribute_runs(self, offset: int = 0, size: int | None = None) -> int:
+        """How many runs :meth:`get_attributes` would return (O(chunks of the map), nothing copied)."""
+        return self._attrs.count_runs(*self._attribute_range(offset, size))
+
+    def attribute_arrays(self, offset: int = 0, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`get_attributes` as arrays, ~9 bytes a run instead of a Python tuple's ~150: the run
+        boundaries in bytes (one more than the runs: the last is the range's end) and whether each run
+        is private."""
+        first, last = self._attribute_range(offset, size)
+        starts, values = self._attrs.arrays(first, last)
+        bounds = np.empty(len(starts) + 1, dtype=np.int64)
+        bounds[:-1] = np.frombuffer(starts, dtype=np.int64)
+        bounds[-1] = last
+        return bounds << PAGE_SHIFT, (np.frombuffer(values, dtype=np.int64) & KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0
+
+    def _attribute_range(self, offset: int, size: int | None) -> tuple[int, int]:
         size = self.size - offset if size is None else size
         if not (is_aligned(offset) and is_aligned(size)):
             raise fail(errno.EINVAL, f"offset {offset:#x} and size {size:#x} must be page aligned")
         if offset < 0 or size <= 0 or offset + size > self.size:
             raise fail(errno.EINVAL, f"range [{offset:#x}, {offset + size:#x}) is empty or runs past the end "
                                      f"of the {format_size(self.size)} file")
-        return [(s << PAGE_SHIFT, (e - s) << PAGE_SHIFT, v)
-                for s, e, v in self._attrs.runs(offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT)]
+        return offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
 
     def attribute_at(self, offset: int) -> int:
         return self._attrs.value_at(offset >> PAGE_SHIFT)

@@ -143,6 +143,35 @@ class RunMap:
             values.extend(chunk_values)
         return starts, values
 
+    def _chunk_spans(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """``(chunk, first, last + 1)`` index spans of the runs intersecting ``[start, end)`` (non-empty)."""
+        c0, j0 = self._locate(start)
+        c1, j1 = self._locate(end - 1)
+        for c in range(c0, c1 + 1):
+            yield c, (j0 if c == c0 else 0), (j1 + 1 if c == c1 else len(self._cs[c]))
+
+    def count_runs(self, start: int = 0, end: int | None = None) -> int:
+        """How many runs intersect ``[start, end)`` (O(chunks in the range))."""
+        end = self.npages if end is None else end
+        self._check_range(start, end)
+        if start == end:
+            return 0
+        return sum(hi - lo for _, lo, hi in self._chunk_spans(start, end))
+
+    def arrays(self, start: int = 0, end: int | None = None) -> tuple[array, array]:
+        """Copies of the starts and values of the runs intersecting ``[start, end)``, the first start clipped
+        to ``start``: :meth:`runs` without a tuple per run (for long results)."""
+        end = self.npages if end is None else end
+        self._check_range(start, end)
+        starts, values = array("q"), array("q")
+        if start == end:
+            return starts, values
+        for c, lo, hi in self._chunk_spans(start, end):
+            starts.extend(self._cs[c][lo:hi])
+            values.extend(self._cv[c][lo:hi])
+        starts[0] = start
+        return starts, values
+
     def metadata_bytes(self) -> int:
         """Bytes of run payload: two 8-byte words a run (what the ≤ 128 bytes per run target counts)."""
         return self._n * 16

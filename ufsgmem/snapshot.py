@@ -25,6 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .pagedtext import PagedText, bool_column, int_column, rows_column
+
 
 def _frozen(values, shape_tail=()) -> np.ndarray:
     arr = np.asarray(values, dtype=np.int64).reshape((-1, *shape_tail)) if shape_tail else np.asarray(values)
@@ -95,6 +97,27 @@ class Snapshot:
             "extents": self.extents.tolist(), "split_folios": self.split_folios.tolist(),
             "pins": self.pins.tolist(), "memslot": self.memslot, "meta": self.meta,
         })
+
+    def json_text(self) -> PagedText:
+        """Exactly the bytes of :meth:`to_json`, rendered a block at a time as they are read, from this
+        snapshot's arrays (the server holds an open ``snapshot`` file's content this way: ``pagedtext.py``)."""
+        def scalar(key: str, value, first: bool = False) -> bytes:
+            return (b"" if first else b", ") + f"{json.dumps(key)}: {json.dumps(value)}".encode("ascii")
+
+        def column(key: str, col) -> list:
+            return [f", {json.dumps(key)}: [".encode("ascii"), col, b"]"]
+
+        return PagedText([
+            b"{", scalar("format", "ufsgmem-snapshot/1", first=True), scalar("size", self.size),
+            scalar("flags", self.flags), scalar("backend", self.backend), scalar("folio_size", self.folio_size),
+            scalar("page_size", self.page_size),
+            *column("attr_starts", int_column(self.attr_starts)),
+            *column("attr_private", bool_column(self.attr_private)),
+            *column("extents", rows_column(self.extents.reshape(-1, 3))),
+            *column("split_folios", int_column(self.split_folios)),
+            *column("pins", rows_column(self.pins.reshape(-1, 3))),
+            scalar("memslot", self.memslot), scalar("meta", self.meta), b"}",
+        ])
 
     @classmethod
     def from_json(cls, text: str) -> "Snapshot":

@@ -87,7 +87,10 @@ from ..runmap import RunMap
 from .budget import Charges, MemoryBudget, owner_uid
 from .inodes import Entry, Namespace
 from .revoke import Revoker, WriteBackFiles, write_back
-from .users import UserLimits, Users
+from .users import Held, UserLimits, Users, hold_result
+
+#: what a held result costs per attribute run: an 8-byte boundary and a 1-byte flag (``pagedtext.py``)
+RUN_BYTES = 9
 
 
 class Files:
@@ -406,11 +409,14 @@ class Files:
             raise
 
     # --- NAME/ctl -----------------------------------------------------------------------------------
-    def file_request(self, entry: Entry, data: bytes) -> tuple[bytes, OSError | None]:
-        """Run one request; return (read-back, error or None)."""
+    def file_request(self, entry: Entry, data: bytes, uid: int = 0) -> tuple[bytes | Held, OSError | None]:
+        """Run one request for ``uid``; return (read-back, error or None). A ``get_attributes`` read-back is
+        rendered as it is read, and counted against ``uid``'s ``results`` bound before it is built."""
         request = None
         try:
             request = control.parse_file_request(bytes(data))
+            if request.op == "get_attributes":
+                return self._get_attributes(entry, request, uid), None
             detail = self._file_request(entry, request)
         except OSError as exc:
             return control.error_result(request, exc), exc
@@ -418,9 +424,6 @@ class Files:
 
     def _file_request(self, entry: Entry, req: control.FileRequest) -> str:
         gm = entry.gm
-        if req.op == "get_attributes":
-            with entry.state:
-                return control.format_runs(gm.get_attributes(req.offset, req.size))
         if req.op == "pin":  # the kernel's checks, then ENOMEM past --max-memory, then fault in
             with entry.state:
                 gm.check_pin(req.offset, req.size)
@@ -438,6 +441,18 @@ class Files:
         else:  # parse_file_request only returns known verbs
             raise fail(errno.EINVAL, f"unknown request {req.op!r}")
         return ""
+
+    def _get_attributes(self, entry: Entry, req: control.FileRequest, uid: int) -> Held:
+        """~9 bytes a run (``GuestMemfd.attribute_arrays``), counted before they are copied."""
+        with entry.state:
+            runs = entry.gm.attribute_runs(req.offset, req.size)  # EINVAL for a bad range, before counting
+
+        def build():
+            with entry.state:
+                bounds, private = entry.gm.attribute_arrays(req.offset, req.size)
+            return control.attributes_result(bounds, private)
+
+        return hold_result(self.charges.users, uid, runs * RUN_BYTES, build)
 
     # --- MOUNTPOINT/ctl -----------------------------------------------------------------------------
     def mount_request(self, data: bytes, user: tuple[int, int] = (0, 0)) -> tuple[bytes, OSError | None, str | None]:
@@ -560,8 +575,16 @@ class Files:
         status["in_place_conversion"] = entry.in_place_conversion
         return (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
 
-    @staticmethod
-    def snapshot(entry: Entry) -> bytes:
+    def snapshot(self, entry: Entry, uid: int = 0) -> Held:
+        """The snapshot's JSON, rendered as it is read from the snapshot's arrays; its attribute runs are
+        counted against ``uid``'s ``results`` bound before anything is copied, the rest (extents, pins) once
+        they are known (``users.hold_result``)."""
         with entry.state:
-            snap = entry.gm.snapshot()
-        return snap.to_json().encode()
+            runs = entry.gm.attribute_runs()
+
+        def build():
+            with entry.state:
+                snap = entry.gm.snapshot()
+            return snap.json_text()
+
+        return hold_result(self.charges.users, uid, runs * RUN_BYTES, build)

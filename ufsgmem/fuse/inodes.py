@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from ..gmem import GuestMemfd
 from ..runmap import RunMap
 from ..uapi import PAGE_SHIFT
-from .users import SMALL_RESULT, Users
+from .users import SMALL_RESULT, Held, Users
 
 #: freeing a result at least this big trims the heap (``trim_heap``)
 TRIM_AFTER = 1 << 20
@@ -63,6 +63,21 @@ def trim_heap() -> None:
     the figures)."""
     with contextlib.suppress(AttributeError):
         _libc.malloc_trim(0)
+
+#: mallopt's M_MMAP_THRESHOLD, and what it is set to (``map_big_allocations``)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+
+
+def map_big_allocations() -> None:
+    """Make glibc give every allocation of MMAP_THRESHOLD or more its own mapping, returned to the kernel
+    when it is freed. By default the threshold rises to the largest block freed so far (up to 32 MiB),
+    after which a result's arrays and the transient arrays that building it takes come from the heaps of
+    libfuse's worker threads, where they fragment: 80 held results of 400 000 runs took the server to
+    535 MiB with this off, against ~300 MiB of arrays (docs/reliability.md has the figures)."""
+    with contextlib.suppress(AttributeError):
+        _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
 
 ROOT_INO = 1
 MOUNT_CTL_INO = 2
@@ -122,7 +137,10 @@ class Handle:
     ino: int = 0  # the inode it was opened on: a request naming another inode is EBADF
     writable: bool = False  # opened for writing (ioctl and fallocate need it)
     opener: tuple[int, int] = (0, 0)  # (uid, gid) of the process that opened it: requests act as that user
-    result: bytes = b""  # counted against the opener's ``results`` bound: set it through Namespace.set_result
+    #: what a read returns (bytes, or a ``pagedtext.PagedText`` rendered as it is read): set it through
+    #: Namespace.set_result, which counts ``charged`` bytes of it against the opener's ``results`` bound
+    result: bytes = b""
+    charged: int = 0
     read_pos: int = 0
     closed: bool = False  # released: its result is no longer counted
 
@@ -207,14 +225,19 @@ class Namespace:
             self._maybe_free(entry)
 
     # --- handles ------------------------------------------------------------------------------------
-    def open(self, entry: Entry | None, kind: str, **fields) -> int:
-        """A new handle; ENOENT if ``entry`` was freed meanwhile (its inode is gone), EMFILE or ENOMEM past
-        the opener's bounds on handles or on held results (``users.py``)."""
+    def open(self, entry: Entry | None, kind: str, result: bytes | Held = b"", **fields) -> int:
+        """A new handle whose reads return ``result``; ENOENT if ``entry`` was freed meanwhile (its inode is
+        gone), EMFILE or ENOMEM past the opener's bounds on handles or on held results (``users.py``). A
+        ``Held`` result is already counted; if the open fails its count is given back here."""
         handle = Handle(entry, kind, **fields)
         uid = handle.opener[0]
-        self.users.take(uid, "handles")
         try:
-            self.users.take(uid, "results", len(handle.result), force=len(handle.result) <= SMALL_RESULT)
+            self.users.take(uid, "handles")
+        except BaseException:
+            self._give_result(uid, result.charged if isinstance(result, Held) else 0)
+            raise
+        try:
+            handle.result, handle.charged = self._count_result(uid, result)
         except BaseException:
             self.users.give(uid, "handles")
             raise
@@ -228,28 +251,35 @@ class Namespace:
                 entry.open_handles += 1
             return fh
 
-    def set_result(self, handle: Handle, result: bytes) -> None:
+    def set_result(self, handle: Handle, result: bytes | Held) -> None:
         """Keep ``result`` for the handle's next read in place of the last one; ENOMEM past the opener's
-        ``results`` bound (the last one is kept). Results up to SMALL_RESULT are always granted."""
+        ``results`` bound (the last one is kept). Bytes up to SMALL_RESULT are always granted; a ``Held``
+        result was counted by its builder (``users.hold_result``)."""
         uid = handle.opener[0]
-        self.users.take(uid, "results", len(result), force=len(result) <= SMALL_RESULT)
+        result, charged = self._count_result(uid, result)
         with self.lock:  # one swap at a time, and none into a handle released meanwhile
             if handle.closed:
-                old = result
+                old = charged
             else:
-                old, handle.result = handle.result, result
+                old, handle.result, handle.charged = handle.charged, result, charged
         self._give_result(uid, old)
 
-    def _give_result(self, uid: int, result: bytes) -> None:
-        self.users.give(uid, "results", len(result))
-        if len(result) >= TRIM_AFTER:  # big results came from malloc's arenas: hand the pages back now
+    def _count_result(self, uid: int, result: bytes | Held) -> tuple[object, int]:
+        """(what reads return, bytes counted for it): bytes are counted here, a Held was already."""
+        if isinstance(result, Held):
+            return result.result, result.charged
+        return result, self.users.take(uid, "results", len(result), force=len(result) <= SMALL_RESULT)
+
+    def _give_result(self, uid: int, charged: int) -> None:
+        self.users.give(uid, "results", charged)
+        if charged >= TRIM_AFTER:  # big results came from malloc's arenas: hand the pages back now
             trim_heap()
 
     def _forget_handle(self, handle: Handle) -> None:
         handle.closed = True
         self.users.give(handle.opener[0], "handles")
-        self._give_result(handle.opener[0], handle.result)
-        handle.result = b""
+        self._give_result(handle.opener[0], handle.charged)
+        handle.result, handle.charged = b"", 0
 
     def release(self, fh: int, ino: int) -> Entry | None:
         """Drop handle ``fh`` of inode ``ino``; return its entry if that freed it (so the caller can drop its

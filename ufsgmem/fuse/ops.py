@@ -55,6 +55,7 @@ from .files import Files
 from .inodes import FILES, MOUNT_CTL_INO, ROOT_INO, Entry, Handle, Namespace
 from .lowlevel import FUSE_IOCTL_COMPAT, FUSE_SET_ATTR_GID, FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_SIZE, \
     FUSE_SET_ATTR_UID, Attr, Deferred, IoctlReply, Opened
+from .users import SMALL_RESULT
 
 ATTR_TIMEOUT = 3600.0  # nothing about an inode changes behind the kernel's back except file contents
 DIR_MODE = stat.S_IFDIR | 0o700
@@ -201,7 +202,7 @@ class Operations:
         if kind == "status":
             result = self.files.status(entry)
         elif kind == "snapshot":
-            result = self.files.snapshot(entry)
+            result = self.files.snapshot(entry, caller[0])  # counted against the opener's bound
         fh = self.ns.open(entry, kind, ino=ino, writable=accmode != os.O_RDONLY, result=result,
                           opener=tuple(caller[:2]))
         if kind in ("mem", "private"):
@@ -224,7 +225,7 @@ class Operations:
             chunk = handle.result[handle.read_pos:handle.read_pos + size]
             handle.read_pos += len(chunk)
             return chunk
-        return handle.result[off:off + size]  # status/snapshot: the content at open
+        return handle.result[off:off + size]  # status/snapshot: the content at open (rendered as read)
 
     def write(self, ino: int, fh: int, off: int, buf, writepage: bool) -> int | Deferred:
         handle = self._file_handle(ino, fh, "write", errno.EISDIR)
@@ -234,13 +235,33 @@ class Operations:
             return self.files.private_write(handle.entry, off, buf, writepage=writepage)
         if writepage:
             raise OSError(errno.EIO, f"{handle.kind} cannot be mapped")
-        if handle.kind == "guest":
-            data = bytes(buf)  # the buffer is libfuse's, reused once we return
-            return Deferred(lambda: self.files.guest_write(handle.entry, off, data), _key(handle))
-        if handle.kind != "ctl":
+        if handle.kind not in ("guest", "ctl"):
             raise OSError(errno.EBADF, f"{handle.kind} is read-only")
-        data = bytes(buf)
-        return Deferred(lambda: self._request(handle, data), _key(handle))
+        try:
+            data, held = self._copy(handle, buf)  # the buffer is libfuse's, reused once we return
+        except OSError as exc:
+            if handle.kind == "ctl":  # the read-back says why, as for a request that ran
+                self.ns.set_result(handle, control.error_result(None, exc))
+                handle.read_pos = 0
+            raise
+        if handle.kind == "guest":
+            return Deferred(lambda: self._holding(handle, held, self.files.guest_write, handle.entry, off, data),
+                            _key(handle))
+        return Deferred(lambda: self._holding(handle, held, self._request, handle, data), _key(handle))
+
+    def _copy(self, handle: Handle, buf) -> tuple[bytes, int]:
+        """A copy of a write's data for deferred work, counted against the opener's ``results`` bound
+        (server memory held for the user) until the work ends: a request may wait in the executor's queue
+        for long, and one user's thousands of waiting 1 MiB guest writes would otherwise hold gigabytes.
+        ENOMEM past the bound, before anything is copied; up to SMALL_RESULT bytes are always granted."""
+        held = self.ns.users.take(handle.opener[0], "results", len(buf), force=len(buf) <= SMALL_RESULT)
+        return bytes(buf), held
+
+    def _holding(self, handle: Handle, held: int, work, *args):
+        try:
+            return work(*args)
+        finally:
+            self.ns.users.give(handle.opener[0], "results", held)
 
     def _request(self, handle: Handle, data: bytes) -> int:
         if handle.entry is None:
@@ -248,7 +269,7 @@ class Operations:
             if removed is not None and self.on_destroy is not None:
                 self.on_destroy(removed)
         else:
-            result, error = self.files.file_request(handle.entry, data)
+            result, error = self.files.file_request(handle.entry, data, handle.opener[0])
         try:
             self.ns.set_result(handle, result)  # ENOMEM past the opener's bound on held results
         except OSError as exc:  # (only a result with no side effect is big: get_attributes)

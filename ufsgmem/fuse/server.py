@@ -36,7 +36,7 @@ from ..syscalls import parse_cpu_list, pin_process, prctl
 from . import memcg, usermount
 from .abort import mount_path, start_watcher, unescape
 from .files import Files
-from .inodes import ROOT_INO, Namespace
+from .inodes import ROOT_INO, Namespace, map_big_allocations
 from .latency import LatencyHold
 from .lowlevel import Session
 from .ops import Operations
@@ -169,6 +169,8 @@ def harden() -> int | None:
     """Process settings a server needs to stay up (docs/reliability.md); returns a memory limit the server
     left behind, which the caller applies as its ``--max-memory``:
 
+    * big allocations in mappings of their own, so held results' memory goes back when they are freed
+      (``inodes.map_big_allocations``);
     * the descriptor limit raised to the hard limit: each file costs a backend memfd and a write-back
       descriptor, and a revocation that cannot open one must not fail for that;
     * ``PR_SET_IO_FLUSHER``: this process writes back dirty pages for others (its WRITE handlers), so its
@@ -180,6 +182,7 @@ def harden() -> int | None:
       it left becomes its cap, enforced as ENOMEM at the request instead of by reclaim. Where it cannot
       move (a container), it says so as a warning.
     """
+    map_big_allocations()  # big results go back to the kernel when they are freed
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -16,9 +16,12 @@ memory      committed guest memory of the user's files      ENOMEM   half of ``-
             (``budget.py``), huge pages included                      else half of MemTotal
 huge        hugetlb memory of the user's files, per page     ENOSPC   half of that size's pool
             size                                                      (at the time of the create)
-results     server memory held for the user's open files:    ENOMEM   64M
-            ``status``/``snapshot`` contents, control
-            results larger than 4 KiB
+results     server memory held for the user: its open       ENOMEM   64M
+            ``status``/``snapshot`` contents and control
+            results larger than 4 KiB (long ones as their
+            arrays, ~9 bytes an attribute run:
+            ``pagedtext.py``), and the data of its
+            ``guest``/``ctl`` writes while they wait or run
 ==========  ===============================================  =======  ==========================
 
 ``ufsgmem mount --per-user files=N,handles=N,memory=SIZE,huge=SIZE,results=SIZE`` changes them (any
@@ -28,6 +31,10 @@ The bounds are counters taken *before* the thing they count exists and given bac
 one lock, so concurrent requests of one user can never pass a bound together. Control results of at
 most 4 KiB are always granted (counted, never refused): a request with side effects has already run when
 its result is stored, so refusing its ``ok`` would misreport it; the handle bound already limits them.
+So is a write's data of at most 4 KiB (every well-formed control request), so that a user at the bound
+can still destroy files; a longer write is refused before it is copied. A write's data counts because
+it waits with its request, perhaps long in the executor's queue (``executor.py``), and a blocked caller
+costs the user nothing: thousands of waiting 1 MiB ``guest`` writes held gigabytes before.
 """
 
 from __future__ import annotations
@@ -36,9 +43,11 @@ import errno
 import os
 import threading
 from dataclasses import dataclass, fields
+from typing import Callable
 
 from ..address import format_size, parse_size
 from ..errors import fail
+from ..pagedtext import PagedText
 
 #: results up to this size are always granted (see the module docstring)
 SMALL_RESULT = 4096
@@ -102,7 +111,7 @@ _KINDS = {
     "handles": (errno.EMFILE, "open files", str),
     "memory": (errno.ENOMEM, "committed guest memory", format_size),
     "huge": (errno.ENOSPC, "hugetlb memory", format_size),
-    "results": (errno.ENOMEM, "server memory for results and snapshots", format_size),
+    "results": (errno.ENOMEM, "server memory for results, snapshots and requests in flight", format_size),
 }
 
 
@@ -168,6 +177,37 @@ class Users:
         for what in ("files", "handles", "memory", "results"):
             out[what] = {"held": self.held(uid, what), "max": self.bound(uid, what)}
         return out
+
+
+@dataclass(frozen=True)
+class Held:
+    """A result whose server memory its builder has already counted against ``uid``'s ``results`` bound
+    (``charged`` bytes): the namespace keeps the count with the handle and gives it back with it."""
+
+    result: bytes | PagedText
+    uid: int
+    charged: int
+
+
+def hold_result(users: Users, uid: int, estimate: int, build: Callable[[], PagedText]) -> Held:
+    """Build a long result for ``uid`` within its ``results`` bound: ``estimate`` (what the result's arrays
+    will take) is counted *before* ``build()`` runs, so a refused request builds nothing (ENOMEM); then
+    the count is set to what the result really holds (``PagedText.held_bytes``: arrays, index, one
+    rendered block), which may still refuse it if the estimate fell short. A result of at most
+    SMALL_RESULT bytes is kept as bytes and always granted, like every small result."""
+    charged = users.take(uid, "results", estimate, force=estimate <= SMALL_RESULT)
+    try:
+        text = build()
+        result, held = (text[0:len(text)], len(text)) if len(text) <= SMALL_RESULT else (text, text.held_bytes())
+        if held > charged:
+            charged += users.take(uid, "results", held - charged, force=held <= SMALL_RESULT)
+        elif held < charged:
+            users.give(uid, "results", charged - held)
+            charged = held
+    except BaseException:
+        users.give(uid, "results", charged)
+        raise
+    return Held(result, uid, charged)
 
 
 def _replace(limits: UserLimits, **changes) -> UserLimits:
