@@ -43,6 +43,7 @@ import numpy as np
 
 from .address import format_size, parse_size
 from .errors import GuestMemfdError, errname
+from .mounts import FSTYPE, mount_type
 from .uapi import (
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CREATE_GUEST_MEMFD,
     KVM_CREATE_GUEST_MEMFD_STRUCT, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_ATTRIBUTES2_STRUCT,
@@ -211,7 +212,6 @@ def _check_u64(**values: int) -> None:
 def check_mount(path: str) -> None:
     """EINVAL unless ``path`` is a ufsgmem mount point: requests are written to files called ``ctl``, and
     any directory can have one."""
-    from .fuse.server import FSTYPE, mount_type
     mounted = mount_type(path)
     if mounted != FSTYPE:
         what = f"a {mounted} mount" if mounted else "not a mount point"

@@ -443,12 +443,11 @@ def mounted(backend: str = "anon", *, prefix: str = "ufsgmem-pytest-", **options
     """Mount ufsgmem on a fresh temporary directory (named ``prefix...``); always unmounted, its server
     stopped and the directory removed after, even when the body fails.
 
-    Yields a :class:`UfsgmemMount`. ``options`` go to ``ufsgmem.commands.mount.start_background`` (e.g.
+    Yields a :class:`UfsgmemMount`. ``options`` go to :func:`ufsgmem.mounts.start_background` (e.g.
     ``in_place_conversion=False``). Raises OSError when the mount fails (see :func:`fuse_unavailable_reason`
-    to tell in advance). The unmount (``ufsgmem umount``) removes the server's log after a clean stop that
+    to tell in advance). The unmount (:func:`ufsgmem.mounts.unmount`, what ``ufsgmem umount`` does) removes the server's log after a clean stop that
     logged nothing worth reading; any other log stays in ``/run/ufsgmem``."""
-    from ..commands.mount import start_background
-    from ..commands.umount import unmount
+    from ..mounts import start_background, unmount
     from ..syscalls import pid_alive
 
     path = tempfile.mkdtemp(prefix=prefix)
