@@ -6,7 +6,9 @@ points the wrong way fails here as surely as a top-level one:
 * only ``cli.py`` and ``commands/`` import ``ufsgmem.commands``: the library never needs the command line
   (starting and stopping a mount is ``ufsgmem.mounts``, which the commands call);
 * the client and the testing kit do not import the FUSE server (they talk to a mount through its files,
-  and ask ``ufsgmem.mounts`` whether a path is one).
+  and ask ``ufsgmem.mounts`` whether a path is one);
+* the control protocol's magic is spelled in exactly one module, ``ufsgmem/protocol.py``: the server, the
+  client, the testing kit, the conformance suite and the bench all take the wire format from there.
 """
 
 from __future__ import annotations
@@ -69,3 +71,8 @@ def test_clients_do_not_import_the_server(client):
         return not (name == client or name.startswith(client + "."))
     assert importers_of("ufsgmem.fuse.server", other) == []
 
+
+
+def test_the_wire_magic_has_one_owner():
+    spelled = [module_name(p) for p in MODULES if b'"UGM1"' in p.read_bytes() or b"'UGM1'" in p.read_bytes()]
+    assert spelled == ["ufsgmem.protocol"]

@@ -80,13 +80,13 @@ import numpy as np
 from .. import client as _client
 from .. import kvm as _kvm
 from ..address import format_size, parse_size
-from ..client import _FLAG_NAMES, _check_u64
-from ..control import check_name
+from ..protocol import ATTRIBUTE_NAMES, attributes2, check_name, check_u64, error_offset_of, flag_names
+from ..protocol import parse_flags as _parse_flags
 from ..errors import GuestMemfdError, errname
 from ..syscalls import fallocate as _fallocate
 from ..uapi import (
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SIZE,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SIZE,
 )
 
 __all__ = [
@@ -114,15 +114,11 @@ _names = itertools.count()
 
 def parse_flags(flags: int | str) -> int:
     """The kernel's flag word from ``3``, ``"0x3"``, ``"mmap|init_shared"`` or ``"mmap,init_shared"``
-    (:func:`ufsgmem.client.parse_flags`, whose ValueError this names as a guest_memfd flag's)."""
+    (:func:`ufsgmem.protocol.parse_flags`, whose ValueError this names as a guest_memfd flag's)."""
     try:
-        return _client.parse_flags(flags)
+        return _parse_flags(flags)
     except ValueError as exc:
         raise ValueError(f"unknown guest_memfd flag in {flags!r}: {exc}") from None
-
-
-def _flag_names(flags: int) -> list[str]:
-    return [name for name, bit in _FLAG_NAMES.items() if flags & bit]
 
 
 # --- mappings ---------------------------------------------------------------------------------------------
@@ -219,13 +215,12 @@ class GmemFd:
         target's errno; ``error_offset`` is what the call copied back for EAGAIN (the first page still
         referenced, e.g. pinned) and ENOMEM (the start of the range), None for other errors.
         """
-        _check_u64(offset=offset, size=size, attributes=attributes, flags=flags)
-        arg = bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, 0, *(0,) * 11))
+        check_u64(offset=offset, size=size, attributes=attributes, flags=flags)
+        arg = attributes2(offset, size, attributes, flags)
         try:
             fcntl.ioctl(self.fileno(), KVM_SET_MEMORY_ATTRIBUTES2, arg, True)
         except OSError as exc:
-            error_offset = (KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack(arg)[4]
-                            if exc.errno in (errno.EAGAIN, errno.ENOMEM) else None)
+            error_offset = error_offset_of(arg) if exc.errno in (errno.EAGAIN, errno.ENOMEM) else None
             to = {PRIVATE: "private", SHARED: "shared"}.get(attributes, f"attributes {attributes:#x}")
             detail = f"{self.target}: KVM_SET_MEMORY_ATTRIBUTES2 [{offset:#x}, {offset + size:#x}) to {to}"
             if error_offset is not None:
@@ -236,7 +231,7 @@ class GmemFd:
 
     def convert(self, offset: int | str, size: int | str, to: str) -> None:
         """``set_memory_attributes`` with ``to`` = ``"private"`` or ``"shared"``."""
-        attributes = {"private": PRIVATE, "shared": SHARED}.get(to)
+        attributes = ATTRIBUTE_NAMES.get(to)
         if attributes is None:
             raise ValueError(f"convert to {to!r}: use 'private' or 'shared'")
         self.set_memory_attributes(parse_size(offset), parse_size(size), attributes)
@@ -445,8 +440,9 @@ def mounted(backend: str = "anon", *, prefix: str = "ufsgmem-pytest-", **options
 
     Yields a :class:`UfsgmemMount`. ``options`` go to :func:`ufsgmem.mounts.start_background` (e.g.
     ``in_place_conversion=False``). Raises OSError when the mount fails (see :func:`fuse_unavailable_reason`
-    to tell in advance). The unmount (:func:`ufsgmem.mounts.unmount`, what ``ufsgmem umount`` does) removes the server's log after a clean stop that
-    logged nothing worth reading; any other log stays in ``/run/ufsgmem``."""
+    to tell in advance). The unmount (:func:`ufsgmem.mounts.unmount`, what ``ufsgmem umount`` does) removes
+    the server's log after a clean stop that logged nothing worth reading; any other log stays in the
+    runtime directory (``/run/ufsgmem`` for root)."""
     from ..mounts import start_background, unmount
     from ..syscalls import pid_alive
 
@@ -477,7 +473,7 @@ class KernelGmemFd(GmemFd):
 
     def __init__(self, size: int | str, flags: int | str, *, vm_type: int = 0):
         super().__init__(parse_size(size), parse_flags(flags))
-        _check_u64(size=self.size, flags=self.flags)
+        check_u64(size=self.size, flags=self.flags)
         self.vm_type = vm_type
         self.kvm = _kvm.Kvm()
         try:
@@ -511,7 +507,7 @@ class KernelGmemFd(GmemFd):
         st = os.fstat(self.fileno())
         return {
             "target": self.target, "kernel": platform.release(), "vm_type": self.vm_type,
-            "size": st.st_size, "flags": self.flags, "flag_names": _flag_names(self.flags),
+            "size": st.st_size, "flags": self.flags, "flag_names": flag_names(self.flags),
             "page_size": st.st_blksize, "st_blocks": st.st_blocks,
             "supported_flags": self.vm.supported_guest_memfd_flags(),
         }
