@@ -325,7 +325,10 @@ class GmemFile:
 
 
 class Mapping:
-    """A MAP_SHARED mapping of ``mem``. ``array()`` gives numpy views; drop them before ``close()``."""
+    """A MAP_SHARED mapping of ``mem``. ``array()`` gives numpy views; drop them before ``close()``.
+
+    The package's one mapping: :class:`ufsgmem.testing.GmemMapping` wraps it in the testing kit's names (a
+    cached ``.array``, ``view()``, ``address``) for a guest_memfd of any target."""
 
     def __init__(self, fd: int, offset: int, length: int, writable: bool = True):
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -341,6 +344,7 @@ class Mapping:
         return np.frombuffer(self.mmap, dtype=dtype, count=count, offset=offset)
 
     def close(self) -> None:
+        """Unmap (again is a no-op). BufferError while a numpy view or memoryview of it exists."""
         try:
             self.mmap.close()
         except BufferError as exc:

@@ -61,7 +61,6 @@ import faulthandler
 import fcntl
 import contextlib
 import itertools
-import mmap
 import os
 import pickle
 import platform
@@ -127,18 +126,18 @@ class GmemMapping:
 
     Close it (or leave its ``with`` block) after dropping every view you took (``del a``), else
     ``BufferError``. Touching a private page through a view raises SIGBUS in this process: do that only
-    inside :func:`expect_sigbus`.
+    inside :func:`expect_sigbus`. The mapping itself is :class:`ufsgmem.client.Mapping`'s; this class gives
+    it the names of this kit.
     """
 
     def __init__(self, fd: int, length: int, offset: int = 0, writable: bool = True):
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.offset, self.length, self.writable = offset, length, writable
-        self._mmap: mmap.mmap | None = mmap.mmap(fd, length, mmap.MAP_SHARED, prot, offset=offset)
+        self._mapping: _client.Mapping | None = _client.Mapping(fd, offset, length, writable)
         self._array: np.ndarray | None = None
 
     @property
     def closed(self) -> bool:
-        return self._mmap is None
+        return self._mapping is None
 
     @property
     def array(self) -> np.ndarray:
@@ -149,9 +148,9 @@ class GmemMapping:
 
     def view(self, dtype=np.uint8, offset: int = 0, count: int = -1) -> np.ndarray:
         """A new numpy view (``offset`` in bytes from the start of the mapping). Drop it before ``close()``."""
-        if self._mmap is None:
+        if self._mapping is None:
             raise ValueError("the mapping is closed")
-        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=offset)
+        return self._mapping.array(dtype, offset, count)
 
     @property
     def address(self) -> int:
@@ -159,15 +158,15 @@ class GmemMapping:
         return self.array.__array_interface__["data"][0]
 
     def close(self) -> None:
-        if self._mmap is None:
+        if self._mapping is None:
             return
         self._array = None
         try:
-            self._mmap.close()
+            self._mapping.close()
         except BufferError as exc:
             raise BufferError("a numpy view or memoryview of this guest_memfd mapping still exists: "
                               "drop it (del the array) before closing the mapping") from exc
-        self._mmap = None
+        self._mapping = None
 
     def __enter__(self) -> "GmemMapping":
         return self
