@@ -1,7 +1,7 @@
 """ufsgmem mounts seen from outside: which exist, and starting and stopping their servers.
 
 The library's one way to mount and unmount: the ``mount`` and ``umount`` commands and the testing kit's
-``mounted()`` both come here, so the library never needs the command line (the commands are argument
+``mounted()`` (through :func:`mounted`, a mount for a block) all come here, so the library never needs the command line (the commands are argument
 parsing and printing over this module). Nothing here imports the FUSE binding
 at module level: the client asks :func:`mount_type` whether a path is a ufsgmem mount without loading the
 server; :func:`start_background` runs the server in a process of its own, and only it and
@@ -32,18 +32,21 @@ arranges for that not to happen even if nobody runs ``ufsgmem umount``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Iterator
 
 from .fuse.abort import FSTYPE, mount_path, unescape
 from .syscalls import pid_alive
 
-__all__ = ["FSTYPE", "mount_type", "ufsgmem_mounts", "start_background", "unmount", "is_server_of"]
+__all__ = ["FSTYPE", "mount_type", "ufsgmem_mounts", "start_background", "unmount", "mounted", "is_server_of"]
 
 
 # --- which mounts exist -----------------------------------------------------------------------------------
@@ -97,6 +100,28 @@ def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = Fa
     code = proc.wait()
     detail = message.removeprefix("error ").strip() or f"the server exited with status {code}"
     raise OSError(f"cannot mount {mountpoint}: {detail} (log: {server.logfile_path(mountpoint)})")
+
+
+# --- a mount for a block --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def mounted(*, prefix: str = "ufsgmem-", **options) -> Iterator[tuple[str, int]]:
+    """A mount on a fresh temporary directory (named ``prefix...``) for the block; yields ``(path, server
+    pid)``. Always unmounted, its server stopped and the directory removed after, even when the body fails:
+    a server that :func:`unmount` could not stop is killed by its pid (it is ours). ``options`` go to
+    :func:`start_background`; an OSError says why the mount failed."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    pid = None
+    try:
+        pid = start_background(path, **options)
+        yield path, pid
+    finally:
+        with contextlib.suppress(OSError):
+            unmount(path, timeout=10)
+        if pid is not None and pid_alive(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 # --- stopping it -------------------------------------------------------------------------------------------

@@ -68,7 +68,6 @@ import re
 import select
 import shutil
 import signal
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -435,29 +434,17 @@ def fuse_unavailable_reason() -> str | None:
 @contextlib.contextmanager
 def mounted(backend: str = "anon", *, prefix: str = "ufsgmem-pytest-", **options):
     """Mount ufsgmem on a fresh temporary directory (named ``prefix...``); always unmounted, its server
-    stopped and the directory removed after, even when the body fails.
+    stopped and the directory removed after, even when the body fails (:func:`ufsgmem.mounts.mounted`).
 
     Yields a :class:`UfsgmemMount`. ``options`` go to :func:`ufsgmem.mounts.start_background` (e.g.
     ``in_place_conversion=False``). Raises OSError when the mount fails (see :func:`fuse_unavailable_reason`
     to tell in advance). The unmount (:func:`ufsgmem.mounts.unmount`, what ``ufsgmem umount`` does) removes
     the server's log after a clean stop that logged nothing worth reading; any other log stays in the
     runtime directory (``/run/ufsgmem`` for root)."""
-    from ..mounts import start_background, unmount
-    from ..syscalls import pid_alive
+    from ..mounts import mounted as _mounted
 
-    path = tempfile.mkdtemp(prefix=prefix)
-    pid = None
-    try:
-        pid = start_background(path, backend=backend, **options)
+    with _mounted(prefix=prefix, backend=backend, **options) as (path, pid):
         yield UfsgmemMount(path, pid)
-    finally:
-        with contextlib.suppress(OSError):
-            unmount(path, timeout=10)
-        if pid is not None and pid_alive(pid):  # unmount gave up on it: our own server, by its pid
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
 
 
 # --- the kernel -------------------------------------------------------------------------------------------
