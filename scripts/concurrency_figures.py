@@ -35,8 +35,9 @@ import numpy as np
 from ufsgmem.address import parse_size
 from ufsgmem.bench.dirtier import Dirtier
 from ufsgmem.client import GmemFile, Mount
-from ufsgmem.commands.umount import unmount
+from ufsgmem.mounts import unmount
 from ufsgmem.fuse import server as fuse_server
+from ufsgmem import mounts
 from ufsgmem.fuse.abort import abort_mount
 from ufsgmem.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
 
@@ -77,9 +78,9 @@ def server(tree: str = HERE, inline_slots: int | None = None):
             text = f.read()
         if any(word in text for word in (" WARNING ", " ERROR ", "Traceback")):
             print(f"server log:\n{text}", file=sys.stderr)
-        if fuse_server.mount_type(path):
+        if mounts.mount_type(path):
             unmount(path, timeout=10)
-        if fuse_server.mount_type(path):
+        if mounts.mount_type(path):
             abort_mount(path)
             unmount(path, timeout=10)
         if proc.poll() is None:

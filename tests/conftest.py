@@ -9,8 +9,9 @@ import pytest
 from hypothesis import settings
 
 from ufsgmem import hugepages as hugepages_lib
-from ufsgmem.commands.umount import unmount
-from ufsgmem.fuse.server import read_pid, ufsgmem_mounts
+from ufsgmem.mounts import unmount
+from ufsgmem.fuse.server import read_pid
+from ufsgmem.mounts import ufsgmem_mounts
 from ufsgmem.syscalls import pid_alive
 
 # Hypothesis draws the same examples on every machine, so a property test that passes here passes in CI,

@@ -48,7 +48,7 @@ def test_convert_demo_runs_against_a_mount(convert_demo, tmp_path):
 
 def test_header_layout_matches_the_python_client(tmp_path):
     """The same requests built in C with ufsgmem.h and in Python with ufsgmem.client are byte-identical."""
-    from ufsgmem.client import attributes2_request, create_request
+    from ufsgmem.protocol import attributes2_request, create_request
     src = tmp_path / "layout.c"
     src.write_text(r'''
 #include <stdio.h>
@@ -80,3 +80,40 @@ int main(void)
                    check=True, capture_output=True, text=True)
     out = subprocess.run([str(tmp_path / "layout")], check=True, capture_output=True).stdout
     assert out == create_request("vm0", 1 << 30, 1, "hugetlb", 9) + attributes2_request(0x200000, 0x1000, 8)
+
+
+def test_header_constants_equal_the_python_protocol(tmp_path):
+    """Every number examples/ufsgmem.h defines for the wire format equals ufsgmem.protocol's (and the
+    kernel numbers it repeats equal ufsgmem.uapi's): the C header is the same format, not a second one."""
+    from ufsgmem import protocol, uapi
+    names = ["UFSGMEM_MAGIC_LEN", "UFSGMEM_NAME_LEN", "UFSGMEM_BACKEND_LEN", "UFSGMEM_PAGE_ORDER_DEFAULT",
+             "UFSGMEM_PAGE_ORDER_2M", "UFSGMEM_PAGE_ORDER_1G", "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED",
+             "KVM_MEMORY_ATTRIBUTE_PRIVATE", "KVM_CREATE_GUEST_MEMFD", "KVM_SET_MEMORY_ATTRIBUTES2",
+             "sizeof(struct ufsgmem_create_request)", "sizeof(struct ufsgmem_attributes2_request)",
+             "offsetof(struct kvm_memory_attributes2, error_offset)"]
+    src = tmp_path / "constants.c"
+    src.write_text('#include <stddef.h>\n#include <stdio.h>\n#include "ufsgmem.h"\nint main(void)\n{\n'
+                   '\tprintf("%s\\n", UFSGMEM_MAGIC);\n'
+                   + "".join(f'\tprintf("%llu\\n", (unsigned long long)({n}));\n' for n in names) + "\treturn 0;\n}\n")
+    subprocess.run(["gcc", "-Wall", "-Werror", f"-I{EXAMPLES}", "-o", str(tmp_path / "constants"), str(src)],
+                   check=True, capture_output=True, text=True)
+    magic, *values = subprocess.run([str(tmp_path / "constants")], check=True, capture_output=True,
+                                    text=True).stdout.split("\n")[:-1]
+    in_c = dict(zip(names, map(int, values)))
+    orders = {size: order for order, size in protocol.PAGE_ORDERS.items()}
+    assert magic.encode() == protocol.MAGIC
+    assert in_c == {
+        "UFSGMEM_MAGIC_LEN": len(protocol.MAGIC), "UFSGMEM_NAME_LEN": protocol.NAME_LEN,
+        "UFSGMEM_BACKEND_LEN": protocol.BACKEND_LEN, "UFSGMEM_PAGE_ORDER_DEFAULT": orders[None],
+        "UFSGMEM_PAGE_ORDER_2M": orders[uapi.SZ_2M], "UFSGMEM_PAGE_ORDER_1G": orders[uapi.SZ_1G],
+        "GUEST_MEMFD_FLAG_MMAP": protocol.FLAG_NAMES["mmap"],
+        "GUEST_MEMFD_FLAG_INIT_SHARED": protocol.FLAG_NAMES["init_shared"],
+        "KVM_MEMORY_ATTRIBUTE_PRIVATE": protocol.ATTRIBUTE_NAMES["private"],
+        "KVM_CREATE_GUEST_MEMFD": uapi.KVM_CREATE_GUEST_MEMFD,
+        "KVM_SET_MEMORY_ATTRIBUTES2": uapi.KVM_SET_MEMORY_ATTRIBUTES2,
+        "sizeof(struct ufsgmem_create_request)": protocol.CREATE_LEN,
+        "sizeof(struct ufsgmem_attributes2_request)": protocol.ATTRIBUTES_LEN,
+        "offsetof(struct kvm_memory_attributes2, error_offset)": protocol.ERROR_OFFSET_AT,
+    }
+    assert [protocol.page_order(size) for size in (None, uapi.SZ_2M, uapi.SZ_1G)] == [
+        in_c["UFSGMEM_PAGE_ORDER_DEFAULT"], in_c["UFSGMEM_PAGE_ORDER_2M"], in_c["UFSGMEM_PAGE_ORDER_1G"]]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from clientfix import child_touch, mounted
-from ufsgmem.client import Mount, parse_flags, parse_runs, Result
+from ufsgmem.client import Mount
+from ufsgmem.protocol import parse_flags, parse_runs, Result
 from ufsgmem.errors import GuestMemfdError
 from ufsgmem.snapshot import Snapshot
 from ufsgmem.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -218,7 +219,7 @@ def test_snapshot_follows_the_attributes(gmem):
 # --- binary create and huge pages -----------------------------------------------------------------------
 def test_binary_create_request_and_read_back(mount):
     import os
-    from ufsgmem.client import create_request
+    from ufsgmem.protocol import create_request
     raw = create_request("bin0", 8 * PAGE, MMAP_SHARED, "anon", 0)
     assert len(raw) == 168 and raw[:4] == b"UGM1"
     fd = os.open(f"{mount.path}/ctl", os.O_RDWR)

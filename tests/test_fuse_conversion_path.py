@@ -17,7 +17,7 @@ import struct
 
 import pytest
 
-from ufsgmem import control
+from ufsgmem import protocol
 from ufsgmem.address import Range
 from ufsgmem.fuse.files import Files
 from ufsgmem.fuse.inodes import Namespace
@@ -57,7 +57,7 @@ def setup():
 
 
 def convert(files, entry, offset, size, attributes):
-    files.set_memory_attributes(entry, control.FileRequest("set_memory_attributes", offset, size, attributes))
+    files.set_memory_attributes(entry, protocol.FileRequest("set_memory_attributes", offset, size, attributes))
 
 
 def fill(files, entry, offset, size=PS):
@@ -138,8 +138,8 @@ def test_ioctl_copies_the_struct_back_only_on_eagain(setup):
         entry.gm.pin(3 * PS, PS)
     result, out = ioctl(files, entry, attrs2(0, 8 * PS, PRIVATE))
     assert result == -errno.EAGAIN
-    assert struct.unpack_from("<Q", out, control.ERROR_OFFSET_AT)[0] == 3 * PS
-    assert out[:control.ERROR_OFFSET_AT] == attrs2(0, 8 * PS, PRIVATE)[:control.ERROR_OFFSET_AT]
+    assert struct.unpack_from("<Q", out, protocol.ERROR_OFFSET_AT)[0] == 3 * PS
+    assert out[:protocol.ERROR_OFFSET_AT] == attrs2(0, 8 * PS, PRIVATE)[:protocol.ERROR_OFFSET_AT]
 
 
 @pytest.mark.parametrize("case, expected", [

@@ -187,9 +187,9 @@ def test_stopping_the_server_with_conversions_queued_and_running_ends_them_all()
     and unmounts. Before, a worker blocked in a revocation kept libfuse's loop from ever returning (its
     write-backs had nobody left to serve them), so the server hung until something aborted it."""
     big, threads = 256 * MiB, 64
-    from ufsgmem.commands.mount import start_background
-    from ufsgmem.commands.umount import unmount
+    from ufsgmem import mounts
     from ufsgmem.fuse import server as fuse_server
+    from ufsgmem.mounts import start_background, unmount
     from ufsgmem.syscalls import pid_alive
     path = tempfile.mkdtemp(prefix="ufsgmem-test-")
     pid = start_background(path)
@@ -231,13 +231,13 @@ def test_stopping_the_server_with_conversions_queued_and_running_ends_them_all()
                 time.sleep(0.01)
         assert all(o is not None for o in outcomes)
         assert set(outcomes) <= {"converted", errno.ENOTCONN, errno.ECONNABORTED}, outcomes
-        assert not fuse_server.mount_type(path), "the server exited without unmounting"
+        assert not mounts.mount_type(path), "the server exited without unmounting"
         with open(fuse_server.logfile_path(path)) as f:
             log = f.read()
         assert "Traceback" not in log, log
         m.close()
     finally:
-        if fuse_server.mount_type(path):
+        if mounts.mount_type(path):
             abort_mount(path)
             unmount(path, timeout=5)
         with contextlib.suppress(OSError):

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fusefix import fuse_available, fuse_mount, gmem, mounted, requires_fuse  # noqa: F401 (fixtures)
-from ufsgmem import control
+from ufsgmem import protocol
 from ufsgmem.syscalls import pid_alive
 from ufsgmem.uapi import (
     KVM_CREATE_GUEST_MEMFD, KVM_CREATE_GUEST_MEMFD_STRUCT, KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES,
@@ -244,7 +244,7 @@ def observe(g) -> dict:
             pins[page] = count
     status = g.status()
     runs = g.request("get_attributes")
-    expected_runs = control.ok_result(None, control.format_runs(
+    expected_runs = protocol.ok_result(None, protocol.format_runs(
         (o, s, 8 if p else 0) for o, s, p in _runs(private)))
     assert runs == expected_runs, f"get_attributes {runs!r} disagrees with the snapshot {expected_runs!r}"
     return {"private": private, "pins": pins, "runs": runs, "content": allocated_content(g, snap),
@@ -309,7 +309,7 @@ def tally(data: bytes, err: int | None) -> None:
 def expected_after(before: dict, data: bytes) -> dict:
     """The state after ``data`` succeeded, on the per-page model (the server's own parser says what the
     request asked for; it must parse, since the server accepted it)."""
-    req = control.parse_file_request(data)
+    req = protocol.parse_file_request(data)
     after = dict(before, private=list(before["private"]), pins=list(before["pins"]), content=before["content"])
     first = req.offset // PS
     last = min(req.offset + (req.size or 0), SIZE) // PS
@@ -343,7 +343,7 @@ def well_formed_file_request(draw) -> bytes:
     verb = draw(st.sampled_from(FILE_VERBS + ["set_memory_attributes", "binary"]))
     private = draw(st.booleans())
     if verb == "binary":
-        return control.HEADER.pack(control.MAGIC, KVM_SET_MEMORY_ATTRIBUTES2) + \
+        return protocol.HEADER.pack(protocol.MAGIC, KVM_SET_MEMORY_ATTRIBUTES2) + \
             KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, 8 if private else 0, 0, 0, *[0] * 11)
     words = [verb, f"offset={draw(number_text(st.just(offset)))}", f"size={draw(number_text(st.just(size)))}"]
     if verb == "set_memory_attributes":
@@ -455,7 +455,7 @@ def sim_create(draw) -> bytes:
 def created_name(data: bytes) -> str | None:
     """What ``data`` names (create or destroy), by the server's own parser; None if it does not parse."""
     try:
-        return control.parse_mount_request(data).name
+        return protocol.parse_mount_request(data).name
     except OSError:
         return None
 
@@ -493,7 +493,7 @@ def test_mount_ctl_fuzz(fuse_mount, gmem, data):
                 else:
                     assert name not in names, f"{request[:120]!r}: created a name in use"
                     names.add(name)
-                    req = control.parse_mount_request(request)
+                    req = protocol.parse_mount_request(request)
                     with open(os.path.join(fuse_mount.path, name, "status")) as f:
                         status = json.load(f)
                     assert (status["size"], status["flags"]) == (req.size, req.flags), f"{request[:120]!r}: {status}"

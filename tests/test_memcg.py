@@ -49,9 +49,10 @@ import numpy as np
 import pytest
 
 from fusefix import mounted, requires_fuse
-from ufsgmem.commands.umount import unmount
+from ufsgmem.mounts import unmount
 from ufsgmem.fuse import memcg
 from ufsgmem.fuse import server as fuse_server
+from ufsgmem import mounts
 from ufsgmem.fuse.abort import abort_mount
 from ufsgmem.syscalls import pid_alive
 
@@ -325,7 +326,7 @@ SERVER_IN_CGROUP = r"""
 import os, sys
 with open(sys.argv[1], "w") as f:  # the server (and its watcher) start inside the cgroup
     f.write(str(os.getpid()))
-from ufsgmem.commands.mount import start_background
+from ufsgmem.mounts import start_background
 pid = start_background(sys.argv[2])
 print(pid, flush=True)
 sys.stdin.read()  # until the test is done with the mount; then reap the server
@@ -349,7 +350,7 @@ def server_in(cg: Cgroup):
         yield FixMount(path, pid)
     finally:
         with contextlib.suppress(OSError):
-            if fuse_server.mount_type(path):
+            if mounts.mount_type(path):
                 if pid is None or not pid_alive(pid):
                     abort_mount(path)
                 unmount(path, timeout=10)  # SIGTERM; a stuck server is aborted and killed

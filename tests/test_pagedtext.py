@@ -1,5 +1,5 @@
 """Long results rendered as they are read (``ufsgmem/pagedtext.py``): every byte at every offset is the byte
-the whole text has there (``json.dumps`` for snapshots, ``control.format_runs`` for ``get_attributes``),
+the whole text has there (``json.dumps`` for snapshots, ``protocol.format_runs`` for ``get_attributes``),
 and what a result holds is its arrays, not its text."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from ufsgmem import control
+from ufsgmem import protocol
 from ufsgmem.gmem import GuestMemfd
 from ufsgmem.pagedtext import BLOCK, decimal_lengths, hex_lengths
 from ufsgmem.snapshot import Snapshot
@@ -60,10 +60,10 @@ def test_get_attributes_reads_as_its_result(data, conversions):
         gm.set_memory_attributes(page * PS, pages * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
     first = data.draw(st.integers(0, 2047))
     size = data.draw(st.integers(1, 2048 - first)) * PS
-    whole = control.ok_result(None, control.format_runs(gm.get_attributes(first * PS, size)))
+    whole = protocol.ok_result(None, protocol.format_runs(gm.get_attributes(first * PS, size)))
     bounds, private = gm.attribute_arrays(first * PS, size)
     assert gm.attribute_runs(first * PS, size) == len(private)
-    same_bytes(control.attributes_result(bounds, private), whole, data)
+    same_bytes(protocol.attributes_result(bounds, private), whole, data)
 
 
 def test_a_long_result_holds_its_arrays_not_its_text():
@@ -72,7 +72,7 @@ def test_a_long_result_holds_its_arrays_not_its_text():
     runs = 100_000
     bounds = np.arange(runs + 1, dtype=np.int64) * (1 << 30)
     private = np.arange(runs) % 2 == 1
-    text = control.attributes_result(bounds, private)
+    text = protocol.attributes_result(bounds, private)
     assert len(text) > 24 * runs
     held = text.held_bytes()
     assert held < 9.2 * runs, held

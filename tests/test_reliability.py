@@ -28,8 +28,9 @@ import pytest
 
 from fusefix import fuse_mount, gmem, mounted, requires_fuse, wait_for, wchan  # noqa: F401 (fixtures)
 from ufsgmem.client import GmemFile, Mount
-from ufsgmem.commands.umount import unmount
+from ufsgmem.mounts import unmount
 from ufsgmem.fuse import server as fuse_server
+from ufsgmem import mounts
 from ufsgmem.fuse.abort import abort_mount
 from ufsgmem.syscalls import pid_alive
 from ufsgmem.uapi import KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2
@@ -76,12 +77,12 @@ except Exception as exc:
 def server_to_kill():
     """A mount whose server the test kills: always unmounted (abort first if anything still hangs)."""
     from fusefix import Mount as FixMount
-    from ufsgmem.commands.mount import start_background
+    from ufsgmem.mounts import start_background
     path = tempfile.mkdtemp(prefix="ufsgmem-test-")
     try:
         yield FixMount(path, start_background(path))
     finally:
-        if fuse_server.mount_type(path):
+        if mounts.mount_type(path):
             abort_mount(path)
             unmount(path, timeout=5)
         with contextlib.suppress(OSError):
@@ -118,7 +119,7 @@ def test_a_server_killed_during_a_conversion_hangs_no_client():
             abort_mount(mount.path)  # unwedge before failing, so CI goes on
             raise AssertionError("a client still hangs after its server was killed")
         done = unmount(mount.path, timeout=5)
-        assert not fuse_server.mount_type(mount.path), "the stale mount is still there"
+        assert not mounts.mount_type(mount.path), "the stale mount is still there"
         assert any("server is gone" in line or "killed" in line for line in done), done
 
 
@@ -171,14 +172,14 @@ def test_a_mount_point_with_a_non_ascii_name():
     os.mkdir(path)
     pid = None
     try:
-        from ufsgmem.commands.mount import start_background
+        from ufsgmem.mounts import start_background
         pid = start_background(path)
-        assert path in fuse_server.ufsgmem_mounts()
-        assert fuse_server.mount_type(path) == fuse_server.FSTYPE
+        assert path in mounts.ufsgmem_mounts()
+        assert mounts.mount_type(path) == mounts.FSTYPE
         assert unmount(path) == []
-        assert fuse_server.mount_type(path) is None
+        assert mounts.mount_type(path) is None
     finally:
-        if fuse_server.mount_type(path):
+        if mounts.mount_type(path):
             unmount(path)
         if pid is not None and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
@@ -314,7 +315,7 @@ def test_mount_point_must_be_yours_and_a_symlink_is_resolved(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ufsgmem", "mount", str(theirs)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and "belongs to uid 65534" in proc.stderr, proc.stderr
-    assert fuse_server.mount_type(str(theirs)) is None
+    assert mounts.mount_type(str(theirs)) is None
     real = tmp_path / "real"
     real.mkdir()
     link = tmp_path / "link"
@@ -325,5 +326,5 @@ def test_mount_point_must_be_yours_and_a_symlink_is_resolved(tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert f"mounted at {real} " in proc.stdout, proc.stdout
     finally:
-        if fuse_server.mount_type(str(real)):
+        if mounts.mount_type(str(real)):
             unmount(str(real))

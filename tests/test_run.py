@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from ufsgmem.fuse import server as fuse_server
+from ufsgmem import mounts
 from ufsgmem.run import NotReachable, RunError, check_reachable, run_program
 from ufsgmem.run import session as run_session
 from ufsgmem.testing import expect_sigbus, fuse_unavailable_reason, mounted
@@ -49,7 +50,7 @@ def _kvm_skip() -> str | None:
 
 def run_mounts() -> set[str]:
     """Mount points of ``ufsgmem run`` private mounts (their directories are named ufsgmem-run-*)."""
-    return {m for m in fuse_server.ufsgmem_mounts() if "/ufsgmem-run-" in m}
+    return {m for m in mounts.ufsgmem_mounts() if "/ufsgmem-run-" in m}
 
 
 def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -49,9 +49,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from fusefix import Mount, requires_fuse, wait_for, wchan
-from ufsgmem.commands.mount import start_background
-from ufsgmem.commands.umount import unmount
+from ufsgmem.mounts import start_background
+from ufsgmem.mounts import unmount
 from ufsgmem.fuse import server as fuse_server
+from ufsgmem import mounts
 from ufsgmem.fuse.abort import abort_mount
 from ufsgmem.syscalls import pid_alive
 
@@ -161,13 +162,13 @@ def server_to_kill(armed: bool = True):
                     proc.kill()
             if mount.server_is_ours() and pid_alive(mount.pid):
                 os.kill(mount.pid, signal.SIGKILL)
-        if fuse_server.mount_type(path):
+        if mounts.mount_type(path):
             abort_mount(path)  # before waiting for anyone: a client may wait in the kernel for the server
         if mount is not None:
             for proc in mount.clients:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.communicate(timeout=10)
-        if fuse_server.mount_type(path):
+        if mounts.mount_type(path):
             unmount(path, timeout=5)
         with contextlib.suppress(OSError):
             os.unlink(fuse_server.logfile_path(path))
@@ -207,7 +208,7 @@ def cleaned_up_after(mount: DyingMount) -> None:
     wait_for(lambda: "died; aborted FUSE connection" in mount.log, BOUND,
              lambda: f"the watcher to abort the connection; log:\n{mount.log}")
     done = unmount(mount.path, timeout=5)
-    assert not fuse_server.mount_type(mount.path), f"the stale mount is still there: {done}"
+    assert not mounts.mount_type(mount.path), f"the stale mount is still there: {done}"
     assert any("the server is gone" in line for line in done), done
     assert any("removed the stale mount" in line for line in done), done
 

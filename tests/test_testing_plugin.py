@@ -24,7 +24,8 @@ import pytest
 
 import ufsgmem.testing.plugin as plugin_module
 from ufsgmem import hugepages
-from ufsgmem.fuse.server import logfile_path, ufsgmem_mounts
+from ufsgmem.fuse.server import logfile_path
+from ufsgmem.mounts import ufsgmem_mounts
 from ufsgmem.syscalls import pid_alive
 from ufsgmem.testing import (
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, PAGE_SIZE, PRIVATE, SHARED, GuestMemfdError, KernelGmemFd,

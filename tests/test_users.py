@@ -340,7 +340,7 @@ def test_held_results_cost_their_arrays_not_their_text():
     runs = 40_000
     with mounted(allow_other=True, per_user="results=1M") as mount:
         def hold(report):
-            from ufsgmem import control
+            from ufsgmem import protocol
             from ufsgmem.client import GmemFile
             from ufsgmem.snapshot import Snapshot
             from ufsgmem.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -361,7 +361,7 @@ def test_held_results_cost_their_arrays_not_their_text():
                          ((int(o, 16), int(s, 16), a) for o, s, a in
                           (r.replace("+", " ").replace("=", " ").split() for r in result.decode()[3:].split()))]
             assert len(runs_read) == runs
-            assert result == control.ok_result(None, control.format_runs(runs_read))
+            assert result == protocol.ok_result(None, protocol.format_runs(runs_read))
             report("held")
             outcome, why = write_request(os.path.join(mount.path, "frag", "ctl"), "get_attributes")
             report({"errno": outcome, "why": why})

@@ -13,9 +13,11 @@ Nothing here talks to the server any other way than an unmodified program would:
         assert f.guest_read(0, 1) == b"\\x07"   # the guest still sees it
 
 Conversions are the kernel's own call, ``ioctl(mem, KVM_SET_MEMORY_ATTRIBUTES2)``. Everything else uses
-the text form of the control files, create included: its result carries the server's message (e.g. a hugetlb pool's shortfall), which the
-binary read-back has no room for (``create_request()`` builds the binary form for those who want it). A failed request raises :class:`~ufsgmem.errors.GuestMemfdError`:
-an ``OSError`` with the kernel's errno and, where the kernel defines one, ``error_offset``.
+the text form of the control files, create included: its result carries the server's message (e.g. a
+hugetlb pool's shortfall), which the binary read-back has no room for. The wire format, both ends of it
+(``create_request()`` for the binary form, the text grammar, ``Result``), is :mod:`ufsgmem.protocol`;
+this module does the I/O. A failed request raises :class:`~ufsgmem.errors.GuestMemfdError`: an
+``OSError`` with the kernel's errno and, where the kernel defines one, ``error_offset``.
 
 Caveats:
 
@@ -35,110 +37,20 @@ import json
 import mmap
 import os
 import stat
-import struct
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
 from .address import format_size, parse_size
 from .errors import GuestMemfdError, errname
-from .uapi import (
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CREATE_GUEST_MEMFD,
-    KVM_CREATE_GUEST_MEMFD_STRUCT, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_ATTRIBUTES2_STRUCT,
-    KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SHIFT, PAGE_SIZE,
+from .mounts import FSTYPE, mount_type
+from .protocol import (
+    NAME_MAX, Result, attributes2, check_u64, create_text, cstr_field, error_offset_of, parse_attributes,
+    parse_flags, parse_runs, ranged_text,
 )
+from .uapi import GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_SET_MEMORY_ATTRIBUTES2
 
-MAGIC = b"UGM1"
-HEADER = struct.Struct("<4sI")
-NAME_LEN = 64
-BACKEND_LEN = 32
 RESULT_CHUNK = 1 << 16
-
-_FLAG_NAMES = {"mmap": GUEST_MEMFD_FLAG_MMAP, "init_shared": GUEST_MEMFD_FLAG_INIT_SHARED}
-_ATTRIBUTES = {"private": KVM_MEMORY_ATTRIBUTE_PRIVATE, "shared": 0}
-_ERRNOS = {name: number for number, name in errno.errorcode.items()}
-
-
-# --- small parsers shared with the CLI ------------------------------------------------------------------
-def parse_flags(flags: int | str | None) -> int:
-    """``"mmap,init_shared"``, ``"mmap|init_shared"``, ``"0x3"``, ``3`` or None (0) to a flag word."""
-    if flags is None:
-        return 0
-    if isinstance(flags, int):
-        return flags
-    value = 0
-    for word in flags.replace("|", ",").split(","):
-        word = word.strip().lower()
-        if not word or word == "0":
-            continue
-        if word in _FLAG_NAMES:
-            value |= _FLAG_NAMES[word]
-            continue
-        try:
-            value |= int(word, 0)
-        except ValueError:
-            raise ValueError(f"unknown flag {word!r} (use mmap, init_shared or a number)") from None
-    return value
-
-
-def parse_attributes(to: int | str) -> int:
-    """``"private"``/``"shared"`` (or the number, 8/0) to a KVM_MEMORY_ATTRIBUTE_* word."""
-    if isinstance(to, int):
-        return to
-    word = to.strip().lower()
-    if word in _ATTRIBUTES:
-        return _ATTRIBUTES[word]
-    try:
-        return int(word, 0)
-    except ValueError:
-        raise ValueError(f"attributes {to!r}: use private or shared") from None
-
-
-def page_order(page_size: int | str | None) -> int:
-    """The HugeTLB ``page_order`` for a page size: None → 0 (backend default), 2M → 9, 1G → 18."""
-    if page_size is None:
-        return 0
-    size = parse_size(page_size)
-    if size < PAGE_SIZE or size & (size - 1):
-        raise ValueError(f"page size {page_size!r} is not a power of two of at least 4K")
-    return (size >> PAGE_SHIFT).bit_length() - 1
-
-
-@dataclass(frozen=True)
-class Result:
-    """A parsed text result: ``ok [words]`` or ``error ERRNAME [error_offset=0x...] -- message``.
-
-    Everything after `` -- `` is a message for people; ``key=value`` words before it are fields.
-    """
-
-    ok: bool
-    fields: dict[str, str]
-    words: list[str]
-    message: str
-    text: str
-
-    @classmethod
-    def parse(cls, text: str) -> "Result":
-        head, _, message = text.strip().partition(" -- ")
-        words = head.split()
-        ok = bool(words) and words[0] == "ok"
-        rest = words[1:]
-        fields: dict[str, str] = {}
-        if not ok and rest and rest[0] in _ERRNOS:
-            fields["errno"] = rest.pop(0)
-        plain = []
-        for word in rest:
-            key, sep, value = word.partition("=")
-            if sep and key.isidentifier():
-                fields[key] = value
-            else:
-                plain.append(word)
-        return cls(ok, fields, plain, message.strip(), text.strip())
-
-    def int(self, key: str) -> int | None:
-        value = self.fields.get(key)
-        return None if value is None else int(value, 0)
 
 
 # --- control-file I/O -------------------------------------------------------------------------------------
@@ -180,38 +92,10 @@ def text_request(fd: int, request: str, what: str | None = None) -> Result:
     return result
 
 
-def _cstr(text: str, length: int, what: str) -> bytes:
-    raw = text.encode()
-    if len(raw) > length or b"\0" in raw:
-        raise GuestMemfdError(errno.EINVAL, f"{what} {text!r} must be at most {length} bytes, without NUL")
-    return raw.ljust(length, b"\0")
-
-
-def create_request(name: str, size: int, flags: int = 0, backend: str = "", order: int = 0) -> bytes:
-    """The binary KVM_CREATE_GUEST_MEMFD request for ``MOUNT/ctl`` (see examples/ufsgmem.h)."""
-    body = KVM_CREATE_GUEST_MEMFD_STRUCT.pack(size, flags, order, 0, 0, 0, 0, 0)
-    name_field = _cstr(name, NAME_LEN - 1, "name").ljust(NAME_LEN, b"\0")  # at most 63 bytes + NUL
-    return (HEADER.pack(MAGIC, KVM_CREATE_GUEST_MEMFD) + body + name_field
-            + _cstr(backend, BACKEND_LEN, "backend name"))
-
-
-def attributes2_request(offset: int, size: int, attributes: int, flags: int = 0) -> bytes:
-    """The binary KVM_SET_MEMORY_ATTRIBUTES2 request for ``NAME/ctl``."""
-    body = KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, 0, *([0] * 11))
-    return HEADER.pack(MAGIC, KVM_SET_MEMORY_ATTRIBUTES2) + body
-
-
-def _check_u64(**values: int) -> None:
-    for key, value in values.items():
-        if not 0 <= value < 1 << 64:
-            raise GuestMemfdError(errno.EINVAL, f"{key} {value:#x} does not fit the kernel's u64")
-
-
 # --- the mount --------------------------------------------------------------------------------------------
 def check_mount(path: str) -> None:
     """EINVAL unless ``path`` is a ufsgmem mount point: requests are written to files called ``ctl``, and
     any directory can have one."""
-    from .fuse.server import FSTYPE, mount_type
     mounted = mount_type(path)
     if mounted != FSTYPE:
         what = f"a {mounted} mount" if mounted else "not a mount point"
@@ -247,18 +131,14 @@ class Mount:
         ENOTTY); None takes the mount's default.
         """
         size, flags = parse_size(size), parse_flags(flags)
-        _check_u64(size=size, flags=flags)
-        _cstr(name, NAME_LEN - 1, "name")  # the server keeps room for the NUL: at most 63 bytes
+        check_u64(size=size, flags=flags)
+        cstr_field(name, NAME_MAX, "name")  # the server keeps room for the NUL: at most 63 bytes
         # The text form, not the binary one: its result carries the server's message (a hugetlb shortfall,
-        # the backends available), which the binary read-back has no room for. create_request() builds
+        # the backends available), which the binary read-back has no room for. protocol.create_request() builds
         # the binary form for callers that want it.
-        request = f"create {name} size={size:#x} flags={flags:#x}"
-        if backend:
-            request += f" backend={backend}"
-        if page_size is not None:
-            request += f" page_size={format_size(parse_size(page_size))}"
-        if in_place_conversion is not None:
-            request += f" in_place_conversion={int(in_place_conversion)}"
+        request = create_text(name, size, flags, backend=backend,
+                              page_size=None if page_size is None else parse_size(page_size),
+                              in_place_conversion=in_place_conversion)
         with self._lock:
             text_request(self._ctl_fd(), request, f"create {name} ({format_size(size)}, flags {flags:#x}"
                                                   f"{', backend ' + backend if backend else ''})")
@@ -318,13 +198,12 @@ class GmemFile:
     def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0) -> None:
         """``ioctl(mem, KVM_SET_MEMORY_ATTRIBUTES2)``, exactly as a VMM calls it on a kernel with in-place
         conversion. Raises the kernel's errno, with ``error_offset`` where the kernel copies it back."""
-        _check_u64(offset=offset, size=size, attributes=attributes, flags=flags)
-        arg = bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, 0, *(0,) * 11))
+        check_u64(offset=offset, size=size, attributes=attributes, flags=flags)
+        arg = attributes2(offset, size, attributes, flags)
         try:
             fcntl.ioctl(self._fd("mem"), KVM_SET_MEMORY_ATTRIBUTES2, arg, True)
         except OSError as exc:
-            error_offset = KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack(arg)[4] \
-                if exc.errno in (errno.EAGAIN, errno.ENOMEM) else None
+            error_offset = error_offset_of(arg) if exc.errno in (errno.EAGAIN, errno.ENOMEM) else None
             to = "private" if attributes == KVM_MEMORY_ATTRIBUTE_PRIVATE else f"attributes {attributes:#x}" \
                 if attributes else "shared"
             where = f" (error_offset {error_offset:#x})" if error_offset is not None else ""
@@ -337,10 +216,10 @@ class GmemFile:
         The same conversion as :meth:`set_memory_attributes`, sent as the ``NAME/ctl`` text request so
         that a refusal carries the server's reason (an ioctl can only return an errno)."""
         offset, size, attributes = parse_size(offset), parse_size(size), parse_attributes(to)
-        _check_u64(offset=offset, size=size, attributes=attributes)
+        check_u64(offset=offset, size=size, attributes=attributes)
         to = "private" if attributes == KVM_MEMORY_ATTRIBUTE_PRIVATE else "shared" if attributes == 0 \
             else f"attributes {attributes:#x}"
-        self._text(f"set_memory_attributes offset={offset:#x} size={size:#x} attributes={attributes:#x}",
+        self._text(ranged_text("set_memory_attributes", offset, size, attributes=attributes),
                    f"convert [{offset:#x}, {offset + size:#x}) of {self.name} to {to}")
 
     def _text(self, request: str, what: str | None = None) -> Result:
@@ -351,15 +230,15 @@ class GmemFile:
         """``(offset, size, attributes)`` runs covering the range (the whole file by default)."""
         request = "get_attributes"
         if size is not None:
-            request += f" offset={parse_size(offset):#x} size={parse_size(size):#x}"
+            request = ranged_text(request, parse_size(offset), parse_size(size))
         elif offset:
-            request += f" offset={parse_size(offset):#x} size={self.size - parse_size(offset):#x}"
+            request = ranged_text(request, parse_size(offset), self.size - parse_size(offset))
         return parse_runs(self._text(request).text)
 
     # --- fallocate and pins (text form) -------------------------------------------------------------
     def _ranged(self, verb: str, offset, size) -> None:
         offset, size = parse_size(offset), parse_size(size)
-        self._text(f"{verb} offset={offset:#x} size={size:#x}", f"{verb} [{offset:#x}, {offset + size:#x}) of {self.name}")
+        self._text(ranged_text(verb, offset, size), f"{verb} [{offset:#x}, {offset + size:#x}) of {self.name}")
 
     def allocate(self, offset: int | str, size: int | str) -> None:
         """fallocate(FALLOC_FL_KEEP_SIZE): make the range present (EINVAL past EOF or unaligned)."""
@@ -445,20 +324,11 @@ class GmemFile:
         self.close()
 
 
-def parse_runs(text: str) -> list[tuple[int, int, int]]:
-    """Runs of a get_attributes result: ``ok 0x0+0x1000=shared 0x1000+0x3000=private ...``."""
-    runs = []
-    for word in Result.parse(text).text.partition(" -- ")[0].split()[1:]:
-        span, sep, attribute = word.partition("=")
-        offset, plus, size = span.partition("+")
-        if not (sep and plus):
-            raise GuestMemfdError(errno.EPROTO, f"get_attributes: cannot read run {word!r} in {text!r}")
-        runs.append((int(offset, 0), int(size, 0), parse_attributes(attribute)))
-    return runs
-
-
 class Mapping:
-    """A MAP_SHARED mapping of ``mem``. ``array()`` gives numpy views; drop them before ``close()``."""
+    """A MAP_SHARED mapping of ``mem``. ``array()`` gives numpy views; drop them before ``close()``.
+
+    The package's one mapping: :class:`ufsgmem.testing.GmemMapping` wraps it in the testing kit's names (a
+    cached ``.array``, ``view()``, ``address``) for a guest_memfd of any target."""
 
     def __init__(self, fd: int, offset: int, length: int, writable: bool = True):
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -474,6 +344,7 @@ class Mapping:
         return np.frombuffer(self.mmap, dtype=dtype, count=count, offset=offset)
 
     def close(self) -> None:
+        """Unmap (again is a no-op). BufferError while a numpy view or memoryview of it exists."""
         try:
             self.mmap.close()
         except BufferError as exc:

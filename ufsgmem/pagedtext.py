@@ -15,7 +15,7 @@ element, so any offset maps to its block in O(log n) and a block renders in O(BL
 (byte offsets are character offsets). Slicing (``text[a:b]``) returns bytes, so a holder can treat it like
 the ``bytes`` it replaces.
 
-The renderers here produce exactly what ``json.dumps`` and ``control`` produce for the same values (the
+The renderers here produce exactly what ``json.dumps`` and ``ufsgmem.protocol`` produce for the same values (the
 tests compare them at random offsets), so a reader cannot tell the difference.
 """
 

@@ -793,8 +793,7 @@ def use_mount(path: str | None, stack: contextlib.ExitStack) -> str:
     """The given mount, or a fresh one in a temporary directory, unmounted when ``stack`` unwinds."""
     if path:
         return path
-    from ufsgmem.commands.mount import start_background
-    from ufsgmem.commands.umount import unmount
+    from ufsgmem.mounts import start_background, unmount
     from ufsgmem.fuse.server import logfile_path
 
     def remove(path: str) -> None:

@@ -28,7 +28,8 @@ import subprocess
 import tempfile
 
 from ..fuse import abort
-from ..uapi import KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2
+from ..protocol import attributes2
+from ..uapi import KVM_SET_MEMORY_ATTRIBUTES2
 
 SOURCE = os.path.join(os.path.dirname(__file__), "fuse_floor.c")
 
@@ -63,8 +64,7 @@ class FloorFile:
         self._fd = os.open(os.path.join(directory, "mem"), os.O_RDWR | os.O_CLOEXEC)
 
     def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0) -> None:
-        arg = bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, 0, *(0,) * 11))
-        fcntl.ioctl(self._fd, KVM_SET_MEMORY_ATTRIBUTES2, arg, True)
+        fcntl.ioctl(self._fd, KVM_SET_MEMORY_ATTRIBUTES2, attributes2(offset, size, attributes, flags), True)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -27,7 +27,8 @@ import threading
 
 from .. import hugepages
 from ..address import format_size
-from ..client import Mount, parse_flags
+from ..client import Mount
+from ..protocol import parse_flags
 from ._gmemargs import report, size_arg
 
 HELP = "create a guest_memfd file on a mount"

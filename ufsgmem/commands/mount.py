@@ -38,8 +38,9 @@ snapshot}.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+
+from ..mounts import start_background
 
 HELP = "mount a ufsgmem filesystem (guest_memfd files over FUSE)"
 
@@ -120,32 +121,3 @@ def run(args) -> int:
                            max_memory=args.max_memory, low_latency=args.low_latency, per_user=args.per_user)
     print(f"ufsgmem: mounted at {args.mountpoint} (server pid {pid})")
     return 0
-
-
-def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = False,
-                     cpus: str | None = None, in_place_conversion: bool = True, allow_other: bool = False,
-                     max_memory: int | None = None, low_latency: bool = False, per_user: str | None = None) -> int:
-    """Start the server detached; return its pid once the mount works, or raise OSError with its error."""
-    from ..fuse import server
-    from ..runtime import ensure_run_dir
-
-    ensure_run_dir()
-    read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "ufsgmem.fuse.server", "--ready-fd", str(write_end),
-               "--backend", backend, mountpoint] + (["--debug"] if debug else []) + (["--cpus", cpus] if cpus else []) \
-        + ([] if in_place_conversion else ["--no-in-place-conversion"]) + (["--allow-other"] if allow_other else []) \
-        + ([] if max_memory is None else ["--max-memory", str(max_memory)]) \
-        + (["--low-latency"] if low_latency else []) + ([] if per_user is None else ["--per-user", per_user])
-    # The log names files and requests: readable by its owner only (it stays after a crash).
-    log_fd = os.open(server.logfile_path(mountpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(log_fd, "ab") as logfile:
-        proc = subprocess.Popen(command, pass_fds=(write_end,), start_new_session=True,
-                                stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as ready:
-        message = ready.read().decode(errors="replace").strip()
-    if message.startswith("ready"):
-        return proc.pid
-    code = proc.wait()
-    detail = message.removeprefix("error ").strip() or f"the server exited with status {code}"
-    raise OSError(f"cannot mount {mountpoint}: {detail} (log: {server.logfile_path(mountpoint)})")

@@ -1,33 +1,16 @@
 """Unmount a ufsgmem filesystem: stop its server, and clean up after one that died or hangs.
 
-1. The pid in <run dir>/<mountpoint>.pid (``ufsgmem/runtime.py``: /run/ufsgmem for root) is signalled
-   only if that process really is this mount's server (the same pid *and* start time as recorded): a
-   stale pidfile whose pid was reused by another process is ignored, never signalled.
-2. SIGTERM, and the server unmounts and exits. One that does not stop within ``--timeout`` (or is
-   stopped: SIGSTOP holds SIGTERM back) gets SIGKILL.
-3. If the mount is still there (the server died, is a zombie, or cannot finish exiting because a thread
-   of it waits in the kernel), its FUSE connection is aborted, so every client still waiting on it gets
-   an error instead of hanging, and the mount is removed (lazy unmount; ``fusermount3 -u -z`` for a
-   user). Root aborts through fusectl; so does a user where fusectl is mounted (the kernel gives the
-   connection's control files to the user who mounted). Elsewhere the server's watcher ends the
-   connection for a user (``ufsgmem/fuse/abort.py``): this command waits, bounded, for the killed server
-   to finish exiting, which the watcher makes possible.
-
-Each step that was needed is reported. ``ufsgmem/fuse/abort.py`` says why a killed server can hang its
-clients, and how every server also arranges for that not to happen even if nobody runs this command.
+The steps (``ufsgmem.mounts.unmount``, which says why each one is there): signal the server recorded in
+<run dir>/<mountpoint>.pid only if it really is this mount's (same pid and start time); SIGTERM, then
+SIGKILL after ``--timeout``; if the mount is still there, abort its FUSE connection so no client stays
+blocked, and remove it lazily. Each step that was needed is reported.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
 
-from ..syscalls import pid_alive
+from ..mounts import unmount
 
 HELP = "unmount a ufsgmem filesystem (also cleans up after a dead or hung server)"
 
@@ -41,103 +24,3 @@ def run(args) -> int:
     for line in unmount(args.mountpoint, timeout=args.timeout):
         print(f"ufsgmem umount: {line}", file=sys.stderr)
     return 0
-
-
-def is_server_of(pid: int, started: int | None) -> bool:
-    """Whether process ``pid`` is the one the pidfile recorded: same pid *and* same start time, so a pid
-    the kernel handed to another process since is never taken for the server."""
-    from ..fuse.server import start_time
-    return started is not None and start_time(pid) == started
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return not pid_alive(pid)
-
-
-def unmount(mountpoint: str, timeout: float = 10.0) -> list[str]:
-    """Stop the server of ``mountpoint`` and make sure nothing stays mounted there; what had to be done
-    beyond a clean stop, one line each (empty after a clean stop)."""
-    from ..fuse import abort, server
-
-    mountpoint = abort.mount_path(mountpoint)  # never stat the mount itself: it may hang
-    pid, started = server.read_pidfile(mountpoint)
-    mounted = server.mount_type(mountpoint)
-    if pid is None and mounted is None:
-        raise OSError(errno.EINVAL, f"{mountpoint} is not a ufsgmem mount")
-    if mounted is not None and mounted != server.FSTYPE:
-        raise OSError(errno.EINVAL, f"{mountpoint} is a {mounted} mount, not ufsgmem")
-    done: list[str] = []
-    if pid is not None and not is_server_of(pid, started):
-        if pid_alive(pid):
-            done.append(f"pid {pid} in the pidfile is not this mount's server (a reused pid): not signalled")
-        pid = None
-    if pid is not None and pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        if not _wait_gone(pid, timeout):
-            os.kill(pid, signal.SIGKILL)
-            done.append(f"the server (pid {pid}) did not stop within {timeout:g} s: killed")
-            if not _wait_gone(pid, 2.0):
-                done.append(f"the server (pid {pid}) cannot finish exiting (a thread waits in the kernel)")
-    elif mounted is not None:
-        done.append("the server is gone (it died without unmounting)")
-    if server.mount_type(mountpoint) == server.FSTYPE:
-        done.append(_end_connection(mountpoint, pid, started, timeout))
-        _force_unmount(mountpoint)
-        done.append("removed the stale mount (lazy unmount)")
-    if pid is not None and not _wait_gone(pid, 5.0):
-        done.append(f"the server (pid {pid}) is still exiting")
-    try:
-        os.unlink(server.pidfile_path(mountpoint))
-    except FileNotFoundError:
-        pass
-    _drop_log_if_uneventful(server.logfile_path(mountpoint), not done)
-    return done
-
-
-def _end_connection(mountpoint: str, pid: int | None, started: int | None, timeout: float) -> str:
-    """Abort the FUSE connection of a mount whose server is dead or killed; what happened, one line."""
-    from ..fuse import abort
-
-    connection = abort.connection_of(mountpoint)
-    if abort.abort_mount(mountpoint) is not None:
-        return f"aborted FUSE connection {connection}: clients waiting on it get errors"
-    # Not root and no fusectl of ours: the watcher answers what the server left and, once the server
-    # has exited, closes the last /dev/fuse descriptor, which makes the kernel abort the connection.
-    if pid is None or _wait(lambda: abort.server_gone(pid, started), timeout):
-        return (f"FUSE connection {connection} is ended by the server's watcher (it closes the last /dev/fuse "
-                "descriptor once the server has exited): clients waiting on it get errors")
-    return (f"could not abort FUSE connection {connection} (not root, no fusectl access) and the server (pid {pid}) "
-            f"has not exited: clients waiting on it may stay blocked; as root: ufsgmem umount {mountpoint}")
-
-
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _drop_log_if_uneventful(path: str, clean: bool) -> None:
-    """Remove the server's log after a clean stop that logged no warning or error, so a machine that
-    mounts often (tests, the demo, the bench) does not collect logs; a log worth reading stays."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return
-    if clean and not any(word in text for word in (b" WARNING ", b" ERROR ", b" CRITICAL ", b"Traceback")):
-        os.unlink(path)
-
-
-def _force_unmount(mountpoint: str) -> None:
-    """A dead server's mount: fusermount3 -u -z (a user's way, and root's), else umount -l."""
-    for command in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
-        if shutil.which(command[0]) and subprocess.run(command, capture_output=True, timeout=30).returncode == 0:
-            return
-    hint = "" if os.geteuid() == 0 else " (a user may unmount only their own mounts: is it yours?)"
-    raise OSError(errno.EBUSY, f"could not unmount {mountpoint}{hint}")

@@ -26,7 +26,6 @@ import functools
 import itertools
 import os
 import platform
-import struct
 import subprocess
 import sys
 import tempfile
@@ -35,10 +34,8 @@ from .. import kvm
 from ..errors import GuestMemfdError
 from ..syscalls import fallocate
 from ..gmem import GuestMemfd, HostFault
-from ..uapi import (
-    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_CREATE_GUEST_MEMFD, KVM_CREATE_GUEST_MEMFD_STRUCT,
-    KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SIZE,
-)
+from ..protocol import attributes2, create_request, create_text, error_offset_of, ranged_text
+from ..uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SIZE
 from .mapping import MAP_SHARED, PROT_READ, PROT_WRITE, Mapping, mmap_fd, runs
 
 #: Capabilities a case may need.
@@ -84,14 +81,12 @@ class GmemFile:
     def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0,
                               reserved: tuple[int, ...] = (0,) * 11, error_offset: int = 0) -> int:
         """KVM_SET_MEMORY_ATTRIBUTES2; returns error_offset as the call left it (raises OSError)."""
-        arg = bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, error_offset,
-                                                           *reserved))
+        arg = attributes2(offset, size, attributes, flags, error_offset, reserved)
         try:
             fcntl.ioctl(self.fd, KVM_SET_MEMORY_ATTRIBUTES2, arg, True)
         except OSError as exc:
-            out = KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack(arg)[4]
-            raise GuestMemfdError(exc.errno, "KVM_SET_MEMORY_ATTRIBUTES2", error_offset=out) from None
-        return KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack(arg)[4]
+            raise GuestMemfdError(exc.errno, "KVM_SET_MEMORY_ATTRIBUTES2", error_offset=error_offset_of(arg)) from None
+        return error_offset_of(arg)
 
     def pin(self, offset: int, size: int) -> None:
         raise NotApplicable("no emulated pin")
@@ -280,9 +275,6 @@ def vm_kvm() -> "kvm.Kvm | None":
 # --- a ufsgmem mount -----------------------------------------------------------------------------------
 _names = itertools.count()
 
-MAGIC = b"UGM1"
-HEADER = struct.Struct("<4sI")
-
 
 def _request(path: str, request: bytes) -> None:
     """One write of a request to a control file: the write's errno is the request's result."""
@@ -303,10 +295,10 @@ class MountFile(GmemFile):
         self.dir = os.path.join(subject.mountpoint, name)
 
     def pin(self, offset, size):
-        _request(os.path.join(self.dir, "ctl"), f"pin offset={offset} size={size}".encode())
+        _request(os.path.join(self.dir, "ctl"), ranged_text("pin", offset, size).encode())
 
     def unpin(self, offset, size):
-        _request(os.path.join(self.dir, "ctl"), f"unpin offset={offset} size={size}".encode())
+        _request(os.path.join(self.dir, "ctl"), ranged_text("unpin", offset, size).encode())
 
     def guest_access(self, mapping, offset, value):
         # a VMM that maps mem and hands the mapping to KVM as ordinary guest memory
@@ -341,11 +333,9 @@ class MountSubject(Subject):
         if self._ctl is None:  # one open ctl for all creations: each write is one request
             self._ctl = os.open(os.path.join(self.mountpoint, "ctl"), os.O_WRONLY)
         if reserved is None:
-            os.write(self._ctl, f"create {name} size={size} flags={flags:#x}".encode())
+            os.write(self._ctl, create_text(name, size, flags).encode())
         else:  # only the binary form carries the struct's reserved words
-            os.write(self._ctl, HEADER.pack(MAGIC, KVM_CREATE_GUEST_MEMFD)
-                     + KVM_CREATE_GUEST_MEMFD_STRUCT.pack(size, flags, *reserved)
-                     + name.encode().ljust(64, b"\0") + bytes(32))
+            os.write(self._ctl, create_request(name, size, flags, reserved=reserved))
         path = os.path.join(self.mountpoint, name, "mem").encode()
         fd = _libc.open(path, os.O_RDWR)
         if fd < 0:

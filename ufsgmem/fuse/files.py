@@ -30,7 +30,7 @@ which lock guards what).
     path as their ``NAME/ctl`` forms.
 
 Control files
-    One write = one request (``ufsgmem.control``); the outcome is kept per open file for the next read.
+    One write = one request (``ufsgmem.protocol``); the outcome is kept per open file for the next read.
 
 Transitions (shared→private, punch) follow docs/design.md §3: validate (``prepare_*``), revoke the ranges in
 this thread while other loop threads serve the write-backs the revocation waits for, then ``commit()``.
@@ -73,7 +73,7 @@ import errno
 import json
 import os
 
-from .. import control
+from .. import protocol
 from ..address import Range, align_down, align_up
 from ..errors import fail
 from ..gmem import SHARED, GuestMemfd, HostFault, Transition, TransitionPending
@@ -267,14 +267,14 @@ class Files:
             raise OSError(errno.EBADF, "the file is not open for writing")
         if len(arg) != KVM_MEMORY_ATTRIBUTES2_STRUCT.size:
             raise OSError(errno.EINVAL, f"kvm_memory_attributes2 is 128 bytes, got {len(arg)}")
-        request = control.parse_attributes2(arg)
+        request = protocol.parse_attributes2(arg)
         try:
             self.set_memory_attributes(entry, request)
         except OSError as exc:
             offset = getattr(exc, "error_offset", None)
             if offset is None:
                 raise
-            return -exc.errno, control.with_error_offset(arg, offset)
+            return -exc.errno, protocol.with_error_offset(arg, offset)
         return 0, b""
 
     def fallocate(self, entry: Entry, mode: int, offset: int, length: int) -> None:
@@ -300,7 +300,7 @@ class Files:
             self.charges.refund(entry, charged)
             raise
 
-    def set_memory_attributes(self, entry: Entry, req: control.FileRequest) -> None:
+    def set_memory_attributes(self, entry: Entry, req: protocol.FileRequest) -> None:
         if not entry.in_place_conversion:
             raise fail(errno.ENOTTY, "this file plays a kernel without in-place conversion "
                                      "(gmem_in_place_conversion=0)")
@@ -414,15 +414,15 @@ class Files:
         rendered as it is read, and counted against ``uid``'s ``results`` bound before it is built."""
         request = None
         try:
-            request = control.parse_file_request(bytes(data))
+            request = protocol.parse_file_request(bytes(data))
             if request.op == "get_attributes":
                 return self._get_attributes(entry, request, uid), None
             detail = self._file_request(entry, request)
         except OSError as exc:
-            return control.error_result(request, exc), exc
-        return control.ok_result(request, detail), None
+            return protocol.error_result(request, exc), exc
+        return protocol.ok_result(request, detail), None
 
-    def _file_request(self, entry: Entry, req: control.FileRequest) -> str:
+    def _file_request(self, entry: Entry, req: protocol.FileRequest) -> str:
         gm = entry.gm
         if req.op == "pin":  # the kernel's checks, then ENOMEM past --max-memory, then fault in
             with entry.state:
@@ -442,7 +442,7 @@ class Files:
             raise fail(errno.EINVAL, f"unknown request {req.op!r}")
         return ""
 
-    def _get_attributes(self, entry: Entry, req: control.FileRequest, uid: int) -> Held:
+    def _get_attributes(self, entry: Entry, req: protocol.FileRequest, uid: int) -> Held:
         """~9 bytes a run (``GuestMemfd.attribute_arrays``), counted before they are copied."""
         with entry.state:
             runs = entry.gm.attribute_runs(req.offset, req.size)  # EINVAL for a bad range, before counting
@@ -450,7 +450,7 @@ class Files:
         def build():
             with entry.state:
                 bounds, private = entry.gm.attribute_arrays(req.offset, req.size)
-            return control.attributes_result(bounds, private)
+            return protocol.attributes_result(bounds, private)
 
         return hold_result(self.charges.users, uid, runs * RUN_BYTES, build)
 
@@ -459,16 +459,16 @@ class Files:
         """Run one create/destroy as ``user`` (uid, gid); return (read-back, error or None, name removed)."""
         request = None
         try:
-            request = control.parse_mount_request(bytes(data))
-            if isinstance(request, control.CreateRequest):
+            request = protocol.parse_mount_request(bytes(data))
+            if isinstance(request, protocol.CreateRequest):
                 detail, removed = self._create(request, user), None
             else:
                 detail, removed = self._destroy(request, user), request.name
         except OSError as exc:
-            return control.error_result(request, exc), exc, None
-        return control.ok_result(request, detail), None, removed
+            return protocol.error_result(request, exc), exc, None
+        return protocol.ok_result(request, detail), None, removed
 
-    def _create(self, req: control.CreateRequest, user: tuple[int, int] = (0, 0)) -> str:
+    def _create(self, req: protocol.CreateRequest, user: tuple[int, int] = (0, 0)) -> str:
         if req.name in self.ns.by_name:
             raise fail(errno.EEXIST, f"{req.name!r} exists")
         backend = req.backend or self.default_backend
@@ -505,9 +505,9 @@ class Files:
             raise
         entry.in_place_conversion = (self.in_place_conversion if req.in_place_conversion is None
                                      else req.in_place_conversion)
-        return control.describe_create(req, gm.folio_size)
+        return protocol.describe_create(req, gm.folio_size)
 
-    def _destroy(self, req: control.DestroyRequest, user: tuple[int, int] = (0, 0)) -> str:
+    def _destroy(self, req: protocol.DestroyRequest, user: tuple[int, int] = (0, 0)) -> str:
         entry = self.ns.by_name.get(req.name)
         if entry is not None and user[0] not in (0, os.getuid(), (entry.owner or user)[0]):
             raise fail(errno.EPERM, f"{req.name!r} belongs to uid {entry.owner[0]}: only its owner, the user who "

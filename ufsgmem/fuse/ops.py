@@ -50,7 +50,7 @@ import os
 import stat
 import time
 
-from .. import control
+from .. import protocol
 from .files import Files
 from .inodes import FILES, MOUNT_CTL_INO, ROOT_INO, Entry, Handle, Namespace
 from .lowlevel import FUSE_IOCTL_COMPAT, FUSE_SET_ATTR_GID, FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_SIZE, \
@@ -175,7 +175,7 @@ class Operations:
         return out
 
     def statfs(self) -> tuple[int, int]:
-        return 4096, control.NAME_MAX
+        return 4096, protocol.NAME_MAX
 
     # --- xattrs: none ---------------------------------------------------------------------------------
     def getxattr(self, ino: int, name: bytes):
@@ -241,7 +241,7 @@ class Operations:
             data, held = self._copy(handle, buf)  # the buffer is libfuse's, reused once we return
         except OSError as exc:
             if handle.kind == "ctl":  # the read-back says why, as for a request that ran
-                self.ns.set_result(handle, control.error_result(None, exc))
+                self.ns.set_result(handle, protocol.error_result(None, exc))
                 handle.read_pos = 0
             raise
         if handle.kind == "guest":
@@ -273,7 +273,7 @@ class Operations:
         try:
             self.ns.set_result(handle, result)  # ENOMEM past the opener's bound on held results
         except OSError as exc:  # (only a result with no side effect is big: get_attributes)
-            self.ns.set_result(handle, control.error_result(None, exc))
+            self.ns.set_result(handle, protocol.error_result(None, exc))
             error = exc
         handle.read_pos = 0
         if error is not None:

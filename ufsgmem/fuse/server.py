@@ -31,10 +31,11 @@ import resource
 import threading
 
 from ..address import format_size
+from ..mounts import FSTYPE, mount_type
 from ..runtime import ROOT_DIR, ensure_run_dir, run_dir
 from ..syscalls import parse_cpu_list, pin_process, prctl
 from . import memcg, usermount
-from .abort import mount_path, start_watcher, unescape
+from .abort import mount_path, start_watcher
 from .files import Files
 from .inodes import ROOT_INO, Namespace, map_big_allocations
 from .latency import LatencyHold
@@ -47,7 +48,6 @@ log = logging.getLogger("ufsgmem.fuse")
 
 RUN_DIR = ROOT_DIR  # root's; a user's is run_dir() (ufsgmem/runtime.py)
 FSNAME = "ufsgmem"
-FSTYPE = "fuse.ufsgmem"
 
 
 # --- where a mount's server is recorded -----------------------------------------------------------
@@ -86,28 +86,6 @@ def start_time(pid: int) -> int | None:
             return int(f.read().rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _mounts() -> list[tuple[str, str]]:
-    """``(mount point, filesystem type)`` of every mount, in /proc/self/mounts order (read as bytes: a
-    mount point may have any name, escaped as ``\\040`` for a space and raw bytes otherwise)."""
-    with open("/proc/self/mounts", "rb") as f:
-        return [(unescape(fields[1]), os.fsdecode(fields[2])) for fields in map(bytes.split, f)]
-
-
-def mount_type(mountpoint: str) -> str | None:
-    """The filesystem type mounted exactly at ``mountpoint`` (from /proc/self/mounts), or None."""
-    target = mount_path(mountpoint)
-    found = None
-    for path, fstype in _mounts():
-        if path == target:
-            found = fstype  # the last one wins (mounts stack)
-    return found
-
-
-def ufsgmem_mounts() -> set[str]:
-    """Every mount point with a ufsgmem filesystem on it."""
-    return {path for path, fstype in _mounts() if fstype == FSTYPE}
 
 
 def check_mountpoint(mountpoint: str) -> None:

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 
+from .. import mounts
 from ..fuse import server as fuse_server
 
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         code = fuse_server.main(rest)
     finally:
         mountpoint = os.path.join(top, "mnt")
-        if fuse_server.mount_type(mountpoint) is None:
+        if mounts.mount_type(mountpoint) is None:
             if code == 0:
                 shutil.rmtree(top, ignore_errors=True)
             else:

@@ -32,7 +32,7 @@ import tempfile
 import time
 
 from ..fuse import abort
-from ..fuse import server as fuse_server
+from ..mounts import FSTYPE, mount_type
 from .elf import check_reachable
 from .shim import build_shim
 
@@ -109,7 +109,7 @@ def _stop(proc: subprocess.Popen | None, mountpoint: str, timeout: float = 10.0)
             clean = False
             proc.kill()
             proc.wait(5)
-    if fuse_server.mount_type(mountpoint) is not None:
+    if mount_type(mountpoint) is not None:
         clean = False
         with contextlib.suppress(OSError):
             abort.abort_mount(mountpoint)
@@ -149,7 +149,7 @@ def run_program(argv: list[str], *, mount: str | None = None, backend: str | Non
     shim = build_shim()
     if mount is not None:
         mount = os.path.realpath(mount)
-        if fuse_server.mount_type(mount) != fuse_server.FSTYPE:
+        if mount_type(mount) != FSTYPE:
             raise RunError(f"{mount} is not a ufsgmem mount")
         return _run(program, argv, shim, mount, kernel, backend, handshake_timeout)
     with run_mount(backend or "anon") as mountpoint:

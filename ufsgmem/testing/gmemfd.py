@@ -61,7 +61,6 @@ import faulthandler
 import fcntl
 import contextlib
 import itertools
-import mmap
 import os
 import pickle
 import platform
@@ -69,7 +68,6 @@ import re
 import select
 import shutil
 import signal
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -80,13 +78,13 @@ import numpy as np
 from .. import client as _client
 from .. import kvm as _kvm
 from ..address import format_size, parse_size
-from ..client import _FLAG_NAMES, _check_u64
-from ..control import check_name
+from ..protocol import ATTRIBUTE_NAMES, attributes2, check_name, check_u64, error_offset_of, flag_names
+from ..protocol import parse_flags as _parse_flags
 from ..errors import GuestMemfdError, errname
 from ..syscalls import fallocate as _fallocate
 from ..uapi import (
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SIZE,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SIZE,
 )
 
 __all__ = [
@@ -114,15 +112,11 @@ _names = itertools.count()
 
 def parse_flags(flags: int | str) -> int:
     """The kernel's flag word from ``3``, ``"0x3"``, ``"mmap|init_shared"`` or ``"mmap,init_shared"``
-    (:func:`ufsgmem.client.parse_flags`, whose ValueError this names as a guest_memfd flag's)."""
+    (:func:`ufsgmem.protocol.parse_flags`, whose ValueError this names as a guest_memfd flag's)."""
     try:
-        return _client.parse_flags(flags)
+        return _parse_flags(flags)
     except ValueError as exc:
         raise ValueError(f"unknown guest_memfd flag in {flags!r}: {exc}") from None
-
-
-def _flag_names(flags: int) -> list[str]:
-    return [name for name, bit in _FLAG_NAMES.items() if flags & bit]
 
 
 # --- mappings ---------------------------------------------------------------------------------------------
@@ -131,18 +125,18 @@ class GmemMapping:
 
     Close it (or leave its ``with`` block) after dropping every view you took (``del a``), else
     ``BufferError``. Touching a private page through a view raises SIGBUS in this process: do that only
-    inside :func:`expect_sigbus`.
+    inside :func:`expect_sigbus`. The mapping itself is :class:`ufsgmem.client.Mapping`'s; this class gives
+    it the names of this kit.
     """
 
     def __init__(self, fd: int, length: int, offset: int = 0, writable: bool = True):
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.offset, self.length, self.writable = offset, length, writable
-        self._mmap: mmap.mmap | None = mmap.mmap(fd, length, mmap.MAP_SHARED, prot, offset=offset)
+        self._mapping: _client.Mapping | None = _client.Mapping(fd, offset, length, writable)
         self._array: np.ndarray | None = None
 
     @property
     def closed(self) -> bool:
-        return self._mmap is None
+        return self._mapping is None
 
     @property
     def array(self) -> np.ndarray:
@@ -153,9 +147,9 @@ class GmemMapping:
 
     def view(self, dtype=np.uint8, offset: int = 0, count: int = -1) -> np.ndarray:
         """A new numpy view (``offset`` in bytes from the start of the mapping). Drop it before ``close()``."""
-        if self._mmap is None:
+        if self._mapping is None:
             raise ValueError("the mapping is closed")
-        return np.frombuffer(self._mmap, dtype=dtype, count=count, offset=offset)
+        return self._mapping.array(dtype, offset, count)
 
     @property
     def address(self) -> int:
@@ -163,15 +157,15 @@ class GmemMapping:
         return self.array.__array_interface__["data"][0]
 
     def close(self) -> None:
-        if self._mmap is None:
+        if self._mapping is None:
             return
         self._array = None
         try:
-            self._mmap.close()
+            self._mapping.close()
         except BufferError as exc:
             raise BufferError("a numpy view or memoryview of this guest_memfd mapping still exists: "
                               "drop it (del the array) before closing the mapping") from exc
-        self._mmap = None
+        self._mapping = None
 
     def __enter__(self) -> "GmemMapping":
         return self
@@ -219,13 +213,12 @@ class GmemFd:
         target's errno; ``error_offset`` is what the call copied back for EAGAIN (the first page still
         referenced, e.g. pinned) and ENOMEM (the start of the range), None for other errors.
         """
-        _check_u64(offset=offset, size=size, attributes=attributes, flags=flags)
-        arg = bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, 0, *(0,) * 11))
+        check_u64(offset=offset, size=size, attributes=attributes, flags=flags)
+        arg = attributes2(offset, size, attributes, flags)
         try:
             fcntl.ioctl(self.fileno(), KVM_SET_MEMORY_ATTRIBUTES2, arg, True)
         except OSError as exc:
-            error_offset = (KVM_MEMORY_ATTRIBUTES2_STRUCT.unpack(arg)[4]
-                            if exc.errno in (errno.EAGAIN, errno.ENOMEM) else None)
+            error_offset = error_offset_of(arg) if exc.errno in (errno.EAGAIN, errno.ENOMEM) else None
             to = {PRIVATE: "private", SHARED: "shared"}.get(attributes, f"attributes {attributes:#x}")
             detail = f"{self.target}: KVM_SET_MEMORY_ATTRIBUTES2 [{offset:#x}, {offset + size:#x}) to {to}"
             if error_offset is not None:
@@ -236,7 +229,7 @@ class GmemFd:
 
     def convert(self, offset: int | str, size: int | str, to: str) -> None:
         """``set_memory_attributes`` with ``to`` = ``"private"`` or ``"shared"``."""
-        attributes = {"private": PRIVATE, "shared": SHARED}.get(to)
+        attributes = ATTRIBUTE_NAMES.get(to)
         if attributes is None:
             raise ValueError(f"convert to {to!r}: use 'private' or 'shared'")
         self.set_memory_attributes(parse_size(offset), parse_size(size), attributes)
@@ -441,29 +434,17 @@ def fuse_unavailable_reason() -> str | None:
 @contextlib.contextmanager
 def mounted(backend: str = "anon", *, prefix: str = "ufsgmem-pytest-", **options):
     """Mount ufsgmem on a fresh temporary directory (named ``prefix...``); always unmounted, its server
-    stopped and the directory removed after, even when the body fails.
+    stopped and the directory removed after, even when the body fails (:func:`ufsgmem.mounts.mounted`).
 
-    Yields a :class:`UfsgmemMount`. ``options`` go to ``ufsgmem.commands.mount.start_background`` (e.g.
+    Yields a :class:`UfsgmemMount`. ``options`` go to :func:`ufsgmem.mounts.start_background` (e.g.
     ``in_place_conversion=False``). Raises OSError when the mount fails (see :func:`fuse_unavailable_reason`
-    to tell in advance). The unmount (``ufsgmem umount``) removes the server's log after a clean stop that
-    logged nothing worth reading; any other log stays in ``/run/ufsgmem``."""
-    from ..commands.mount import start_background
-    from ..commands.umount import unmount
-    from ..syscalls import pid_alive
+    to tell in advance). The unmount (:func:`ufsgmem.mounts.unmount`, what ``ufsgmem umount`` does) removes
+    the server's log after a clean stop that logged nothing worth reading; any other log stays in the
+    runtime directory (``/run/ufsgmem`` for root)."""
+    from ..mounts import mounted as _mounted
 
-    path = tempfile.mkdtemp(prefix=prefix)
-    pid = None
-    try:
-        pid = start_background(path, backend=backend, **options)
+    with _mounted(prefix=prefix, backend=backend, **options) as (path, pid):
         yield UfsgmemMount(path, pid)
-    finally:
-        with contextlib.suppress(OSError):
-            unmount(path, timeout=10)
-        if pid is not None and pid_alive(pid):  # unmount gave up on it: our own server, by its pid
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
 
 
 # --- the kernel -------------------------------------------------------------------------------------------
@@ -478,7 +459,7 @@ class KernelGmemFd(GmemFd):
 
     def __init__(self, size: int | str, flags: int | str, *, vm_type: int = 0):
         super().__init__(parse_size(size), parse_flags(flags))
-        _check_u64(size=self.size, flags=self.flags)
+        check_u64(size=self.size, flags=self.flags)
         self.vm_type = vm_type
         self.kvm = _kvm.Kvm()
         try:
@@ -512,7 +493,7 @@ class KernelGmemFd(GmemFd):
         st = os.fstat(self.fileno())
         return {
             "target": self.target, "kernel": platform.release(), "vm_type": self.vm_type,
-            "size": st.st_size, "flags": self.flags, "flag_names": _flag_names(self.flags),
+            "size": st.st_size, "flags": self.flags, "flag_names": flag_names(self.flags),
             "page_size": st.st_blksize, "st_blocks": st.st_blocks,
             "supported_flags": self.vm.supported_guest_memfd_flags(),
         }

@@ -1,4 +1,17 @@
-"""The control protocol: parse requests and format results, text and binary. Pure: no FUSE, no I/O.
+"""The control protocol's wire format, both ends of it: the one definition the server, the Python client,
+the testing kit, the conformance suite and the bench use. Pure: no FUSE, no I/O.
+
+What lives here: the binary form's magic, header, lengths and command numbers; the kernel structs packed
+and unpacked for it (and for the ioctl, which carries the same ``kvm_memory_attributes2``); ``page_order``;
+the flag and attribute names; the text grammar of requests (parsed by the server, written by clients) and
+of results (formatted by the server, parsed by clients). The kernel's own constants and struct layouts stay
+in :mod:`ufsgmem.uapi`; examples/ufsgmem.h is the same format for C, and tests/test_c_example.py checks
+that its constants equal these.
+
+Two flag grammars, on purpose: a text request's ``flags=`` is strict (``mmap|init_shared`` or one number,
+nothing else: the server refuses what it would have to guess at), while :func:`parse_flags` takes what
+people type on the command line or pass to the client (commas too, names and numbers mixed, None), and
+the client sends the resulting number.
 
 Each ``write()`` to a control file is one request; its outcome is the write's result (the kernel's errno
 on failure), and a following ``read()`` on the same open file returns the result of the last request.
@@ -54,7 +67,7 @@ from .errors import GuestMemfdError, errname, fail
 from .pagedtext import Column, PagedText, hex_lengths
 from .uapi import (
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CREATE_GUEST_MEMFD, KVM_CREATE_GUEST_MEMFD_STRUCT,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SHIFT,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2, PAGE_SHIFT, PAGE_SIZE,
 )
 
 MAGIC = b"UGM1"
@@ -70,8 +83,11 @@ U64_MAX = (1 << 64) - 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _BACKEND_MAX = 64
-_FLAG_NAMES = {"mmap": GUEST_MEMFD_FLAG_MMAP, "init_shared": GUEST_MEMFD_FLAG_INIT_SHARED}
-_ATTRIBUTE_NAMES = {"private": KVM_MEMORY_ATTRIBUTE_PRIVATE, "shared": 0}
+#: guest_memfd flag names, as text requests, the CLI and the client spell them
+FLAG_NAMES = {"mmap": GUEST_MEMFD_FLAG_MMAP, "init_shared": GUEST_MEMFD_FLAG_INIT_SHARED}
+#: attribute names: private is KVM_MEMORY_ATTRIBUTE_PRIVATE, shared is no attribute
+ATTRIBUTE_NAMES = {"private": KVM_MEMORY_ATTRIBUTE_PRIVATE, "shared": 0}
+_ERRNOS = {name: number for number, name in errno.errorcode.items()}
 #: page_order (reserved[0] of kvm_create_guest_memfd) -> page size; 0 means the backend's default.
 PAGE_ORDERS = {0: None, 9: 2 << 20, 18: 1 << 30}
 #: names reserved inside MOUNTPOINT (a guest_memfd cannot be called "ctl")
@@ -182,16 +198,17 @@ def _check_backend(backend: str | None) -> str | None:
     return backend
 
 
-def parse_flags(text: str) -> int:
-    """``mmap|init_shared``, or a number in decimal or 0x hex (nothing else: no ``1_0``, ``0b1``, octal)."""
+def _flags_field(text: str) -> int:
+    """A text request's ``flags=``: ``mmap|init_shared``, or a number in decimal or 0x hex (nothing else: no
+    ``1_0``, ``0b1``, octal)."""
     if re.fullmatch(r"0[xX][0-9a-fA-F]+|[0-9]+", text):
         return int(text, 16) if text[:2] in ("0x", "0X") else int(text, 10)
     flags = 0
     for part in text.split("|") if text else [""]:
         part = part.strip().lower()
-        if part not in _FLAG_NAMES:
+        if part not in FLAG_NAMES:
             raise fail(errno.EINVAL, f"unknown flag {part!r} (mmap, init_shared, or a number)")
-        flags |= _FLAG_NAMES[part]
+        flags |= FLAG_NAMES[part]
     return flags
 
 
@@ -205,7 +222,7 @@ def parse_mount_request(data: bytes) -> CreateRequest | DestroyRequest:
         page_size = _number(options, "page_size") if "page_size" in options else None
         backend = _check_backend(options.get("backend"))
         in_place = _boolean(options, "in_place_conversion")
-        return CreateRequest(check_name(bare[0]), _number(options, "size"), parse_flags(options.get("flags", "0")),
+        return CreateRequest(check_name(bare[0]), _number(options, "size"), _flags_field(options.get("flags", "0")),
                              backend, page_size, in_place_conversion=in_place)
     if verb == "destroy":
         _only(options, bare, set(), 1, verb)
@@ -261,6 +278,11 @@ def with_error_offset(struct_bytes: bytes, error_offset: int) -> bytes:
     return bytes(out)
 
 
+def error_offset_of(struct_bytes) -> int:
+    """The ``error_offset`` field of a ``kvm_memory_attributes2`` (what the kernel copied back)."""
+    return struct.unpack_from("<Q", struct_bytes, ERROR_OFFSET_AT)[0]
+
+
 def parse_file_request(data: bytes) -> FileRequest:
     """A request written to NAME/ctl."""
     if data[:4] == MAGIC:
@@ -273,8 +295,8 @@ def parse_file_request(data: bytes) -> FileRequest:
         text = options.get("attributes")
         if text is None:
             raise fail(errno.EINVAL, "missing attributes=")
-        if text.lower() in _ATTRIBUTE_NAMES:
-            attributes = _ATTRIBUTE_NAMES[text.lower()]
+        if text.lower() in ATTRIBUTE_NAMES:
+            attributes = ATTRIBUTE_NAMES[text.lower()]
         elif re.fullmatch(r"0[xX][0-9a-fA-F]+|[0-9]+", text):
             attributes = _number(options, "attributes")
         else:
@@ -345,6 +367,165 @@ def describe_create(req: CreateRequest, page_size: int) -> str:
     return f"{req.name} size={format_size(req.size)} flags={req.flags:#x} page_size={format_size(page_size)}"
 
 
-def page_order(page_size: int | None) -> int:
-    """The inverse of PAGE_ORDERS (for clients building binary requests)."""
-    return 0 if not page_size else page_size.bit_length() - 1 - PAGE_SHIFT
+
+# --- numbers and names as people write them (the CLI, the client, the testing kit) ---------------------------
+def parse_flags(flags: int | str | None) -> int:
+    """A flag word as people write it: ``"mmap,init_shared"``, ``"mmap|init_shared"``, ``"0x3"``, ``3`` or
+    None (0); ValueError otherwise. Looser than a text request's ``flags=`` (:func:`_flags_field`), which
+    takes ``|`` only and one number, no mixing: the client turns what people write into a number first."""
+    if flags is None:
+        return 0
+    if isinstance(flags, int):
+        return flags
+    value = 0
+    for word in flags.replace("|", ",").split(","):
+        word = word.strip().lower()
+        if not word or word == "0":
+            continue
+        if word in FLAG_NAMES:
+            value |= FLAG_NAMES[word]
+            continue
+        try:
+            value |= int(word, 0)
+        except ValueError:
+            raise ValueError(f"unknown flag {word!r} (use mmap, init_shared or a number)") from None
+    return value
+
+
+def flag_names(flags: int) -> list[str]:
+    """The names of the known bits set in ``flags``."""
+    return [name for name, bit in FLAG_NAMES.items() if flags & bit]
+
+
+def parse_attributes(to: int | str) -> int:
+    """``"private"``/``"shared"`` (or the number, 8/0) to a KVM_MEMORY_ATTRIBUTE_* word; ValueError otherwise."""
+    if isinstance(to, int):
+        return to
+    word = to.strip().lower()
+    if word in ATTRIBUTE_NAMES:
+        return ATTRIBUTE_NAMES[word]
+    try:
+        return int(word, 0)
+    except ValueError:
+        raise ValueError(f"attributes {to!r}: use private or shared") from None
+
+
+def page_order(page_size: int | str | None) -> int:
+    """The HugeTLB ``page_order`` (reserved[0] of the binary create) for a page size: None or 0 → 0 (the
+    backend's default), 2M → 9, 1G → 18; the inverse of :data:`PAGE_ORDERS`. ValueError for a size that is
+    not a power of two of at least 4K."""
+    if page_size is None or page_size == 0:
+        return 0
+    size = parse_size(page_size)
+    if size < PAGE_SIZE or size & (size - 1):
+        raise ValueError(f"page size {page_size!r} is not a power of two of at least 4K")
+    return (size >> PAGE_SHIFT).bit_length() - 1
+
+
+# --- what clients write: binary requests and the kernel structs ------------------------------------------
+def check_u64(**values: int) -> None:
+    """EINVAL for a value the kernel's u64 fields cannot carry (before anything is sent)."""
+    for key, value in values.items():
+        if not 0 <= value < 1 << 64:
+            raise GuestMemfdError(errno.EINVAL, f"{key} {value:#x} does not fit the kernel's u64")
+
+
+def attributes2(offset: int, size: int, attributes: int, flags: int = 0, error_offset: int = 0,
+                reserved: tuple[int, ...] = (0,) * 11) -> bytearray:
+    """``struct kvm_memory_attributes2``, as the ioctl takes it (mutable: the kernel copies ``error_offset``
+    back into it) and as the binary request carries it."""
+    return bytearray(KVM_MEMORY_ATTRIBUTES2_STRUCT.pack(offset, size, attributes, flags, error_offset, *reserved))
+
+
+def cstr_field(text: str, length: int, what: str) -> bytes:
+    """``text`` NUL-padded to a fixed C field of ``length`` bytes; EINVAL if longer or holding a NUL."""
+    raw = text.encode()
+    if len(raw) > length or b"\0" in raw:
+        raise GuestMemfdError(errno.EINVAL, f"{what} {text!r} must be at most {length} bytes, without NUL")
+    return raw.ljust(length, b"\0")
+
+
+def create_request(name: str, size: int, flags: int = 0, backend: str = "", order: int = 0, *,
+                   reserved: tuple[int, ...] | None = None) -> bytes:
+    """The binary KVM_CREATE_GUEST_MEMFD request for ``MOUNT/ctl`` (``struct ufsgmem_create_request`` of
+    examples/ufsgmem.h). ``reserved`` sets all six reserved words as given (the conformance suite sends
+    nonzero ones to see them refused); by default they are ``order`` and five zeros."""
+    words = (order, 0, 0, 0, 0, 0) if reserved is None else tuple(reserved)
+    body = KVM_CREATE_GUEST_MEMFD_STRUCT.pack(size, flags, *words)
+    name_field = cstr_field(name, NAME_MAX, "name").ljust(NAME_LEN, b"\0")  # at most 63 bytes + NUL
+    backend_field = cstr_field(backend, BACKEND_LEN, "backend name")
+    return HEADER.pack(MAGIC, KVM_CREATE_GUEST_MEMFD) + body + name_field + backend_field
+
+
+def attributes2_request(offset: int, size: int, attributes: int, flags: int = 0) -> bytes:
+    """The binary KVM_SET_MEMORY_ATTRIBUTES2 request for ``NAME/ctl`` (``struct ufsgmem_attributes2_request``)."""
+    return HEADER.pack(MAGIC, KVM_SET_MEMORY_ATTRIBUTES2) + attributes2(offset, size, attributes, flags)
+
+
+# --- what clients write: text requests --------------------------------------------------------------------
+def create_text(name: str, size: int, flags: int = 0, *, backend: str | None = None, page_size: int | None = None,
+                in_place_conversion: bool | None = None) -> str:
+    """``create NAME size=... flags=...`` with the options given (for ``MOUNT/ctl``)."""
+    request = f"create {name} size={size:#x} flags={flags:#x}"
+    if backend:
+        request += f" backend={backend}"
+    if page_size is not None:
+        request += f" page_size={format_size(page_size)}"
+    if in_place_conversion is not None:
+        request += f" in_place_conversion={int(in_place_conversion)}"
+    return request
+
+
+def ranged_text(verb: str, offset: int, size: int, **options: int) -> str:
+    """``VERB offset=O size=S [KEY=VALUE...]`` (for ``NAME/ctl``: set_memory_attributes, allocate,
+    punch_hole, pin, unpin, get_attributes), numbers in hex."""
+    return " ".join([f"{verb} offset={offset:#x} size={size:#x}"] + [f"{k}={v:#x}" for k, v in options.items()])
+
+
+# --- what clients read: text results ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Result:
+    """A parsed text result: ``ok [words]`` or ``error ERRNAME [error_offset=0x...] -- message``.
+
+    Everything after `` -- `` is a message for people; ``key=value`` words before it are fields.
+    """
+
+    ok: bool
+    fields: dict[str, str]
+    words: list[str]
+    message: str
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Result":
+        head, _, message = text.strip().partition(" -- ")
+        words = head.split()
+        ok = bool(words) and words[0] == "ok"
+        rest = words[1:]
+        fields: dict[str, str] = {}
+        if not ok and rest and rest[0] in _ERRNOS:
+            fields["errno"] = rest.pop(0)
+        plain = []
+        for word in rest:
+            key, sep, value = word.partition("=")
+            if sep and key.isidentifier():
+                fields[key] = value
+            else:
+                plain.append(word)
+        return cls(ok, fields, plain, message.strip(), text.strip())
+
+    def int(self, key: str) -> int | None:
+        value = self.fields.get(key)
+        return None if value is None else int(value, 0)
+
+
+def parse_runs(text: str) -> list[tuple[int, int, int]]:
+    """Runs of a get_attributes result (:func:`format_runs`): ``ok 0x0+0x1000=shared 0x1000+0x3000=private``."""
+    runs = []
+    for word in Result.parse(text).text.partition(" -- ")[0].split()[1:]:
+        span, sep, attribute = word.partition("=")
+        offset, plus, size = span.partition("+")
+        if not (sep and plus):
+            raise GuestMemfdError(errno.EPROTO, f"get_attributes: cannot read run {word!r} in {text!r}")
+        runs.append((int(offset, 0), int(size, 0), parse_attributes(attribute)))
+    return runs
