@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from fusefix import Gmem, fuse_mount, gmem, mounted, requires_fuse, wait_for  # noqa: F401 (fixtures)
+from fusefix import Gmem, mounted, requires_fuse, wait_for
 from ufsgmem.fuse.latency import DEVICE, NO_LIMIT, LatencyHold, current_limit
 
 
