@@ -1,4 +1,5 @@
-"""Shared fixtures: capabilities the tests set up themselves (huge pages), and the backends to run over."""
+"""Shared fixtures: a real mount and files on it (``fuse_mount``, ``gmem``: ``fusefix.py``), capabilities the
+tests set up themselves (huge pages), and the backends to run over."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from ufsgmem.mounts import unmount
 from ufsgmem.fuse.server import read_pid
 from ufsgmem.mounts import ufsgmem_mounts
 from ufsgmem.syscalls import pid_alive
+
+from fusefix import Gmem, fuse_available, mounted
 
 # Hypothesis draws the same examples on every machine, so a property test that passes here passes in CI,
 # and a failure seen anywhere is seen again by rerunning it (Hypothesis derandomizes by itself when it sees
@@ -137,3 +140,33 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 _STATE = pytest.StashKey[tuple]()
+
+
+# --- a real mount for a module, and files on it (fusefix.py) --------------------------------------------
+@pytest.fixture(scope="module")
+def fuse_mount():
+    reason = fuse_available()
+    if reason:
+        pytest.skip(f"FUSE: {reason}")
+    with mounted() as mount:
+        yield mount
+
+
+@pytest.fixture
+def gmem(fuse_mount, request):
+    """``gmem(size, flags="mmap|init_shared", **options)`` -> Gmem; destroyed after the test."""
+    made = []
+    counter = iter(range(1 << 30))
+
+    def make(size: int, flags: str = "mmap|init_shared", **options) -> Gmem:
+        name = f"t{os.getpid()}_{request.node.name[:24]}_{next(counter)}".replace("[", "_").replace("]", "_")
+        name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in name)[:60]
+        extra = "".join(f" {k}={v}" for k, v in options.items())
+        fuse_mount.ctl(f"create {name} size={size} flags={flags}{extra}")
+        made.append(name)
+        return Gmem(fuse_mount, name, size)
+
+    yield make
+    for name in made:
+        with contextlib.suppress(OSError):
+            fuse_mount.ctl(f"destroy {name}")

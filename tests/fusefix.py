@@ -7,7 +7,8 @@ that fails) and removes the directory: :func:`mounted`, which is ``ufsgmem.testi
 checks. ``gmem`` (function scope) is a factory for fresh guest_memfd files on that mount, destroyed after
 the test. ``fuse_available`` is ``ufsgmem.testing.fuse_unavailable_reason``.
 
-Use from a test module: ``from fusefix import fuse_mount, gmem  # noqa: F401`` (fixtures).
+The two fixtures are defined in ``conftest.py`` (on :func:`mounted` and :class:`Gmem` from here), so a
+test module names them as arguments and imports nothing for them.
 """
 
 from __future__ import annotations
@@ -162,32 +163,3 @@ def mounted(backend: str = "anon", **options):
         yield mount
         assert pid_alive(mount.pid), f"the server died during the tests; log:\n{mount.log}"
         assert "Traceback" not in mount.log, f"the server logged an internal error:\n{mount.log}"
-
-
-@pytest.fixture(scope="module")
-def fuse_mount():
-    reason = fuse_available()
-    if reason:
-        pytest.skip(f"FUSE: {reason}")
-    with mounted() as mount:
-        yield mount
-
-
-@pytest.fixture
-def gmem(fuse_mount, request):
-    """``gmem(size, flags="mmap|init_shared", **options)`` -> Gmem; destroyed after the test."""
-    made = []
-    counter = iter(range(1 << 30))
-
-    def make(size: int, flags: str = "mmap|init_shared", **options) -> Gmem:
-        name = f"t{os.getpid()}_{request.node.name[:24]}_{next(counter)}".replace("[", "_").replace("]", "_")
-        name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in name)[:60]
-        extra = "".join(f" {k}={v}" for k, v in options.items())
-        fuse_mount.ctl(f"create {name} size={size} flags={flags}{extra}")
-        made.append(name)
-        return Gmem(fuse_mount, name, size)
-
-    yield make
-    for name in made:
-        with contextlib.suppress(OSError):
-            fuse_mount.ctl(f"destroy {name}")

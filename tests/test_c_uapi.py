@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fusefix import fuse_mount, gmem, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import requires_fuse
 from ufsgmem import kvm
 
 SOURCE = Path(__file__).resolve().parent.parent / "examples" / "gmem_uapi.c"

@@ -35,7 +35,7 @@ from ufsgmem.conformance.deviations import Deviation
 from ufsgmem.conformance.record import Entry, Record
 from ufsgmem.conformance.subjects import GUEST, CoreSubject, MountSubject, vm_unavailable_reason
 
-from fusefix import fuse_mount, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import requires_fuse
 
 LIVE_REASON = kvm.skip_reason()  # None: this kernel has guest_memfd, and it is compared too
 REFERENCES = ["record"] + (["live"] if LIVE_REASON is None else [])

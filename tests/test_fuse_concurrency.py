@@ -19,7 +19,7 @@ import random
 
 import pytest
 
-from fusefix import fuse_mount, gmem, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import requires_fuse
 from test_fuse_mem import map_mem
 
 pytestmark = [requires_fuse, pytest.mark.fuse]

@@ -15,7 +15,7 @@ import signal
 
 import pytest
 
-from fusefix import fuse_mount, gmem, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import requires_fuse
 from test_fuse_mem import in_child, map_mem
 
 pytestmark = [requires_fuse, pytest.mark.fuse]

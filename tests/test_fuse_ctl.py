@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from fusefix import fuse_mount, gmem, memfds, requires_fuse, wait_freed  # noqa: F401 (fixtures)
+from fusefix import memfds, requires_fuse, wait_freed
 from ufsgmem.uapi import (
     KVM_CREATE_GUEST_MEMFD, KVM_CREATE_GUEST_MEMFD_STRUCT, KVM_MEMORY_ATTRIBUTES2_STRUCT,
     KVM_SET_MEMORY_ATTRIBUTES2,

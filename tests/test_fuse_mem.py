@@ -16,7 +16,7 @@ import signal
 
 import pytest
 
-from fusefix import fuse_mount, gmem, mounted, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import mounted, requires_fuse
 from ufsgmem.address import Range
 from ufsgmem.fuse.revoke import write_back
 from ufsgmem.syscalls import fallocate

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from fusefix import fuse_mount, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import requires_fuse
 from ufsgmem.syscalls import pid_alive
 from ufsgmem.fuse import server
 

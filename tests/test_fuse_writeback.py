@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from fusefix import fuse_mount, memfds, open_files, requires_fuse, wait_freed  # noqa: F401 (fixtures)
+from fusefix import memfds, open_files, requires_fuse, wait_freed
 from ufsgmem.client import Mount
 
 pytestmark = [requires_fuse, pytest.mark.fuse]

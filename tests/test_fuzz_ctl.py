@@ -34,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fusefix import fuse_available, fuse_mount, gmem, mounted, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import fuse_available, mounted, requires_fuse
 from ufsgmem import protocol
 from ufsgmem.syscalls import pid_alive
 from ufsgmem.uapi import (

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from fusefix import Gmem, fuse_mount, gmem, mounted, requires_fuse, wait_for  # noqa: F401 (fixtures)
+from fusefix import Gmem, mounted, requires_fuse, wait_for
 from ufsgmem.fuse.latency import DEVICE, NO_LIMIT, LatencyHold, current_limit
 
 
@@ -35,11 +35,12 @@ def test_a_request_raises_the_limit_and_a_quiet_window_drops_it(tmp_path):
         hold.touch()
         hold.touch()
         assert written(device) == [NO_LIMIT, 0], "one write a burst, not one a request"
-        assert hold.status()["held"]
         wait_for(lambda: not hold.status()["held"], 10, "the limit to go after a quiet window")
         assert written(device) == [NO_LIMIT, 0, NO_LIMIT]
         hold.touch()
-        assert written(device)[-1] == 0 and hold.status() == {"window_s": 0.05, "held": True, "raised": 2}
+        # what the device was told, not whether the 50 ms window is still open when we look
+        assert written(device)[-1] == 0
+        assert {k: hold.status()[k] for k in ("window_s", "raised")} == {"window_s": 0.05, "raised": 2}
     finally:
         hold.close()
     hold.touch()  # a request racing the end of the server changes nothing

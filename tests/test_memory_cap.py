@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from fusefix import Gmem, gmem, fuse_mount, mounted, requires_fuse  # noqa: F401 (fixtures)
+from fusefix import Gmem, mounted, requires_fuse
 from ufsgmem.fuse.server import BDI_TUNING
 
 pytestmark = [requires_fuse, pytest.mark.fuse]

@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 
 from fusefix import requires_fuse
-
 pytestmark = [requires_fuse, pytest.mark.fuse, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent

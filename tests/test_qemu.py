@@ -44,7 +44,6 @@ import time
 
 import pytest
 
-from fusefix import fuse_mount  # noqa: F401  (fixture: one mount for the module, always unmounted)
 from ufsgmem.client import GmemFile
 from ufsgmem.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
 

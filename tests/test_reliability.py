@@ -26,7 +26,7 @@ import tempfile
 
 import pytest
 
-from fusefix import fuse_mount, gmem, mounted, requires_fuse, wait_for, wchan  # noqa: F401 (fixtures)
+from fusefix import mounted, requires_fuse, wait_for, wchan
 from ufsgmem.client import GmemFile, Mount
 from ufsgmem.mounts import unmount
 from ufsgmem.fuse import server as fuse_server

@@ -132,11 +132,11 @@ def _report_ready(mountpoint: str, ready, failed) -> None:
         failed(exc)
 
 
-#: Tuning of the mount's bdi (measured here, 1 GiB first touch through a mapping):
+#: Tuning of the mount's bdi (figures: docs/performance.md, "The mount's bdi tuning"):
 #: * read_ahead_kb: each first touch faults a read-around window in through FUSE READ; the default 128 KiB
-#:   means one Python request per 32 pages. 4 MiB measured best (256 MiB: 0.41 -> 0.84 GB/s).
+#:   means one Python request per 32 pages, so a larger window means fewer requests a first touch.
 #: * max_ratio: FUSE limits a mount to 1% of the dirty threshold, so a writer dirtying a large mapping is
-#:   throttled hard; 100 lets it use the global limit like any file (1 GiB: 0.24 -> 0.45 GB/s).
+#:   throttled hard; 100 lets it use the global limit like any file.
 BDI_TUNING = {"read_ahead_kb": 4096, "max_ratio": 100}
 
 
