@@ -269,3 +269,20 @@ def test_hugetlb_pool_too_small_is_enomem_naming_the_shortfall(mount):
     with pytest.raises(GuestMemfdError) as exc:
         mount.create("toobig", 1 << 40, GUEST_MEMFD_FLAG_MMAP, backend="hugetlb", page_size="1G")
     assert exc.value.errno == errno.ENOMEM and "short by" in str(exc.value)
+
+
+def test_a_failed_request_with_no_result_to_read_raises_its_errno():
+    """The write fails (EPIPE: nobody reads the pipe) and there is no result to read back (the descriptor is
+    write-only): the caller gets the write's errno, not an error of the client's own making."""
+    import os
+
+    from ufsgmem.client import text_request
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        with pytest.raises(GuestMemfdError) as caught:
+            text_request(w, "get_attributes")
+        assert caught.value.errno == errno.EPIPE
+    finally:
+        os.close(w)

@@ -84,7 +84,7 @@ def text_request(fd: int, request: str, what: str | None = None) -> Result:
     except OSError:
         if err is None:
             raise
-        result = Result(False, {}, "", "")
+        result = Result(False, {}, [], "", "")  # the write failed and left no result to read
     if err is not None:
         what = what or request
         raise GuestMemfdError(err.errno, f"{what}: {result.message}" if result.message else what,
