@@ -34,7 +34,8 @@ Control files
 
 Transitions (shared→private, punch) follow docs/design.md §3: validate (``prepare_*``), revoke the ranges in
 this thread while other loop threads serve the write-backs the revocation waits for, then ``commit()``.
-They are serialised per file by ``Entry.lock``, the stand-in for the kernel's invalidate lock. The three
+The order is the core's (``GuestMemfd.run_transition``, the one runner); this module supplies only the
+revocation, ``Entry.state`` as the lock and what a commit adds here (a punch's memory recount). They are serialised per file by ``Entry.lock``, the stand-in for the kernel's invalidate lock. The three
 deadlocks the kernel allows are avoided here by construction: a revocation never runs in a ``mem`` READ
 handler (it would wait for the page that READ is filling), never in a write-back WRITE handler (it would
 wait for its own write-back), and libfuse's loop always keeps a thread free to serve both.
@@ -94,8 +95,8 @@ RUN_BYTES = 9
 
 
 class Files:
-    def __init__(self, namespace: Namespace, revoker: Revoker | None, *, default_backend: str = "anon",
-                 in_place_conversion: bool = True, max_memory: int | None = None,
+    def __init__(self, namespace: Namespace, revoker: Revoker | None, *,
+                 default_backend: str = "anon", in_place_conversion: bool = True, max_memory: int | None = None,
                  per_user: UserLimits | None = None):
         self.ns = namespace
         #: what the mount has committed, against --max-memory (``budget.py``)
@@ -184,26 +185,27 @@ class Files:
         self.charges.recount(entry, first, last, lambda: entry.cached.set(first, last, value))
 
     def run_transition(self, entry: Entry, transition: Transition | None) -> None:
-        """Revoke, then commit; abort (nothing changes) if the revocation fails. entry.lock held."""
+        """The core's runner (``GuestMemfd.run_transition``: revoke, then commit, or abort) with what this
+        frontend adds: its revocation, ``entry.state`` as the lock, the charge a punch gives back.
+        entry.lock held."""
         if transition is None:
             return
-        try:
-            self.revoke(entry, transition.revoke)
-            if transition.kind == "punch_hole":
+
+        def revoke(ranges) -> None:
+            self.revoke(entry, ranges)
+            if transition.kind == "punch_hole":  # a punch empties the private view's pages too
                 self.revoke_private(entry, transition.range)
-        except BaseException:
-            with entry.state:
-                transition.abort()
-            raise
-        with entry.state:
-            if transition.kind == "punch_hole":  # gives memory back; a conversion keeps what it had
-                first, last = transition.range.start >> PAGE_SHIFT, -(-transition.range.end // PAGE_SIZE)
-                self.charges.recount(entry, first, last, transition.commit)
-            else:
-                transition.commit()
-            if transition.revoke:  # the counters GuestMemfd._run keeps when it revokes in-process
-                entry.gm.counters.revocations += 1
-                entry.gm.counters.revoked_bytes += sum(r.size for r in transition.revoke)
+
+        entry.gm.run_transition(transition, revoke, lock=entry.state, around_commit=self._recounting(entry))
+
+    def _recounting(self, entry: Entry):
+        """The commit hook: a punch gives memory back (its charge follows); a conversion keeps what it had."""
+        def around_commit(transition: Transition, commit) -> None:
+            if transition.kind != "punch_hole":
+                return commit()
+            first, last = transition.range.start >> PAGE_SHIFT, -(-transition.range.end // PAGE_SIZE)
+            self.charges.recount(entry, first, last, commit)
+        return around_commit
 
     # --- mem: page-cache fills and write-backs ------------------------------------------------------
     def mem_read(self, entry: Entry, offset: int, size: int, *, read_syscall: bool):
