@@ -66,9 +66,9 @@ VFS_FALLOCATE_MODES = frozenset({
     FALLOC_FL_UNSHARE_RANGE, FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_WRITE_ZEROES,
 })
 
-#: The type of a revocation: ``revoker(ranges)`` removes every host mapping of these byte ranges
-#: (writing dirty pages back first).
-Revoker = Callable[[tuple[Range, ...]], None]
+#: The type of a revocation: ``revoke_ranges(ranges)`` removes every host mapping of these byte ranges
+#: (writing dirty pages back first). The frontend's is built from ``fuse.revoke.InodeInvalidator``.
+RevokeRanges = Callable[[tuple[Range, ...]], None]
 
 #: what a transition's commit runs under when the caller has no lock (in-process, one thread)
 _NO_LOCK = contextlib.nullcontext()
@@ -148,7 +148,7 @@ class GuestMemfd:
 
     def __init__(self, size: int, flags: int = 0, *, backend: str | type[Backend] = "anon",
                  page_size: int | None = None, backend_options: dict | None = None,
-                 progress: Progress | None = None, revoker: Revoker | None = None, name: str = ""):
+                 progress: Progress | None = None, revoker: RevokeRanges | None = None, name: str = ""):
         backend_cls = load_backend(backend) if isinstance(backend, str) else backend
         page_size = self.check_create(size, flags, backend_cls, page_size)
         self.name = name
@@ -510,7 +510,7 @@ class GuestMemfd:
         if self._pending is transition:
             self._pending = None
 
-    def run_transition(self, transition: Transition | None, revoke: Revoker | None = None, *,
+    def run_transition(self, transition: Transition | None, revoke: RevokeRanges | None = None, *,
                        lock: contextlib.AbstractContextManager = _NO_LOCK,
                        around_commit: Callable[[Transition, Callable[[], None]], None] | None = None) -> None:
         """Carry ``transition`` out: the one runner, for the FUSE frontend and in-process callers alike.

@@ -87,7 +87,7 @@ from . import creating
 from ..runmap import RunMap
 from .budget import Charges, MemoryBudget, owner_uid
 from .inodes import Entry, Namespace
-from .revoke import Revoker, WriteBackFiles, write_back
+from .revoke import InodeInvalidator, WriteBackFiles, write_back
 from .users import Held, UserLimits, Users, hold_result
 
 #: what a held result costs per attribute run: an 8-byte boundary and a 1-byte flag (``pagedtext.py``)
@@ -95,7 +95,7 @@ RUN_BYTES = 9
 
 
 class Files:
-    def __init__(self, namespace: Namespace, revoker: Revoker | None, *,
+    def __init__(self, namespace: Namespace, invalidator: InodeInvalidator | None, *,
                  default_backend: str = "anon", in_place_conversion: bool = True, max_memory: int | None = None,
                  per_user: UserLimits | None = None):
         self.ns = namespace
@@ -103,7 +103,7 @@ class Files:
         self.charges = Charges(MemoryBudget(max_memory), Users(per_user, max_memory=max_memory))
         namespace.users = self.charges.users
         namespace.on_free = self._freed
-        self.revoker = revoker
+        self.invalidator = invalidator
         self.default_backend = default_backend
         #: the mount's default for files created without saying (kvm.gmem_in_place_conversion)
         self.in_place_conversion = in_place_conversion
@@ -127,11 +127,11 @@ class Files:
     def revoke(self, entry: Entry, ranges) -> None:
         with entry.state:
             parts = self._cached_parts(entry, ranges)
-        if not parts or self.revoker is None:
+        if not parts or self.invalidator is None:
             return
         try:
             with self._fd(entry) as fd:
-                self.revoker.revoke(entry.ino("mem"), parts, fd)
+                self.invalidator.revoke(entry.ino("mem"), parts, fd)
         except BaseException:
             with entry.state:  # fail closed: still possibly mapped, so the next conversion revokes again
                 for part in parts:
@@ -144,7 +144,7 @@ class Files:
         with entry.state:
             parts = [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for r in ranges
                      for s, e, v in entry.cached.runs(r.start >> PAGE_SHIFT, -(-r.end // PAGE_SIZE)) if v]
-        if not parts or self.revoker is None:
+        if not parts or self.invalidator is None:
             return
         with self._fd(entry) as fd:
             written = write_back(fd, parts)
@@ -161,10 +161,10 @@ class Files:
     def drop_cache(self, entry: Entry) -> None:
         """After a destroyed file's last release: its cached pages are clean (FUSE writes dirty pages back
         when the last mapping goes), so invalidating them only gives the memory back early."""
-        if self.revoker is not None and entry.cached.count(1):
-            self.revoker.revoke(entry.ino("mem"), (Range(0, entry.gm.size),), None)
-        if self._private_cached.pop(entry.dir_ino, None) is not None and self.revoker is not None:
-            self.revoker.revoke(entry.ino("private"), (Range(0, entry.gm.size),), None)
+        if self.invalidator is not None and entry.cached.count(1):
+            self.invalidator.revoke(entry.ino("mem"), (Range(0, entry.gm.size),), None)
+        if self._private_cached.pop(entry.dir_ino, None) is not None and self.invalidator is not None:
+            self.invalidator.revoke(entry.ino("private"), (Range(0, entry.gm.size),), None)
 
     def _cached_parts(self, entry: Entry, ranges) -> tuple[Range, ...]:
         """The parts of ``ranges`` that may be cached, marked uncached *before* revoking them: a page read
@@ -394,7 +394,7 @@ class Files:
         ``ufsgmem run``)."""
         with entry.state:
             cached = self._private_cached.get(entry.dir_ino)
-            if cached is None or self.revoker is None:
+            if cached is None or self.invalidator is None:
                 return
             first, last = rng.start >> PAGE_SHIFT, min(cached.npages, -(-rng.end // PAGE_SIZE))
             parts = [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for s, e, v in cached.runs(first, last) if v]
@@ -403,7 +403,7 @@ class Files:
         if not parts:
             return
         try:
-            self.revoker.revoke(entry.ino("private"), parts, None)
+            self.invalidator.revoke(entry.ino("private"), parts, None)
         except BaseException:
             with entry.state:  # fail closed: still possibly mapped
                 for part in parts:
