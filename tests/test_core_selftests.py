@@ -731,6 +731,65 @@ def test_forked_accesses(env, make, flags):
     assert revoker.calls[-1] == ((g.size - env.unit, g.size),), "punch revokes only the in-file part"
 
 
+class RecordingLock:
+    """A state lock that notes when it is taken and whether a transition is still pending when it is let go."""
+
+    def __init__(self, log: list, gmem: GuestMemfd):
+        self.log, self.gmem, self.held = log, gmem, False
+
+    def __enter__(self):
+        self.held = True
+        self.log.append("lock")
+
+    def __exit__(self, *exc):
+        self.held = False
+        self.log.append(("unlock", "pending" if self.gmem.pending is not None else "done"))
+
+
+def test_the_one_runner_revokes_outside_the_lock_and_commits_under_it():
+    """``GuestMemfd.run_transition`` is also what the FUSE server runs (``Files.run_transition`` passes its
+    revocation, its state lock and the punch's memory recount): the revocation runs without the lock (a
+    real one waits for write-backs that take it); a failed one is aborted under the lock and re-raised,
+    nothing changed and nothing counted; a commit runs under the lock, inside ``around_commit``, and
+    counts the revocation."""
+    g = GuestMemfd(4 * PS, MMAP | INIT_SHARED)
+    log: list = []
+    lock = RecordingLock(log, g)
+    fail: list[BaseException] = [OSError(errno.EINTR, "interrupted")]
+
+    def revoke(ranges):
+        log.append(("revoke", tuple((r.start, r.end) for r in ranges), "locked" if lock.held else "unlocked"))
+        if fail:
+            raise fail.pop()
+
+    def around_commit(transition, commit):
+        log.append(("commit", transition.kind, "locked" if lock.held else "unlocked"))
+        commit()
+
+    def run(transition):
+        g.run_transition(transition, revoke, lock=lock, around_commit=around_commit)
+
+    with pytest.raises(OSError) as failed:
+        run(g.prepare_set_memory_attributes(PS, PS, PRIVATE))
+    assert failed.value.errno == errno.EINTR, "the revocation's own error comes back"
+    assert log == [("revoke", ((PS, 2 * PS),), "unlocked"), "lock", ("unlock", "done")], "aborted under the lock"
+    assert g.attribute_at(PS) == SHARED and g.counters.revocations == 0, "fail closed: nothing changed"
+
+    log.clear()
+    run(g.prepare_set_memory_attributes(PS, PS, PRIVATE))
+    assert log == [("revoke", ((PS, 2 * PS),), "unlocked"), "lock", ("commit", "to_private", "locked"),
+                   ("unlock", "done")]
+    assert g.attribute_at(PS) == PRIVATE
+    assert (g.counters.revocations, g.counters.revoked_bytes) == (1, PS)
+
+    log.clear()
+    run(g.prepare_fallocate(KEEP | PUNCH, 0, 2 * PS))
+    assert log == [("revoke", ((0, 2 * PS),), "unlocked"), "lock", ("commit", "punch_hole", "locked"),
+                   ("unlock", "done")]
+    assert (g.counters.revocations, g.counters.revoked_bytes, g.counters.punches) == (2, 3 * PS, 1)
+    g.close()
+
+
 @flagsets("mmap", "mmap+shared")
 def test_elevated_refcount(env, make, flags):
     """elevated_refcount: a pinned page makes a bulk conversion to private fail with EAGAIN and

@@ -1,6 +1,6 @@
-"""The conversion path of the FUSE frontend without the kernel: ``Files`` over a real core, with a revoker
-that records (or fails) instead of talking to /dev/fuse. What the kernel does is covered by the mount
-tests; these pin down the frontend's own rules, each of which a mount test could only catch by luck:
+"""The conversion path of the FUSE frontend without the kernel: ``Files`` over a real core, with an
+invalidator that records (or fails) instead of talking to /dev/fuse. What the kernel does is covered by
+the mount tests; these pin down the frontend's own rules, each of which a mount test could only catch by luck:
 
 * fail closed: a revocation that fails leaves the attribute as it was and its pages still "possibly
   mapped", so the next conversion revokes them again (a private page must never stay mapped);
@@ -29,7 +29,7 @@ from ufsgmem.uapi import (
 PS = 4096
 
 
-class Revoker:
+class RecordingInvalidator:
     """Records each revocation; ``fail`` makes the next one raise; ``during`` runs inside it (as requests
     other loop threads serve while a real revocation blocks)."""
 
@@ -49,7 +49,7 @@ class Revoker:
 
 @pytest.fixture
 def setup():
-    revoker = Revoker()
+    revoker = RecordingInvalidator()
     files = Files(Namespace(), revoker)
     entry = files.ns.add("f", GuestMemfd(8 * PS, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED))
     yield files, entry, revoker

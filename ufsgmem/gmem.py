@@ -20,16 +20,19 @@ page or a page past EOF is a :class:`HostFault`, which the frontend turns into S
 ``guest_read``/``guest_write`` stand in for vCPU accesses and reach every page.
 
 Changes that must revoke host mappings first (shared→private, punch-hole) are *transitions*:
-``prepare_*`` validates and returns a :class:`Transition` naming the ranges to revoke; the caller revokes
-them and calls ``commit()``. While a shared→private transition is pending, host reads of its range fail
-and host writes are still accepted: revocation writes dirty pages back, and that data must not be lost
-(design §3: revoke first, then flip; flipping first loses the data). The plain methods
-(``set_memory_attributes``, ``fallocate``) do both steps with the revoker given at construction, which
-in-process is a no-op because nothing maps the memory.
+``prepare_*`` validates and returns a :class:`Transition` naming the ranges to revoke, and
+:meth:`GuestMemfd.run_transition` carries it out: revoke, then commit. That runner is the only one: the
+FUSE frontend calls it with its own revocation, its lock and its commit bookkeeping, and the plain
+methods (``set_memory_attributes``, ``fallocate``) call it with the revocation given at construction
+(in-process a no-op, because nothing maps the memory; tests pass a recording one). So the core's tests
+run the very sequence the server runs. While a shared→private transition is pending, host reads of its
+range fail and host writes are still accepted: revocation writes dirty pages back, and that data must not
+be lost (design §3: revoke first, then flip; flipping first loses the data).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -63,8 +66,12 @@ VFS_FALLOCATE_MODES = frozenset({
     FALLOC_FL_UNSHARE_RANGE, FALLOC_FL_UNSHARE_RANGE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_WRITE_ZEROES,
 })
 
-#: revoker(ranges): remove every host mapping of these byte ranges (and write back dirty pages).
-Revoker = Callable[[tuple[Range, ...]], None]
+#: The type of a revocation: ``revoke_ranges(ranges)`` removes every host mapping of these byte ranges
+#: (writing dirty pages back first). The frontend's is built from ``fuse.revoke.InodeInvalidator``.
+RevokeRanges = Callable[[tuple[Range, ...]], None]
+
+#: what a transition's commit runs under when the caller has no lock (in-process, one thread)
+_NO_LOCK = contextlib.nullcontext()
 
 
 _ZEROS = bytes(1 << 20)
@@ -141,7 +148,7 @@ class GuestMemfd:
 
     def __init__(self, size: int, flags: int = 0, *, backend: str | type[Backend] = "anon",
                  page_size: int | None = None, backend_options: dict | None = None,
-                 progress: Progress | None = None, revoker: Revoker | None = None, name: str = ""):
+                 progress: Progress | None = None, revoker: RevokeRanges | None = None, name: str = ""):
         backend_cls = load_backend(backend) if isinstance(backend, str) else backend
         page_size = self.check_create(size, flags, backend_cls, page_size)
         self.name = name
@@ -202,8 +209,7 @@ class GuestMemfd:
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """fallocate(2) as guest_memfd answers it: KEEP_SIZE allocates, KEEP_SIZE|PUNCH_HOLE punches."""
         transition = self.prepare_fallocate(mode, offset, length)
-        if transition is not None:
-            self._run(transition)
+        self.run_transition(transition)
 
     def allocate(self, offset: int, length: int) -> None:
         self.fallocate(FALLOC_FL_KEEP_SIZE, offset, length)
@@ -260,8 +266,7 @@ class GuestMemfd:
                               reserved: Iterable[int] = ()) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES2 on this file (v8): convert ``[offset, offset + size)``."""
         transition = self.prepare_set_memory_attributes(offset, size, attributes, flags, reserved)
-        if transition is not None:
-            self._run(transition)
+        self.run_transition(transition)
 
     def prepare_set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0,
                                       reserved: Iterable[int] = ()) -> Transition | None:
@@ -505,16 +510,40 @@ class GuestMemfd:
         if self._pending is transition:
             self._pending = None
 
-    def _run(self, transition: Transition) -> None:
+    def run_transition(self, transition: Transition | None, revoke: RevokeRanges | None = None, *,
+                       lock: contextlib.AbstractContextManager = _NO_LOCK,
+                       around_commit: Callable[[Transition, Callable[[], None]], None] | None = None) -> None:
+        """Carry ``transition`` out: the one runner, for the FUSE frontend and in-process callers alike.
+
+        1. Revoke its ranges with ``revoke`` (default: the revocation given at construction) *outside*
+           ``lock``: a real revocation blocks on write-backs that need that lock to be served.
+        2. If the revocation fails, abort under ``lock`` and re-raise: fail closed, nothing changed.
+        3. Otherwise commit under ``lock`` and count the revocation (a commit that raises counts none).
+
+        ``lock`` guards this file's state (the frontend's ``Entry.state``; none in-process).
+        ``around_commit(transition, commit)``, if given, is called under ``lock`` instead of ``commit()``
+        and must call ``commit`` once: the frontend wraps the commit in its own bookkeeping (the memory
+        charge a punch gives back). The caller serialises transitions of the file (the kernel's
+        invalidate lock). A ``None`` transition (nothing to do) does nothing.
+        """
+        if transition is None:
+            return
+        revoke = self._revoker if revoke is None else revoke
         try:
             if transition.revoke:
-                self._revoker(transition.revoke)
+                revoke(transition.revoke)
+        except BaseException:
+            with lock:
+                transition.abort()
+            raise
+        with lock:
+            if around_commit is None:
+                transition.commit()
+            else:
+                around_commit(transition, transition.commit)
+            if transition.revoke:
                 self.counters.revocations += 1
                 self.counters.revoked_bytes += sum(r.size for r in transition.revoke)
-        except BaseException:
-            transition.abort()
-            raise
-        transition.commit()
 
     @property
     def pending(self) -> Transition | None:

@@ -34,7 +34,8 @@ Control files
 
 Transitions (shared→private, punch) follow docs/design.md §3: validate (``prepare_*``), revoke the ranges in
 this thread while other loop threads serve the write-backs the revocation waits for, then ``commit()``.
-They are serialised per file by ``Entry.lock``, the stand-in for the kernel's invalidate lock. The three
+The order is the core's (``GuestMemfd.run_transition``, the one runner); this module supplies only the
+revocation, ``Entry.state`` as the lock and what a commit adds here (a punch's memory recount). They are serialised per file by ``Entry.lock``, the stand-in for the kernel's invalidate lock. The three
 deadlocks the kernel allows are avoided here by construction: a revocation never runs in a ``mem`` READ
 handler (it would wait for the page that READ is filling), never in a write-back WRITE handler (it would
 wait for its own write-back), and libfuse's loop always keeps a thread free to serve both.
@@ -86,7 +87,7 @@ from . import creating
 from ..runmap import RunMap
 from .budget import Charges, MemoryBudget, owner_uid
 from .inodes import Entry, Namespace
-from .revoke import Revoker, WriteBackFiles, write_back
+from .revoke import InodeInvalidator, WriteBackFiles, write_back
 from .users import Held, UserLimits, Users, hold_result
 
 #: what a held result costs per attribute run: an 8-byte boundary and a 1-byte flag (``pagedtext.py``)
@@ -94,15 +95,15 @@ RUN_BYTES = 9
 
 
 class Files:
-    def __init__(self, namespace: Namespace, revoker: Revoker | None, *, default_backend: str = "anon",
-                 in_place_conversion: bool = True, max_memory: int | None = None,
+    def __init__(self, namespace: Namespace, invalidator: InodeInvalidator | None, *,
+                 default_backend: str = "anon", in_place_conversion: bool = True, max_memory: int | None = None,
                  per_user: UserLimits | None = None):
         self.ns = namespace
         #: what the mount has committed, against --max-memory (``budget.py``)
         self.charges = Charges(MemoryBudget(max_memory), Users(per_user, max_memory=max_memory))
         namespace.users = self.charges.users
         namespace.on_free = self._freed
-        self.revoker = revoker
+        self.invalidator = invalidator
         self.default_backend = default_backend
         #: the mount's default for files created without saying (kvm.gmem_in_place_conversion)
         self.in_place_conversion = in_place_conversion
@@ -126,11 +127,11 @@ class Files:
     def revoke(self, entry: Entry, ranges) -> None:
         with entry.state:
             parts = self._cached_parts(entry, ranges)
-        if not parts or self.revoker is None:
+        if not parts or self.invalidator is None:
             return
         try:
             with self._fd(entry) as fd:
-                self.revoker.revoke(entry.ino("mem"), parts, fd)
+                self.invalidator.revoke(entry.ino("mem"), parts, fd)
         except BaseException:
             with entry.state:  # fail closed: still possibly mapped, so the next conversion revokes again
                 for part in parts:
@@ -143,7 +144,7 @@ class Files:
         with entry.state:
             parts = [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for r in ranges
                      for s, e, v in entry.cached.runs(r.start >> PAGE_SHIFT, -(-r.end // PAGE_SIZE)) if v]
-        if not parts or self.revoker is None:
+        if not parts or self.invalidator is None:
             return
         with self._fd(entry) as fd:
             written = write_back(fd, parts)
@@ -160,10 +161,10 @@ class Files:
     def drop_cache(self, entry: Entry) -> None:
         """After a destroyed file's last release: its cached pages are clean (FUSE writes dirty pages back
         when the last mapping goes), so invalidating them only gives the memory back early."""
-        if self.revoker is not None and entry.cached.count(1):
-            self.revoker.revoke(entry.ino("mem"), (Range(0, entry.gm.size),), None)
-        if self._private_cached.pop(entry.dir_ino, None) is not None and self.revoker is not None:
-            self.revoker.revoke(entry.ino("private"), (Range(0, entry.gm.size),), None)
+        if self.invalidator is not None and entry.cached.count(1):
+            self.invalidator.revoke(entry.ino("mem"), (Range(0, entry.gm.size),), None)
+        if self._private_cached.pop(entry.dir_ino, None) is not None and self.invalidator is not None:
+            self.invalidator.revoke(entry.ino("private"), (Range(0, entry.gm.size),), None)
 
     def _cached_parts(self, entry: Entry, ranges) -> tuple[Range, ...]:
         """The parts of ``ranges`` that may be cached, marked uncached *before* revoking them: a page read
@@ -184,26 +185,27 @@ class Files:
         self.charges.recount(entry, first, last, lambda: entry.cached.set(first, last, value))
 
     def run_transition(self, entry: Entry, transition: Transition | None) -> None:
-        """Revoke, then commit; abort (nothing changes) if the revocation fails. entry.lock held."""
+        """The core's runner (``GuestMemfd.run_transition``: revoke, then commit, or abort) with what this
+        frontend adds: its revocation, ``entry.state`` as the lock, the charge a punch gives back.
+        entry.lock held."""
         if transition is None:
             return
-        try:
-            self.revoke(entry, transition.revoke)
-            if transition.kind == "punch_hole":
+
+        def revoke(ranges) -> None:
+            self.revoke(entry, ranges)
+            if transition.kind == "punch_hole":  # a punch empties the private view's pages too
                 self.revoke_private(entry, transition.range)
-        except BaseException:
-            with entry.state:
-                transition.abort()
-            raise
-        with entry.state:
-            if transition.kind == "punch_hole":  # gives memory back; a conversion keeps what it had
-                first, last = transition.range.start >> PAGE_SHIFT, -(-transition.range.end // PAGE_SIZE)
-                self.charges.recount(entry, first, last, transition.commit)
-            else:
-                transition.commit()
-            if transition.revoke:  # the counters GuestMemfd._run keeps when it revokes in-process
-                entry.gm.counters.revocations += 1
-                entry.gm.counters.revoked_bytes += sum(r.size for r in transition.revoke)
+
+        entry.gm.run_transition(transition, revoke, lock=entry.state, around_commit=self._recounting(entry))
+
+    def _recounting(self, entry: Entry):
+        """The commit hook: a punch gives memory back (its charge follows); a conversion keeps what it had."""
+        def around_commit(transition: Transition, commit) -> None:
+            if transition.kind != "punch_hole":
+                return commit()
+            first, last = transition.range.start >> PAGE_SHIFT, -(-transition.range.end // PAGE_SIZE)
+            self.charges.recount(entry, first, last, commit)
+        return around_commit
 
     # --- mem: page-cache fills and write-backs ------------------------------------------------------
     def mem_read(self, entry: Entry, offset: int, size: int, *, read_syscall: bool):
@@ -392,7 +394,7 @@ class Files:
         ``ufsgmem run``)."""
         with entry.state:
             cached = self._private_cached.get(entry.dir_ino)
-            if cached is None or self.revoker is None:
+            if cached is None or self.invalidator is None:
                 return
             first, last = rng.start >> PAGE_SHIFT, min(cached.npages, -(-rng.end // PAGE_SIZE))
             parts = [Range(s << PAGE_SHIFT, e << PAGE_SHIFT) for s, e, v in cached.runs(first, last) if v]
@@ -401,7 +403,7 @@ class Files:
         if not parts:
             return
         try:
-            self.revoker.revoke(entry.ino("private"), parts, None)
+            self.invalidator.revoke(entry.ino("private"), parts, None)
         except BaseException:
             with entry.state:  # fail closed: still possibly mapped
                 for part in parts:

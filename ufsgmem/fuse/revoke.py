@@ -1,6 +1,6 @@
 """Ranged revocation: unmap a byte range of ``mem`` from every process, writing its dirty pages back first.
 
-``Revoker.revoke`` sends ``FUSE_NOTIFY_INVAL_INODE`` for each range (libfuse's
+``InodeInvalidator.revoke`` sends ``FUSE_NOTIFY_INVAL_INODE`` for each range (libfuse's
 ``fuse_lowlevel_notify_inval_inode``): the kernel unmaps exactly that range from every process and drops
 it from the page cache (``invalidate_inode_pages2_range``). The call blocks while dirty pages of the range
 are written back as FUSE WRITE requests, which other loop threads serve, and while any page of it is
@@ -126,8 +126,9 @@ def _close(fds) -> None:
             pass
 
 
-class Revoker:
-    """Sends ranged invalidations on one FUSE session. Blocking: see the module docstring for where."""
+class InodeInvalidator:
+    """Sends ranged invalidations of inodes on one FUSE session (the core's ``RevokeRanges`` for a file is
+    built on it, by ``files.Files.revoke``). Blocking: see the module docstring for where."""
 
     def __init__(self, session):
         self.session = session

@@ -42,7 +42,7 @@ from .latency import LatencyHold
 from .lowlevel import Session
 from .ops import Operations
 from .users import UserLimits
-from .revoke import Revoker
+from .revoke import InodeInvalidator
 
 log = logging.getLogger("ufsgmem.fuse")
 
@@ -244,7 +244,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
             session.mount(mountpoint)
             fuse_fd = session.fd
         start_watcher(mountpoint, fuse_fd)  # from this (main) thread, before any other thread exists
-        files.revoker = Revoker(session)
+        files.invalidator = InodeInvalidator(session)
         files.mountpoint = mountpoint
         fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
