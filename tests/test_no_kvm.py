@@ -75,8 +75,9 @@ def test_the_namespace_really_has_no_kvm():
     assert done.stdout.split() == ["False", "True"], done.stdout
 
 
-def test_the_demo_runs_without_kvm():
-    done = without_kvm(sys.executable, "-m", "ufsgmem", "demo")
+def test_the_demo_runs_without_kvm(tmp_path):
+    # --out: the demo keeps what it wrote for the person who ran it; a test keeps it in its own tmp_path
+    done = without_kvm(sys.executable, "-m", "ufsgmem", "demo", "--out", str(tmp_path / "out"))
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "demo: unmounted" in done.stdout, done.stdout
     assert "Traceback" not in done.stdout + done.stderr, done.stderr
