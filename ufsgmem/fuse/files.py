@@ -59,7 +59,7 @@ ranges marked as possibly cached, so the next conversion revokes them again.
     sits in at most one of the two page caches (``mem`` for shared, ``private`` for private):
     shared→private revokes it from ``mem`` (above); private→shared first writes it back and revokes it
     from ``private`` (fills of the range are refused meanwhile), then flips; a punch revokes both. Only
-    pages a private fill handed out are revoked (``Files._private_cached``).
+    pages a private fill handed out are revoked (``Entry.private_cached``).
 
 Only pages some READ filled since their last revocation are revoked or written back (``Entry.cached``):
 revoking a range nobody mapped costs nothing. A fill marks its pages *before* it answers, under the same
@@ -110,10 +110,6 @@ class Files:
         self.mountpoint: str | None = None  # set once mounted: lets revocations write back in bulk
         self.write_back_files = WriteBackFiles()  # our own descriptor of each mem, for bulk write-back
         self.latency = None  # the mount's latency.LatencyHold under --low-latency (for status)
-        #: per entry (dir_ino): pages of ``private`` a fill handed out since their last revocation
-        self._private_cached: dict[int, RunMap] = {}
-        #: per entry (dir_ino): the range a private→shared conversion is taking out of ``private``
-        self._private_closing: dict[int, Range] = {}
 
     def _freed(self, entry: Entry) -> None:
         """The file's memory went back (entry.state held): so do its charge and its place in its owner's
@@ -163,7 +159,8 @@ class Files:
         when the last mapping goes), so invalidating them only gives the memory back early."""
         if self.invalidator is not None and entry.cached.count(1):
             self.invalidator.revoke(entry.ino("mem"), (Range(0, entry.gm.size),), None)
-        if self._private_cached.pop(entry.dir_ino, None) is not None and self.invalidator is not None:
+        cached, entry.private_cached = entry.private_cached, None
+        if cached is not None and self.invalidator is not None:
             self.invalidator.revoke(entry.ino("private"), (Range(0, entry.gm.size),), None)
 
     def _cached_parts(self, entry: Entry, ranges) -> tuple[Range, ...]:
@@ -316,7 +313,7 @@ class Files:
             finally:
                 if closing:
                     with entry.state:
-                        self._private_closing.pop(entry.dir_ino, None)
+                        entry.private_closing = None
             self.run_transition(entry, transition)
 
     # --- private: the private view (ufsgmem run) ----------------------------------------------------
@@ -338,10 +335,9 @@ class Files:
                 cut = pending.range.intersect(Range(offset, offset + size))
                 if cut is not None and cut.size:
                     data[cut.start - offset:cut.end - offset] = bytes(cut.size)
-            cached = self._private_cached.get(entry.dir_ino)
-            if cached is None:
-                cached = self._private_cached[entry.dir_ino] = RunMap(gm.size >> PAGE_SHIFT, 0)
-            cached.set(first, last, 1)
+            if entry.private_cached is None:
+                entry.private_cached = RunMap(gm.size >> PAGE_SHIFT, 0)
+            entry.private_cached.set(first, last, 1)
         return bytes(data)
 
     def private_write(self, entry: Entry, offset: int, data, *, writepage: bool) -> int:
@@ -363,7 +359,7 @@ class Files:
         if size <= 0:
             return
         rng = Range(align_down(offset, PAGE_SIZE), align_up(offset + size, PAGE_SIZE))
-        closing = self._private_closing.get(entry.dir_ino)
+        closing = entry.private_closing
         if closing is not None and closing.intersect(rng):
             if closing_ok:
                 return
@@ -375,16 +371,16 @@ class Files:
         """Before private→shared: refuse fills of the range in ``private``, then write its pages back and
         unmap them there. Nothing to do (False) if the view never served a page. entry.lock held."""
         gm = entry.gm
-        if entry.dir_ino not in self._private_cached or size <= 0 or offset < 0 or offset >= gm.size:
+        if entry.private_cached is None or size <= 0 or offset < 0 or offset >= gm.size:
             return False
         rng = Range(align_down(offset, PAGE_SIZE), min(gm.size, align_up(offset + size, PAGE_SIZE)))
         with entry.state:
-            self._private_closing[entry.dir_ino] = rng
+            entry.private_closing = rng
         try:
             self.revoke_private(entry, rng)
         except BaseException:
             with entry.state:
-                self._private_closing.pop(entry.dir_ino, None)
+                entry.private_closing = None
             raise
         return True
 
@@ -393,7 +389,7 @@ class Files:
         kernel launders dirty pages one by one here (no descriptor of ours: the file has no name under
         ``ufsgmem run``)."""
         with entry.state:
-            cached = self._private_cached.get(entry.dir_ino)
+            cached = entry.private_cached
             if cached is None or self.invalidator is None:
                 return
             first, last = rng.start >> PAGE_SHIFT, min(cached.npages, -(-rng.end // PAGE_SIZE))
@@ -497,7 +493,9 @@ class Files:
             else:
                 self.charges.uncharge(uid, charged - allocated)
             charged = allocated
-            entry = self.ns.add(req.name, gm, owner=user, charged=charged, huge=huge)  # EEXIST: a create won
+            in_place = self.in_place_conversion if req.in_place_conversion is None else req.in_place_conversion
+            entry = self.ns.add(req.name, gm, owner=user, charged=charged, huge=huge,  # EEXIST: a create won
+                                in_place_conversion=in_place)
         except BaseException:
             if gm is not None:
                 gm.close()
@@ -505,8 +503,6 @@ class Files:
             users.give(uid, "huge", taken_huge, page_size=page_size)
             users.give(uid, "files")
             raise
-        entry.in_place_conversion = (self.in_place_conversion if req.in_place_conversion is None
-                                     else req.in_place_conversion)
         return protocol.describe_create(req, gm.folio_size)
 
     def _destroy(self, req: protocol.DestroyRequest, user: tuple[int, int] = (0, 0)) -> str:

@@ -29,8 +29,9 @@ Locks (requests arrive on several libfuse worker threads at once):
   punch-hole) and guest accesses of one file, and is held across their revocation, which blocks until
   the kernel has written dirty pages back. So it is never taken by a ``mem`` READ or WRITE handler: the
   revocation waits for exactly those requests.
-* ``Entry.state`` guards the core's state (``GuestMemfd`` and ``Entry.cached``). Held only for the
-  duration of a core call, never while waiting for the kernel; every handler may take it.
+* ``Entry.state`` guards the core's state (``GuestMemfd``) and the entry's own (``cached``,
+  ``private_cached``, ``private_closing``, ``charged``). Held only for the duration of a core call, never
+  while waiting for the kernel; every handler may take it.
 
 Order: ``Entry.lock`` before ``Entry.state``. ``Namespace.lock`` may be held while taking ``Entry.state``
 (freeing a file), never ``Entry.lock``, and neither entry lock is ever held while taking it. The counters'
@@ -47,6 +48,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
+from ..address import Range
 from ..gmem import GuestMemfd
 from ..runmap import RunMap
 from ..uapi import PAGE_SHIFT
@@ -87,7 +89,11 @@ BLOCK = 8  # inode numbers per entry: the directory, then FILES in order
 
 @dataclass
 class Entry:
-    """One guest_memfd with its inode block and reference counts."""
+    """One guest_memfd as the mount serves it: the core's file (``gm``: attributes, pins, allocation) and
+    all the frontend's state of it (names and references, what the kernel may have cached of ``mem`` and
+    ``private``, its memory charge, its locks), built complete by ``Namespace.add``. Only its write-back
+    descriptor lives elsewhere: in the mount's capped ``revoke.WriteBackFiles``, since the cap is
+    across files."""
 
     name: str
     gm: GuestMemfd
@@ -97,7 +103,7 @@ class Entry:
     destroyed: bool = False
     #: Serialises transitions and guest accesses on this file (the kernel's invalidate lock).
     lock: threading.Lock = field(default_factory=threading.Lock)
-    #: Guards ``gm`` and ``cached`` for the length of one core call (see the module docstring).
+    #: Guards ``gm`` and the mutable state below for the length of one core call (see the module docstring).
     state: threading.Lock = field(default_factory=threading.Lock)
     #: Pages that may sit in the kernel's page cache of ``mem`` (1) or surely do not (0). A page can only
     #: get there through a FUSE READ we answered (write(2) is refused before it touches the cache, and
@@ -111,6 +117,12 @@ class Entry:
     charged: int = 0
     #: bytes of the machine's hugetlb pool it holds, against its owner's ``huge`` bound (``users.py``)
     huge: int = 0
+    #: Pages of ``private`` a fill handed out since their last revocation (None until the view serves one;
+    #: guarded by ``state``), as ``cached`` is for ``mem``.
+    private_cached: RunMap | None = None
+    #: The range a private→shared conversion is taking out of ``private`` (fills of it are refused;
+    #: guarded by ``state``, set and cleared under ``lock``).
+    private_closing: Range | None = None
 
     def __post_init__(self) -> None:
         self.cached = RunMap(self.gm.size >> PAGE_SHIFT, 0)
@@ -163,13 +175,15 @@ class Namespace:
 
     # --- entries ------------------------------------------------------------------------------------
     def add(self, name: str, gm: GuestMemfd, owner: tuple[int, int] | None = None, charged: int = 0,
-            huge: int = 0) -> Entry:
+            huge: int = 0, in_place_conversion: bool = True) -> Entry:
         """Give ``gm`` a name (with ``charged`` bytes of the memory budget already its own, so a request that
-        finds it at once sees its charge); EEXIST if another create won the race for it."""
+        finds it at once sees its charge, and every setting it is created with); EEXIST if another create
+        won the race for it."""
         with self.lock:
             if name in self.by_name:
                 raise OSError(errno.EEXIST, f"{name!r} exists")
-            entry = Entry(name, gm, next(self._next_base), owner=owner, charged=charged, huge=huge)
+            entry = Entry(name, gm, next(self._next_base), owner=owner, charged=charged, huge=huge,
+                          in_place_conversion=in_place_conversion)
             for ino in range(entry.base, entry.base + 1 + len(FILES)):
                 self.by_ino[ino] = entry
             self.by_name[name] = entry
