@@ -85,7 +85,7 @@ from ..uapi import (
 )
 from . import creating
 from ..runmap import RunMap
-from .budget import Charges, MemoryBudget, owner_uid
+from .budget import Charges, MemoryBudget
 from .inodes import Entry, Namespace
 from .revoke import InodeInvalidator, WriteBackFiles, write_back
 from .users import Held, UserLimits, Users, hold_result
@@ -115,7 +115,7 @@ class Files:
         """The file's memory went back (entry.state held): so do its charge and its place in its owner's
         bounds."""
         self.charges.free(entry)
-        uid = owner_uid(entry)
+        uid = entry.owner_uid
         self.charges.users.give(uid, "huge", entry.huge, page_size=entry.gm.folio_size)
         self.charges.users.give(uid, "files")
 
@@ -568,7 +568,7 @@ class Files:
             # Folios the backend holds or a fill promised (budget.py): what counts against --max-memory.
             status["committed_bytes"] = entry.charged
         status["mount_memory"] = self.charges.budget.status()
-        status["owner_bounds"] = self.charges.users.status(owner_uid(entry))  # what its owner holds (users.py)
+        status["owner_bounds"] = self.charges.users.status(entry.owner_uid)  # what its owner holds (users.py)
         status["low_latency"] = None if self.latency is None else self.latency.status()
         status["in_place_conversion"] = entry.in_place_conversion
         return (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()

@@ -141,6 +141,51 @@ class Entry:
     def referenced(self) -> bool:
         return self.open_handles > 0
 
+    # --- its memory charge (``budget.Charges`` keeps it equal to its committed folios; state held) -----
+    @property
+    def owner_uid(self) -> int:
+        """Whose bounds (``users.py``) its memory counts against."""
+        return self.owner[0] if self.owner is not None else 0
+
+    @property
+    def folio_size(self) -> int:
+        return self.gm.folio_size
+
+    def committed_folios(self, first: int, last: int) -> int:
+        """Committed folios among those overlapping pages ``[first, last)``: allocated by the backend, or
+        holding a page the kernel may have cached (``budget.py`` says why both count)."""
+        step = self.gm.folio_size >> PAGE_SHIFT
+        f0, f1 = first // step, -(-last // step)
+        p0, p1 = f0 * step, min(f1 * step, self.gm.size >> PAGE_SHIFT)
+        if f1 - f0 == 1:  # one folio (a 4 KiB conversion or write-back): two lookups, no run lists
+            return int(self.gm.any_allocated(p0, p1) or not self.cached.is_uniform(p0, p1, 0))
+        spans = [(s // step, -(-e // step)) for s, e in self.gm.allocated_runs(p0, p1)]
+        spans += [(s // step, -(-e // step)) for s, e, v in self.cached.runs(p0, p1) if v]
+        total, reach = 0, f0
+        for s, e in sorted(spans):
+            s = max(s, reach)
+            if e > s:
+                total += e - s
+                reach = e
+        return total
+
+    def overlapping_folios(self, first: int, last: int) -> int:
+        step = self.gm.folio_size >> PAGE_SHIFT
+        return -(-last // step) - first // step
+
+    def take_charge(self, nbytes: int) -> None:
+        """``nbytes`` more of the budget are its own (the budget granted them)."""
+        self.charged += nbytes
+
+    def give_charge(self, nbytes: int) -> None:
+        """Give back ``nbytes`` of its charge. A file never gives back more than it was charged: the count
+        of every path that commits memory (fills, write-backs, allocate, guest accesses, pin, create) must
+        follow it, so more is a bug, refused before anything changes."""
+        if nbytes > self.charged:
+            raise AssertionError(f"{self.name!r} gives back {nbytes} bytes but was charged {self.charged}: "
+                                 "some path committed memory without charging it")
+        self.charged -= nbytes
+
 
 @dataclass
 class Handle:
