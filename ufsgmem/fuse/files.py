@@ -87,6 +87,7 @@ from . import creating
 from ..runmap import RunMap
 from .budget import Charges, MemoryBudget
 from .inodes import Entry, Namespace
+from .latency import LatencyHold
 from .revoke import InodeInvalidator, WriteBackFiles, write_back
 from .users import Held, UserLimits, Users, hold_result
 
@@ -95,21 +96,25 @@ RUN_BYTES = 9
 
 
 class Files:
-    def __init__(self, namespace: Namespace, invalidator: InodeInvalidator | None, *,
-                 default_backend: str = "anon", in_place_conversion: bool = True, max_memory: int | None = None,
-                 per_user: UserLimits | None = None):
-        self.ns = namespace
+    """The files of one mount, built complete: ``invalidator`` revokes ranges from the kernel's page cache
+    (None: nothing is ever cached, as in tests without a mount), ``mountpoint`` lets revocations write back
+    in bulk through a descriptor of our own, ``latency`` is the mount's ``latency.LatencyHold`` under
+    --low-latency (reported in status). It makes its own :class:`Namespace`, whose users are its charges'
+    and whose freed files give their charge back here."""
+
+    def __init__(self, invalidator: InodeInvalidator | None, *, mountpoint: str | None = None,
+                 latency: LatencyHold | None = None, default_backend: str = "anon", in_place_conversion: bool = True,
+                 max_memory: int | None = None, per_user: UserLimits | None = None):
         #: what the mount has committed, against --max-memory (``budget.py``)
         self.charges = Charges(MemoryBudget(max_memory), Users(per_user, max_memory=max_memory))
-        namespace.users = self.charges.users
-        namespace.on_free = self._freed
+        self.ns = Namespace(self.charges.users, on_free=self._freed)
         self.invalidator = invalidator
         self.default_backend = default_backend
         #: the mount's default for files created without saying (kvm.gmem_in_place_conversion)
         self.in_place_conversion = in_place_conversion
-        self.mountpoint: str | None = None  # set once mounted: lets revocations write back in bulk
+        self.mountpoint = mountpoint
         self.write_back_files = WriteBackFiles()  # our own descriptor of each mem, for bulk write-back
-        self.latency = None  # the mount's latency.LatencyHold under --low-latency (for status)
+        self.latency = latency
 
     def _freed(self, entry: Entry) -> None:
         """The file's memory went back (entry.state held): so do its charge and its place in its owner's

@@ -205,10 +205,10 @@ class Handle:
 class Namespace:
     """Names, inodes and handles of one mount; every method takes ``lock`` itself."""
 
-    def __init__(self):
+    def __init__(self, users: Users | None = None, on_free=None):
         self.lock = threading.Lock()
         #: called with entry.state held when a file's memory goes back (``Files`` releases its charge)
-        self.on_free = lambda entry: None
+        self.on_free = on_free if on_free is not None else (lambda entry: None)
         self.by_name: dict[str, Entry] = {}
         self.by_ino: dict[int, Entry] = {}
         self.handles: dict[int, Handle] = {}
@@ -216,7 +216,7 @@ class Namespace:
         self._next_fh = itertools.count(1)
         self.mount_ctl_lookups = 0
         #: per-user bounds (``users.py``): handles and the results they hold count against their opener
-        self.users = Users()
+        self.users = users if users is not None else Users()
 
     # --- entries ------------------------------------------------------------------------------------
     def add(self, name: str, gm: GuestMemfd, owner: tuple[int, int] | None = None, charged: int = 0,
