@@ -33,10 +33,8 @@ Locks (requests arrive on several libfuse worker threads at once):
   ``private_cached``, ``private_closing``, ``charged``). Held only for the duration of a core call, never
   while waiting for the kernel; every handler may take it.
 
-Order: ``Entry.lock`` before ``Entry.state``. ``Namespace.lock`` may be held while taking ``Entry.state``
-(freeing a file), never ``Entry.lock``, and neither entry lock is ever held while taking it. The counters'
-locks (``MemoryBudget``, ``Users``, ``WriteBackFiles``) are leaves: taken under any of these, they are
-held for one update and never while taking another lock.
+The counters' locks (``MemoryBudget``, ``Users``, ``WriteBackFiles``) are leaves. The lock order is stated
+once, in docs/architecture.md ("Threads and locks").
 """
 
 from __future__ import annotations
