@@ -20,7 +20,6 @@ import pytest
 from ufsgmem import protocol
 from ufsgmem.address import Range
 from ufsgmem.fuse.files import Files
-from ufsgmem.fuse.inodes import Namespace
 from ufsgmem.gmem import PRIVATE, SHARED, GuestMemfd
 from ufsgmem.uapi import (
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2,
@@ -50,7 +49,7 @@ class RecordingInvalidator:
 @pytest.fixture
 def setup():
     revoker = RecordingInvalidator()
-    files = Files(Namespace(), revoker)
+    files = Files(revoker)
     entry = files.ns.add("f", GuestMemfd(8 * PS, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED))
     yield files, entry, revoker
     entry.gm.close()

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 from ..address import format_size
 from ..errors import fail
-from ..uapi import PAGE_SHIFT
 from .users import Users
 
 if TYPE_CHECKING:
@@ -67,44 +66,10 @@ class MemoryBudget:
         return {"max": self.cap, "committed": self.committed}
 
 
-def committed_folios(entry: "Entry", first: int, last: int) -> int:
-    """Committed folios among those overlapping pages ``[first, last)``. entry.state held."""
-    step = entry.gm.folio_size >> PAGE_SHIFT
-    f0, f1 = first // step, -(-last // step)
-    p0, p1 = f0 * step, min(f1 * step, entry.gm.size >> PAGE_SHIFT)
-    if f1 - f0 == 1:  # one folio (a 4 KiB conversion or write-back): two lookups, no run lists
-        return int(entry.gm.any_allocated(p0, p1) or not entry.cached.is_uniform(p0, p1, 0))
-    spans = [(s // step, -(-e // step)) for s, e in entry.gm.allocated_runs(p0, p1)]
-    spans += [(s // step, -(-e // step)) for s, e, v in entry.cached.runs(p0, p1) if v]
-    total, reach = 0, f0
-    for s, e in sorted(spans):
-        s = max(s, reach)
-        if e > s:
-            total += e - s
-            reach = e
-    return total
-
-
-def overlapping_folios(entry: "Entry", first: int, last: int) -> int:
-    step = entry.gm.folio_size >> PAGE_SHIFT
-    return -(-last // step) - first // step
-
-
-def _check_share(entry: "Entry", nbytes: int) -> None:
-    """A file never gives back more than it was charged: the count of every path that commits memory
-    (fills, write-backs, allocate, guest accesses, pin, create) must follow it."""
-    if nbytes > entry.charged:
-        raise AssertionError(f"{entry.name!r} gives back {nbytes} bytes but was charged {entry.charged}: "
-                             "some path committed memory without charging it")
-
-
-def owner_uid(entry: "Entry") -> int:
-    return entry.owner[0] if entry.owner is not None else 0
-
-
 class Charges:
     """Keeps each file's share of a mount's :class:`MemoryBudget`, and of its owner's memory bound, equal
-    to its committed folios."""
+    to its committed folios. A file's count and share are the ``Entry``'s own: they are read and changed
+    through its methods (``committed_folios``, ``take_charge``, ``give_charge``), never its fields."""
 
     def __init__(self, budget: MemoryBudget, users: Users | None = None):
         self.budget = budget
@@ -130,33 +95,31 @@ class Charges:
         entry.state held."""
         if first >= last:
             return 0
-        need = (overlapping_folios(entry, first, last) - committed_folios(entry, first, last)) * entry.gm.folio_size
+        need = (entry.overlapping_folios(first, last) - entry.committed_folios(first, last)) * entry.folio_size
         if need:
-            self.charge(owner_uid(entry), need)
-            entry.charged += need
+            self.charge(entry.owner_uid, need)
+            entry.take_charge(need)
         return need
 
     def refund(self, entry: "Entry", nbytes: int) -> None:
         if nbytes:
-            _check_share(entry, nbytes)
-            self.uncharge(owner_uid(entry), nbytes)
-            entry.charged -= nbytes
+            entry.give_charge(nbytes)
+            self.uncharge(entry.owner_uid, nbytes)
 
     def recount(self, entry: "Entry", first: int, last: int, change) -> None:
         """Run ``change`` (which may commit or release pages of ``[first, last)`` only) and follow it: a
         release gives the memory back, a commit it could not refuse (a write-back) is charged over the cap.
         entry.state held."""
-        before = committed_folios(entry, first, last)
+        before = entry.committed_folios(first, last)
         try:
             change()
         finally:
-            delta = (committed_folios(entry, first, last) - before) * entry.gm.folio_size
+            delta = (entry.committed_folios(first, last) - before) * entry.folio_size
             if delta > 0:
-                self.charge(owner_uid(entry), delta, force=True)
+                self.charge(entry.owner_uid, delta, force=True)
+                entry.take_charge(delta)
             elif delta < 0:
-                _check_share(entry, -delta)
-                self.uncharge(owner_uid(entry), -delta)
-            entry.charged += delta
+                self.refund(entry, -delta)
 
     def free(self, entry: "Entry") -> None:
         """The file's memory went back (its last reference is gone). entry.state held."""

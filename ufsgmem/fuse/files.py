@@ -59,7 +59,7 @@ ranges marked as possibly cached, so the next conversion revokes them again.
     sits in at most one of the two page caches (``mem`` for shared, ``private`` for private):
     shared→private revokes it from ``mem`` (above); private→shared first writes it back and revokes it
     from ``private`` (fills of the range are refused meanwhile), then flips; a punch revokes both. Only
-    pages a private fill handed out are revoked (``Files._private_cached``).
+    pages a private fill handed out are revoked (``Entry.private_cached``).
 
 Only pages some READ filled since their last revocation are revoked or written back (``Entry.cached``):
 revoking a range nobody mapped costs nothing. A fill marks its pages *before* it answers, under the same
@@ -85,8 +85,9 @@ from ..uapi import (
 )
 from . import creating
 from ..runmap import RunMap
-from .budget import Charges, MemoryBudget, owner_uid
+from .budget import Charges, MemoryBudget
 from .inodes import Entry, Namespace
+from .latency import LatencyHold
 from .revoke import InodeInvalidator, WriteBackFiles, write_back
 from .users import Held, UserLimits, Users, hold_result
 
@@ -95,31 +96,31 @@ RUN_BYTES = 9
 
 
 class Files:
-    def __init__(self, namespace: Namespace, invalidator: InodeInvalidator | None, *,
-                 default_backend: str = "anon", in_place_conversion: bool = True, max_memory: int | None = None,
-                 per_user: UserLimits | None = None):
-        self.ns = namespace
+    """The files of one mount, built complete: ``invalidator`` revokes ranges from the kernel's page cache
+    (None: nothing is ever cached, as in tests without a mount), ``mountpoint`` lets revocations write back
+    in bulk through a descriptor of our own, ``latency`` is the mount's ``latency.LatencyHold`` under
+    --low-latency (reported in status). It makes its own :class:`Namespace`, whose users are its charges'
+    and whose freed files give their charge back here."""
+
+    def __init__(self, invalidator: InodeInvalidator | None, *, mountpoint: str | None = None,
+                 latency: LatencyHold | None = None, default_backend: str = "anon", in_place_conversion: bool = True,
+                 max_memory: int | None = None, per_user: UserLimits | None = None):
         #: what the mount has committed, against --max-memory (``budget.py``)
         self.charges = Charges(MemoryBudget(max_memory), Users(per_user, max_memory=max_memory))
-        namespace.users = self.charges.users
-        namespace.on_free = self._freed
+        self.ns = Namespace(self.charges.users, on_free=self._freed)
         self.invalidator = invalidator
         self.default_backend = default_backend
         #: the mount's default for files created without saying (kvm.gmem_in_place_conversion)
         self.in_place_conversion = in_place_conversion
-        self.mountpoint: str | None = None  # set once mounted: lets revocations write back in bulk
+        self.mountpoint = mountpoint
         self.write_back_files = WriteBackFiles()  # our own descriptor of each mem, for bulk write-back
-        self.latency = None  # the mount's latency.LatencyHold under --low-latency (for status)
-        #: per entry (dir_ino): pages of ``private`` a fill handed out since their last revocation
-        self._private_cached: dict[int, RunMap] = {}
-        #: per entry (dir_ino): the range a private→shared conversion is taking out of ``private``
-        self._private_closing: dict[int, Range] = {}
+        self.latency = latency
 
     def _freed(self, entry: Entry) -> None:
         """The file's memory went back (entry.state held): so do its charge and its place in its owner's
         bounds."""
         self.charges.free(entry)
-        uid = owner_uid(entry)
+        uid = entry.owner_uid
         self.charges.users.give(uid, "huge", entry.huge, page_size=entry.gm.folio_size)
         self.charges.users.give(uid, "files")
 
@@ -163,7 +164,8 @@ class Files:
         when the last mapping goes), so invalidating them only gives the memory back early."""
         if self.invalidator is not None and entry.cached.count(1):
             self.invalidator.revoke(entry.ino("mem"), (Range(0, entry.gm.size),), None)
-        if self._private_cached.pop(entry.dir_ino, None) is not None and self.invalidator is not None:
+        cached, entry.private_cached = entry.private_cached, None
+        if cached is not None and self.invalidator is not None:
             self.invalidator.revoke(entry.ino("private"), (Range(0, entry.gm.size),), None)
 
     def _cached_parts(self, entry: Entry, ranges) -> tuple[Range, ...]:
@@ -316,7 +318,7 @@ class Files:
             finally:
                 if closing:
                     with entry.state:
-                        self._private_closing.pop(entry.dir_ino, None)
+                        entry.private_closing = None
             self.run_transition(entry, transition)
 
     # --- private: the private view (ufsgmem run) ----------------------------------------------------
@@ -338,10 +340,9 @@ class Files:
                 cut = pending.range.intersect(Range(offset, offset + size))
                 if cut is not None and cut.size:
                     data[cut.start - offset:cut.end - offset] = bytes(cut.size)
-            cached = self._private_cached.get(entry.dir_ino)
-            if cached is None:
-                cached = self._private_cached[entry.dir_ino] = RunMap(gm.size >> PAGE_SHIFT, 0)
-            cached.set(first, last, 1)
+            if entry.private_cached is None:
+                entry.private_cached = RunMap(gm.size >> PAGE_SHIFT, 0)
+            entry.private_cached.set(first, last, 1)
         return bytes(data)
 
     def private_write(self, entry: Entry, offset: int, data, *, writepage: bool) -> int:
@@ -363,7 +364,7 @@ class Files:
         if size <= 0:
             return
         rng = Range(align_down(offset, PAGE_SIZE), align_up(offset + size, PAGE_SIZE))
-        closing = self._private_closing.get(entry.dir_ino)
+        closing = entry.private_closing
         if closing is not None and closing.intersect(rng):
             if closing_ok:
                 return
@@ -375,16 +376,16 @@ class Files:
         """Before private→shared: refuse fills of the range in ``private``, then write its pages back and
         unmap them there. Nothing to do (False) if the view never served a page. entry.lock held."""
         gm = entry.gm
-        if entry.dir_ino not in self._private_cached or size <= 0 or offset < 0 or offset >= gm.size:
+        if entry.private_cached is None or size <= 0 or offset < 0 or offset >= gm.size:
             return False
         rng = Range(align_down(offset, PAGE_SIZE), min(gm.size, align_up(offset + size, PAGE_SIZE)))
         with entry.state:
-            self._private_closing[entry.dir_ino] = rng
+            entry.private_closing = rng
         try:
             self.revoke_private(entry, rng)
         except BaseException:
             with entry.state:
-                self._private_closing.pop(entry.dir_ino, None)
+                entry.private_closing = None
             raise
         return True
 
@@ -393,7 +394,7 @@ class Files:
         kernel launders dirty pages one by one here (no descriptor of ours: the file has no name under
         ``ufsgmem run``)."""
         with entry.state:
-            cached = self._private_cached.get(entry.dir_ino)
+            cached = entry.private_cached
             if cached is None or self.invalidator is None:
                 return
             first, last = rng.start >> PAGE_SHIFT, min(cached.npages, -(-rng.end // PAGE_SIZE))
@@ -497,7 +498,9 @@ class Files:
             else:
                 self.charges.uncharge(uid, charged - allocated)
             charged = allocated
-            entry = self.ns.add(req.name, gm, owner=user, charged=charged, huge=huge)  # EEXIST: a create won
+            in_place = self.in_place_conversion if req.in_place_conversion is None else req.in_place_conversion
+            entry = self.ns.add(req.name, gm, owner=user, charged=charged, huge=huge,  # EEXIST: a create won
+                                in_place_conversion=in_place)
         except BaseException:
             if gm is not None:
                 gm.close()
@@ -505,8 +508,6 @@ class Files:
             users.give(uid, "huge", taken_huge, page_size=page_size)
             users.give(uid, "files")
             raise
-        entry.in_place_conversion = (self.in_place_conversion if req.in_place_conversion is None
-                                     else req.in_place_conversion)
         return protocol.describe_create(req, gm.folio_size)
 
     def _destroy(self, req: protocol.DestroyRequest, user: tuple[int, int] = (0, 0)) -> str:
@@ -572,7 +573,7 @@ class Files:
             # Folios the backend holds or a fill promised (budget.py): what counts against --max-memory.
             status["committed_bytes"] = entry.charged
         status["mount_memory"] = self.charges.budget.status()
-        status["owner_bounds"] = self.charges.users.status(owner_uid(entry))  # what its owner holds (users.py)
+        status["owner_bounds"] = self.charges.users.status(entry.owner_uid)  # what its owner holds (users.py)
         status["low_latency"] = None if self.latency is None else self.latency.status()
         status["in_place_conversion"] = entry.in_place_conversion
         return (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()

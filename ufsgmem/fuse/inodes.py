@@ -29,13 +29,12 @@ Locks (requests arrive on several libfuse worker threads at once):
   punch-hole) and guest accesses of one file, and is held across their revocation, which blocks until
   the kernel has written dirty pages back. So it is never taken by a ``mem`` READ or WRITE handler: the
   revocation waits for exactly those requests.
-* ``Entry.state`` guards the core's state (``GuestMemfd`` and ``Entry.cached``). Held only for the
-  duration of a core call, never while waiting for the kernel; every handler may take it.
+* ``Entry.state`` guards the core's state (``GuestMemfd``) and the entry's own (``cached``,
+  ``private_cached``, ``private_closing``, ``charged``). Held only for the duration of a core call, never
+  while waiting for the kernel; every handler may take it.
 
-Order: ``Entry.lock`` before ``Entry.state``. ``Namespace.lock`` may be held while taking ``Entry.state``
-(freeing a file), never ``Entry.lock``, and neither entry lock is ever held while taking it. The counters'
-locks (``MemoryBudget``, ``Users``, ``WriteBackFiles``) are leaves: taken under any of these, they are
-held for one update and never while taking another lock.
+The counters' locks (``MemoryBudget``, ``Users``, ``WriteBackFiles``) are leaves. The lock order is stated
+once, in docs/architecture.md ("Threads and locks").
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
+from ..address import Range
 from ..gmem import GuestMemfd
 from ..runmap import RunMap
 from ..uapi import PAGE_SHIFT
@@ -87,7 +87,11 @@ BLOCK = 8  # inode numbers per entry: the directory, then FILES in order
 
 @dataclass
 class Entry:
-    """One guest_memfd with its inode block and reference counts."""
+    """One guest_memfd as the mount serves it: the core's file (``gm``: attributes, pins, allocation) and
+    all the frontend's state of it (names and references, what the kernel may have cached of ``mem`` and
+    ``private``, its memory charge, its locks), built complete by ``Namespace.add``. Only its write-back
+    descriptor lives elsewhere: in the mount's capped ``revoke.WriteBackFiles``, since the cap is
+    across files."""
 
     name: str
     gm: GuestMemfd
@@ -97,7 +101,7 @@ class Entry:
     destroyed: bool = False
     #: Serialises transitions and guest accesses on this file (the kernel's invalidate lock).
     lock: threading.Lock = field(default_factory=threading.Lock)
-    #: Guards ``gm`` and ``cached`` for the length of one core call (see the module docstring).
+    #: Guards ``gm`` and the mutable state below for the length of one core call (see the module docstring).
     state: threading.Lock = field(default_factory=threading.Lock)
     #: Pages that may sit in the kernel's page cache of ``mem`` (1) or surely do not (0). A page can only
     #: get there through a FUSE READ we answered (write(2) is refused before it touches the cache, and
@@ -111,6 +115,12 @@ class Entry:
     charged: int = 0
     #: bytes of the machine's hugetlb pool it holds, against its owner's ``huge`` bound (``users.py``)
     huge: int = 0
+    #: Pages of ``private`` a fill handed out since their last revocation (None until the view serves one;
+    #: guarded by ``state``), as ``cached`` is for ``mem``.
+    private_cached: RunMap | None = None
+    #: The range a private→shared conversion is taking out of ``private`` (fills of it are refused;
+    #: guarded by ``state``, set and cleared under ``lock``).
+    private_closing: Range | None = None
 
     def __post_init__(self) -> None:
         self.cached = RunMap(self.gm.size >> PAGE_SHIFT, 0)
@@ -128,6 +138,51 @@ class Entry:
     @property
     def referenced(self) -> bool:
         return self.open_handles > 0
+
+    # --- its memory charge (``budget.Charges`` keeps it equal to its committed folios; state held) -----
+    @property
+    def owner_uid(self) -> int:
+        """Whose bounds (``users.py``) its memory counts against."""
+        return self.owner[0] if self.owner is not None else 0
+
+    @property
+    def folio_size(self) -> int:
+        return self.gm.folio_size
+
+    def committed_folios(self, first: int, last: int) -> int:
+        """Committed folios among those overlapping pages ``[first, last)``: allocated by the backend, or
+        holding a page the kernel may have cached (``budget.py`` says why both count)."""
+        step = self.gm.folio_size >> PAGE_SHIFT
+        f0, f1 = first // step, -(-last // step)
+        p0, p1 = f0 * step, min(f1 * step, self.gm.size >> PAGE_SHIFT)
+        if f1 - f0 == 1:  # one folio (a 4 KiB conversion or write-back): two lookups, no run lists
+            return int(self.gm.any_allocated(p0, p1) or not self.cached.is_uniform(p0, p1, 0))
+        spans = [(s // step, -(-e // step)) for s, e in self.gm.allocated_runs(p0, p1)]
+        spans += [(s // step, -(-e // step)) for s, e, v in self.cached.runs(p0, p1) if v]
+        total, reach = 0, f0
+        for s, e in sorted(spans):
+            s = max(s, reach)
+            if e > s:
+                total += e - s
+                reach = e
+        return total
+
+    def overlapping_folios(self, first: int, last: int) -> int:
+        step = self.gm.folio_size >> PAGE_SHIFT
+        return -(-last // step) - first // step
+
+    def take_charge(self, nbytes: int) -> None:
+        """``nbytes`` more of the budget are its own (the budget granted them)."""
+        self.charged += nbytes
+
+    def give_charge(self, nbytes: int) -> None:
+        """Give back ``nbytes`` of its charge. A file never gives back more than it was charged: the count
+        of every path that commits memory (fills, write-backs, allocate, guest accesses, pin, create) must
+        follow it, so more is a bug, refused before anything changes."""
+        if nbytes > self.charged:
+            raise AssertionError(f"{self.name!r} gives back {nbytes} bytes but was charged {self.charged}: "
+                                 "some path committed memory without charging it")
+        self.charged -= nbytes
 
 
 @dataclass
@@ -148,10 +203,10 @@ class Handle:
 class Namespace:
     """Names, inodes and handles of one mount; every method takes ``lock`` itself."""
 
-    def __init__(self):
+    def __init__(self, users: Users | None = None, on_free=None):
         self.lock = threading.Lock()
         #: called with entry.state held when a file's memory goes back (``Files`` releases its charge)
-        self.on_free = lambda entry: None
+        self.on_free = on_free if on_free is not None else (lambda entry: None)
         self.by_name: dict[str, Entry] = {}
         self.by_ino: dict[int, Entry] = {}
         self.handles: dict[int, Handle] = {}
@@ -159,17 +214,19 @@ class Namespace:
         self._next_fh = itertools.count(1)
         self.mount_ctl_lookups = 0
         #: per-user bounds (``users.py``): handles and the results they hold count against their opener
-        self.users = Users()
+        self.users = users if users is not None else Users()
 
     # --- entries ------------------------------------------------------------------------------------
     def add(self, name: str, gm: GuestMemfd, owner: tuple[int, int] | None = None, charged: int = 0,
-            huge: int = 0) -> Entry:
+            huge: int = 0, in_place_conversion: bool = True) -> Entry:
         """Give ``gm`` a name (with ``charged`` bytes of the memory budget already its own, so a request that
-        finds it at once sees its charge); EEXIST if another create won the race for it."""
+        finds it at once sees its charge, and every setting it is created with); EEXIST if another create
+        won the race for it."""
         with self.lock:
             if name in self.by_name:
                 raise OSError(errno.EEXIST, f"{name!r} exists")
-            entry = Entry(name, gm, next(self._next_base), owner=owner, charged=charged, huge=huge)
+            entry = Entry(name, gm, next(self._next_base), owner=owner, charged=charged, huge=huge,
+                          in_place_conversion=in_place_conversion)
             for ino in range(entry.base, entry.base + 1 + len(FILES)):
                 self.by_ino[ino] = entry
             self.by_name[name] = entry

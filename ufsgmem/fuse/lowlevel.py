@@ -141,6 +141,19 @@ class Session:
         self._reply_lock = threading.Lock()  # a late reply and the end of the session exclude each other
         self._replying = True
 
+    @classmethod
+    def serving(cls, make_handler, options: list[str], **kwargs) -> "Session":
+        """A session whose handler is ``make_handler(session)``: for a handler that sends notifications on
+        its own session (revocations, a destroyed name's dentry). Nothing can ask the handler anything
+        before it is in place: the session is not mounted yet."""
+        session = cls(None, options, **kwargs)
+        try:
+            session.handler = make_handler(session)
+        except BaseException:
+            session.close()
+            raise
+        return session
+
     def mount(self, mountpoint: str) -> None:
         """Mount at ``mountpoint`` (an absolute path without symlinks)."""
         if lib.fuse_session_mount(self._se, mountpoint.encode()) != 0:

@@ -75,12 +75,12 @@ class Operations:
     the user who created it (0700/0600: only that user may map it or send it requests); only that user, the
     user who mounted, or root may destroy it. Without it only the user who mounted can reach the mount."""
 
-    def __init__(self, files: Files, *, allow_other: bool = False):
+    def __init__(self, files: Files, *, allow_other: bool = False, started_ns: int | None = None, on_destroy=None):
         self.files = files
         self.allow_other = allow_other
         self.ns: Namespace = files.ns
-        self.started_ns = time.time_ns()
-        self.on_destroy = None  # set by the server: invalidate a destroyed name's dentry
+        self.started_ns = time.time_ns() if started_ns is None else started_ns
+        self.on_destroy = on_destroy  # the server's: invalidate a destroyed name's dentry
 
     # --- attributes ---------------------------------------------------------------------------------
     def _attr(self, ino: int) -> Attr:

@@ -29,6 +29,7 @@ import sys
 import urllib.parse
 import resource
 import threading
+import time
 
 from ..address import format_size
 from ..mounts import FSTYPE, mount_type
@@ -37,7 +38,7 @@ from ..syscalls import parse_cpu_list, pin_process, prctl
 from . import memcg, usermount
 from .abort import mount_path, start_watcher
 from .files import Files
-from .inodes import ROOT_INO, Namespace, map_big_allocations
+from .inodes import ROOT_INO, map_big_allocations
 from .latency import LatencyHold
 from .lowlevel import Session
 from .ops import Operations
@@ -215,11 +216,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     if limit is not None:
         max_memory = limit if max_memory is None else min(max_memory, limit)
     hold = LatencyHold() if low_latency else None  # before mounting: a refusal is the mount's error
-    namespace = Namespace()
-    files = Files(namespace, None, default_backend=default_backend, in_place_conversion=in_place_conversion,
-                  max_memory=max_memory, per_user=UserLimits.parse(per_user or ""))
-    files.latency = hold
-    ops = Operations(files, allow_other=allow_other)
+    limits = UserLimits.parse(per_user or "")  # a bad spec is the mount's error, before anything exists
     options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"] + (["debug"] if debug else []) \
         + (["allow_other", "default_permissions"] if allow_other else [])
     # Resolve every path before mounting: once mounted, touching the mount point from this thread
@@ -228,9 +225,18 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     pidfile = pidfile_path(mountpoint)
     ensure_run_dir()
     as_user = os.geteuid() != 0
-    session = Session(ops, options, uid=os.getuid(), gid=os.getgid(), time_ns=ops.started_ns,
-                      on_request=None if hold is None else hold.touch)
-    ops.on_destroy = lambda name: session.inval_entry(ROOT_INO, name)
+    started_ns = time.time_ns()
+
+    def operations(session: Session) -> Operations:
+        files = Files(InodeInvalidator(session), mountpoint=mountpoint, latency=hold,
+                      default_backend=default_backend, in_place_conversion=in_place_conversion,
+                      max_memory=max_memory, per_user=limits)
+        return Operations(files, allow_other=allow_other, started_ns=started_ns,
+                          on_destroy=lambda name: session.inval_entry(ROOT_INO, name))
+
+    session = Session.serving(operations, options, uid=os.getuid(), gid=os.getgid(), time_ns=started_ns,
+                              on_request=None if hold is None else hold.touch)
+    files = session.handler.files
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # libfuse installs its handlers only over the defaults
     failure: list[OSError] = []
     user_mounted = False
@@ -244,8 +250,6 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
             session.mount(mountpoint)
             fuse_fd = session.fd
         start_watcher(mountpoint, fuse_fd)  # from this (main) thread, before any other thread exists
-        files.invalidator = InodeInvalidator(session)
-        files.mountpoint = mountpoint
         fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()} {start_time(os.getpid())} {mountpoint}\n")
@@ -272,7 +276,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
             files.write_back_files.close_all()  # the connection is gone: nothing to flush
             if hold is not None:
                 hold.close()
-            namespace.close_all()
+            files.ns.close_all()
             try:
                 if read_pid(mountpoint) == os.getpid():
                     os.unlink(pidfile)

@@ -85,6 +85,9 @@ class HugetlbBackend(MemfdBackend):
         if available < size // page_size:
             raise shortfall(page_size, size)
         self.memfd_flags = MFD_HUGETLB | _MFD_SIZE[page_size]
+        # Which huge pages this file holds. The core's allocation map says the same once a GuestMemfd owns the
+        # backend, but a backend stands alone (below the core; tests/test_backends.py uses it without one) and
+        # hugetlbfs answers SEEK_DATA as if every page were data, so backend_bytes and extents need this.
         self._folios = RunMap(size // page_size, 0)
         super().__init__(size, page_size, progress=progress, **options)
         started = time.perf_counter()
