@@ -430,17 +430,7 @@ class RunMap:
         if not 0 <= start <= end <= self.npages:
             raise ValueError(f"page range [{start}, {end}) is outside [0, {self.npages})")
 
-    # --- invariants and debugging views --------------------------------------------------------------
-    @property
-    def _starts(self) -> _Column:
-        """All run starts as one indexable column (a view across chunks, for tests and debugging)."""
-        return _Column(self._cs)
-
-    @property
-    def _values(self) -> _Column:
-        """All run values as one indexable column (a view across chunks, for tests and debugging)."""
-        return _Column(self._cv)
-
+    # --- invariants ------------------------------------------------------------------------------
     def check(self) -> None:
         """Assert the invariants (for tests)."""
         cs, cv, firsts = self._cs, self._cv, self._firsts
@@ -464,39 +454,3 @@ class RunMap:
         assert runs == self._n, ("run count", runs, self._n)
         assert counts == self._counts, ("page counts", counts, self._counts)
 
-
-class _Column:
-    """A list of ``array('q')`` chunks indexed as one sequence. Writes go straight into the chunk and
-    bypass the index and the counts: they exist so tests can break a map on purpose for :meth:`check`."""
-
-    __slots__ = ("_chunks",)
-
-    def __init__(self, chunks: list[array]):
-        self._chunks = chunks
-
-    def _where(self, i: int) -> tuple[array, int]:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"run {i} of {n}")
-        for chunk in self._chunks:
-            if i < len(chunk):
-                return chunk, i
-            i -= len(chunk)
-        raise AssertionError("unreachable")
-
-    def __len__(self) -> int:
-        return sum(len(chunk) for chunk in self._chunks)
-
-    def __getitem__(self, i: int) -> int:
-        chunk, j = self._where(i)
-        return chunk[j]
-
-    def __setitem__(self, i: int, value: int) -> None:
-        chunk, j = self._where(i)
-        chunk[j] = value
-
-    def __iter__(self) -> Iterator[int]:
-        for chunk in self._chunks:
-            yield from chunk
