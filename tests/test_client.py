@@ -59,7 +59,7 @@ def test_result_text_is_parsed():
 def test_create_shows_files_and_status(mount, gmem):
     assert gmem.name in mount.names()
     st = gmem.status()
-    assert (st["size"], st["flags"], st["page_size"]) == (16 * PAGE, MMAP_SHARED, PAGE)
+    assert (st["size"], st["flags"], st["folio_size"], st["page_size"]) == (16 * PAGE, MMAP_SHARED, PAGE, PAGE)
     assert st["private_bytes"] == 0 and st["shared_bytes"] == 16 * PAGE
     assert gmem.size == 16 * PAGE
 

@@ -1019,7 +1019,7 @@ def test_huge_folio_bookkeeping_at_scale_on_sim(unit):
 
 
 STATUS_KEYS = {
-    "name", "size", "flags", "flag_names", "backend", "page_size", "allocated_bytes", "shared_bytes",
+    "name", "size", "flags", "flag_names", "backend", "folio_size", "page_size", "allocated_bytes", "shared_bytes",
     "private_bytes", "pinned_bytes", "huge_folios", "conversions", "revocations", "revoked_bytes", "punches",
     "folio_splits", "folio_merges", "attribute_runs", "metadata_bytes", "backend_bytes", "backend_info",
 }
@@ -1064,7 +1064,7 @@ def test_status_fields(env, make, flags):
     assert s["allocated_bytes"] == allocated
     assert isinstance(s["backend_bytes"], int) and s["backend_bytes"] >= 0
     assert isinstance(s["backend_info"], dict)
-    assert s["page_size"] == env.unit
+    assert s["folio_size"] == s["page_size"] == env.unit
 
 
 @flagsets("mmap", "mmap+shared")

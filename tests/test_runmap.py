@@ -142,12 +142,12 @@ def test_as_arrays_is_a_copy():
 def test_check_catches_broken_invariants():
     rm = RunMap(8, 0)
     rm.set(2, 4, 1)
-    rm._values[1] = 0  # equal neighbours: no longer canonical
+    rm._cv[0][1] = 0  # equal neighbours: no longer canonical
     with pytest.raises(AssertionError):
         rm.check()
     rm = RunMap(8, 0)
     rm.set(2, 4, 1)
-    rm._starts[1] = 9  # a run starting past the end
+    rm._cs[0][1] = 9  # a run starting past the end
     with pytest.raises(AssertionError):
         rm.check()
 
@@ -314,7 +314,7 @@ def test_queries_across_chunk_edges(cls):
 
 def test_check_catches_broken_chunks():
     rm, _ = alternating(TinyRunMap, 40)
-    rm._values[17] = rm._values[16]  # equal neighbours deep inside the chunks
+    rm._cv[2][0] = rm._cv[1][-1]  # equal neighbours across a chunk edge
     with pytest.raises(AssertionError):
         rm.check()
     rm, _ = alternating(TinyRunMap, 40)

@@ -223,14 +223,31 @@ class Summary:
 
 
 def scenario(f: GmemFile, mapper: Mapper, s: Summary, out_dir: str) -> None:
-    size, huge = s.size, s.huge
-    if not f.status()["flags"] & GUEST_MEMFD_FLAG_INIT_SHARED:
-        f.convert(0, size, to="shared")  # huge-page files start private; the VMM shares them for setup
-        s.conversions += 1
-    mapper.ask(op="fill", offset=0, size=size)
-    _say(f"mapper (pid {mapper.pid}) mapped {format_size(size)} MAP_SHARED and wrote a pattern on every page")
+    """The VMM-like script of step 4 (and the layout of step 5), one function a step, in the order run."""
+    share_and_fill(f, mapper, s)
+    ranges = convert_to_private(f, s)
+    probe_private(f, mapper, s, ranges)
+    export_layout(f, out_dir, s)  # while shared and private memory are mixed: the interesting layout
+    guest_write_then_share(f, mapper, s, ranges)
+    punch_hole(f, mapper, s)
+    pinned_page_blocks_conversion(f, s)
+    s.status = f.status()
 
-    # shared -> private while mapped and dirty in the mapper: each conversion revokes, and is timed
+
+def share_and_fill(f: GmemFile, mapper: Mapper, s: Summary) -> None:
+    """Make the whole file shared (huge-page files start private; the VMM shares them for setup) and have
+    the mapper write the pattern on every page through its mapping."""
+    if not f.status()["flags"] & GUEST_MEMFD_FLAG_INIT_SHARED:
+        f.convert(0, s.size, to="shared")
+        s.conversions += 1
+    mapper.ask(op="fill", offset=0, size=s.size)
+    _say(f"mapper (pid {mapper.pid}) mapped {format_size(s.size)} MAP_SHARED and wrote a pattern on every page")
+
+
+def convert_to_private(f: GmemFile, s: Summary) -> list[tuple[int, int, str]]:
+    """Shared -> private while mapped and dirty in the mapper: each conversion revokes, and is timed.
+    Returns the ranges converted, ``(offset, length, what)``."""
+    size, huge = s.size, s.huge
     ranges = [(0, huge, "one huge page"), (4 * huge + SZ_4K, SZ_4K, "a single 4K page inside a 2M block"),
               (size // 2, size // 4, f"a {format_size(size // 4)} range")]
     for offset, length, what in ranges:
@@ -240,8 +257,13 @@ def scenario(f: GmemFile, mapper: Mapper, s: Summary, out_dir: str) -> None:
         s.conversions += 1
         _say(f"VMM: converted {what} [{offset:#x}, {offset + length:#x}) to private in "
              f"{s.revocations_ms[-1]:.2f} ms")
+    return ranges
 
-    for offset, length, _ in ranges:  # host: SIGBUS on private, neighbours fine; guest: content kept
+
+def probe_private(f: GmemFile, mapper: Mapper, s: Summary, ranges: list[tuple[int, int, str]]) -> None:
+    """The host gets SIGBUS on the private ranges and not on the shared page after each; the guest reads
+    their content unchanged."""
+    for offset, length, _ in ranges:
         s.sigbus_expected += 1
         probe = mapper.ask(op="probe", offset=offset)
         if probe["signal"] == "SIGBUS":
@@ -249,16 +271,19 @@ def scenario(f: GmemFile, mapper: Mapper, s: Summary, out_dir: str) -> None:
             _say(f"mapper (pid {mapper.pid}): its child {probe['pid']} read private page {offset:#x} through "
                  f"the mapping and was killed by SIGBUS")
         after = offset + length
-        if after < size and mapper.ask(op="probe", offset=after)["signal"] is None:
+        if after < s.size and mapper.ask(op="probe", offset=after)["signal"] is None:
             s.neighbours_ok += 1
         s.check(f.guest_read(offset, 1)[0] == pattern(offset) and
                 f.guest_read(offset + length - 1, 1)[0] == pattern(offset + length - 1),
                 f"guest view of private [{offset:#x}, {offset + length:#x})")
     _say(f"mapper: host reads of the private ranges raised SIGBUS {s.sigbus_seen}/{s.sigbus_expected} times; "
          f"the shared pages right after them stayed readable {s.neighbours_ok}/{len(ranges)}")
-    export_layout(f, out_dir, s)  # while shared and private memory are mixed: the interesting layout
 
-    # the guest writes to a private page; converting back shows it to the host, the rest is preserved
+
+def guest_write_then_share(f: GmemFile, mapper: Mapper, s: Summary, ranges: list[tuple[int, int, str]]) -> None:
+    """The guest writes to a private page; converting everything back shows it to the host, and every
+    other byte is preserved."""
+    size, huge = s.size, s.huge
     guest_page = 4 * huge + SZ_4K
     f.guest_write(guest_page, b"\xee" * SZ_4K)
     for offset, length, _ in ranges:
@@ -272,13 +297,20 @@ def scenario(f: GmemFile, mapper: Mapper, s: Summary, out_dir: str) -> None:
     _say("VMM: converted everything back to shared; the mapper sees the guest's write and every other byte "
          "unchanged")
 
-    # punch-hole zeroes (and revokes); the attribute stays shared
+
+def punch_hole(f: GmemFile, mapper: Mapper, s: Summary) -> None:
+    """Punch-hole zeroes (and revokes) one huge page; the attribute stays shared."""
+    huge = s.huge
     f.punch_hole(2 * huge, huge)
     s.check(mapper.ask(op="check", offset=2 * huge, size=huge, byte=0)["ok"], "punched range reads as zeros")
     s.check(mapper.ask(op="check", offset=3 * huge, size=huge)["ok"], "the range after the hole is intact")
     _say(f"VMM: punched [{2 * huge:#x}, {3 * huge:#x}): the mapper reads zeros there, intact data next to it")
 
-    # a pinned page (a device doing DMA) blocks shared -> private with EAGAIN at that page
+
+def pinned_page_blocks_conversion(f: GmemFile, s: Summary) -> None:
+    """A pinned page (a device doing DMA) makes shared -> private fail with EAGAIN at that page; once
+    unpinned, the same conversion succeeds."""
+    huge = s.huge
     pinned = 5 * huge + 3 * SZ_4K
     f.pin(pinned, SZ_4K)
     try:
@@ -294,7 +326,6 @@ def scenario(f: GmemFile, mapper: Mapper, s: Summary, out_dir: str) -> None:
     f.convert(5 * huge, huge, to="private")
     s.conversions += 1
     _say("VMM: unpinned, and the same conversion succeeded")
-    s.status = f.status()
 
 
 def export_layout(f: GmemFile, out_dir: str, s: Summary) -> None:

@@ -613,7 +613,8 @@ class GuestMemfd:
             "flags": self.flags,
             "flag_names": flag_names(self.flags),
             "backend": self.backend.name,
-            "page_size": self.folio_size,
+            "folio_size": self.folio_size,
+            "page_size": self.folio_size,  # the same: the name of the create option it reports (§2.2)
             "allocated_bytes": self._allocated.count(1) * page,
             "shared_bytes": self.size - private,
             "private_bytes": private,

@@ -14,7 +14,7 @@ bound is split; one that shrinks below a quarter of it is merged with a neighbou
 ``CHUNK_RUNS // 4`` and ``CHUNK_RUNS`` runs (a map with a single chunk may hold fewer) and the index stays
 ~1/300 of the runs. An update therefore costs O(log runs + runs touched) Python steps and no work that
 grows with the map. The update a 4 KiB conversion, fill or write-back makes (a range inside one run) is
-done in place by :meth:`RunMap._rewrite_in_run` without building the replacement lists: conversions go
+done in place by :meth:`RunMap._rewrite` without building the replacement lists: conversions go
 through a FUSE request each, so every Python step of it is on a caller's round trip.
 
 Per-value page counts are kept up to date by every update, so ``count(value)`` over the whole map (what
@@ -201,22 +201,66 @@ class RunMap:
         self._rewrite(start, end, delta, True)
 
     def _rewrite(self, start: int, end: int, operand: int, adding: bool) -> None:
-        """Set (or add ``operand`` to) ``[start, end)``: read the runs it overlaps plus one neighbour on
-        each side, build their canonical replacement, splice it in and move the page counts."""
-        cs, cv = self._cs, self._cv
+        """Set (or add ``operand`` to) ``[start, end)``.
+
+        A range inside one run (what a 4 KiB conversion, fill or write-back touches) is changed in place:
+        the run is split, shrunk, or merged into a neighbour, with at most two runs inserted or deleted in
+        its chunk. Each of the three cases (the range keeps the run's head; it takes the head but not the
+        tail; it takes the whole run) returns how many runs the chunk gained, or None, having changed
+        nothing, when a merge would reach into another chunk. That, and a range over several runs, take
+        the general rewrite. The dispatch is written out here rather than in a function of its own: it is
+        one Python call less on every conversion's round trip."""
         c, j = self._locate(start)
-        if self._rewrite_in_run(c, j, start, end, operand, adding):
-            return
-        if j > 0:  # step back to the left neighbour, so a merge with it happens in the rewrite
-            j -= 1
-        elif c > 0:
-            c -= 1
-            j = len(cs[c]) - 1
-        lc, lj = c, j
-        old_starts, old_values = [], []
+        starts = self._cs[c]
+        n = len(starts)
+        run_end = starts[j + 1] if j + 1 < n else self._end_of(c, j)
+        if end <= run_end:
+            v = self._cv[c][j]
+            w = v + operand if adding else operand
+            if w == v:
+                return
+            if starts[j] < start:
+                grown = self._change_after_head(c, j, start, end, run_end, v, w)
+            elif end < run_end:
+                grown = self._change_head(c, j, end, v, w)
+            else:
+                grown = self._change_whole_run(c, j, start, w)
+            if grown is not None:
+                self._n += grown
+                self._move_count(v, w, end - start)
+                n += grown
+                if n > self.CHUNK_RUNS or (n < self.CHUNK_RUNS // 4 and len(self._cs) > 1):
+                    self._fix_chunk(c)
+                return
+        self._rewrite_runs(c, j, start, end, operand, adding)
+
+    def _rewrite_runs(self, c: int, j: int, start: int, end: int, operand: int, adding: bool) -> None:
+        """The general rewrite of ``[start, end)``, whose first page is in run ``j`` of chunk ``c``: read
+        the runs it overlaps plus one neighbour on each side, build their canonical replacement and splice
+        it in."""
+        lc, lj = self._left_neighbour(c, j)
+        rc, rj, old_starts, old_values = self._collect(lc, lj, end)
+        new_starts, new_values = self._replacement(old_starts, old_values, start, end, operand, adding)
+        self._splice(lc, lj, rc, rj, new_starts, new_values)
+
+    def _left_neighbour(self, c: int, j: int) -> tuple[int, int]:
+        """The position of the run before run ``j`` of chunk ``c`` (itself when it is the first run), so
+        that a merge with it happens in the rewrite."""
+        if j > 0:
+            return c, j - 1
+        if c > 0:
+            return c - 1, len(self._cs[c - 1]) - 1
+        return c, j
+
+    def _collect(self, c: int, j: int, end: int) -> tuple[int, int, list[int], list[int]]:
+        """The runs from position ``(c, j)`` up to and including the first one starting at or after
+        ``end`` (or the last run): ``(chunk, index)`` just past them, their starts followed by where the
+        last one ends, and their values."""
+        cs, cv = self._cs, self._cv
         last = len(cs) - 1
         starts, values = cs[c], cv[c]
-        while True:  # collect up to and including the first run starting at or after ``end``
+        old_starts, old_values = [], []
+        while True:
             s = starts[j]
             old_starts.append(s)
             old_values.append(values[j])
@@ -231,9 +275,14 @@ class RunMap:
                 tail = starts[j]
                 break
         old_starts.append(tail)
+        return c, j, old_starts, old_values
 
-        # Cut each old run into the pieces before, inside and after [start, end), change the inside
-        # one, and append the pieces merging equal neighbours (``prev`` is the last value appended).
+    def _replacement(self, old_starts: list[int], old_values: list[int], start: int, end: int,
+                     operand: int, adding: bool) -> tuple[list[int], list[int]]:
+        """The canonical runs replacing the old ones once ``[start, end)`` is set (or ``operand`` added),
+        moving the page counts on the way. Each old run is cut into the pieces before, inside and after
+        the range, the inside one is changed, and the pieces are appended merging equal neighbours
+        (``prev`` is the last value appended)."""
         new_starts: list[int] = []
         new_values: list[int] = []
         prev = None
@@ -256,77 +305,66 @@ class RunMap:
                 new_starts.append(s if s > end else end)
                 new_values.append(v)
                 prev = v
-        self._splice(lc, lj, c, j, new_starts, new_values)
+        return new_starts, new_values
 
-    def _rewrite_in_run(self, c: int, j: int, start: int, end: int, operand: int, adding: bool) -> bool:
-        """``[start, end)`` inside run ``j`` of chunk ``c`` (what a 4 KiB conversion or fill touches),
-        changed in place: the run is split, shrunk, or merged into a neighbour, with at most two runs
-        inserted or deleted in that one chunk. False, having changed nothing, when the range leaves the
-        run or a merge would reach into another chunk: the general rewrite handles those."""
+    def _change_after_head(self, c: int, j: int, start: int, end: int, e: int, v: int, w: int) -> int | None:
+        """Run ``j`` (value ``v``, ending at ``e``) keeps ``[its start, start)``; ``[start, end)`` becomes
+        ``w``: a split in three, or a new tail that may join the next run."""
+        starts, values = self._cs[c], self._cv[c]
+        n = len(starts)
+        if end < e:                                  # split in three
+            starts[j + 1:j + 1] = array("q", (start, end))
+            values[j + 1:j + 1] = array("q", (w, v))
+            return 2
+        if j + 1 < n and values[j + 1] == w:         # the tail joins the next run
+            starts[j + 1] = start
+            return 0
+        if j + 1 == n and c + 1 < len(self._cs) and self._cv[c + 1][0] == w:
+            return None                              # ... which starts the next chunk
+        starts.insert(j + 1, start)                  # the tail becomes a run
+        values.insert(j + 1, w)
+        return 1
+
+    def _change_head(self, c: int, j: int, end: int, v: int, w: int) -> int | None:
+        """Run ``j`` (value ``v``) keeps ``[end, its end)``; its head becomes ``w`` and may join the
+        previous run."""
+        starts, values = self._cs[c], self._cv[c]
+        if j > 0 and values[j - 1] == w:             # the head joins the previous run
+            starts[j] = end
+            return 0
+        if j == 0 and c > 0 and self._cv[c - 1][-1] == w:
+            return None                              # ... which ends the previous chunk
+        values[j] = w                                # the head becomes a run
+        starts.insert(j + 1, end)
+        values.insert(j + 1, v)
+        return 1
+
+    def _change_whole_run(self, c: int, j: int, start: int, w: int) -> int | None:
+        """Run ``j`` (starting at ``start``) becomes ``w`` entirely, merging with the neighbours that
+        already hold ``w``."""
         cs, cv = self._cs, self._cv
         starts, values = cs[c], cv[c]
         n = len(starts)
-        e = starts[j + 1] if j + 1 < n else self._end_of(c, j)
-        if end > e:
-            return False
-        s, v = starts[j], values[j]
-        w = v + operand if adding else operand
-        if w == v:
-            return True
-        if s < start:
-            if end < e:                              # split in three
-                starts[j + 1:j + 1] = array("q", (start, end))
-                values[j + 1:j + 1] = array("q", (w, v))
-                grown = 2
-            elif j + 1 < n and values[j + 1] == w:   # the tail joins the next run
-                starts[j + 1] = start
-                grown = 0
-            elif j + 1 == n and c + 1 < len(cs) and cv[c + 1][0] == w:
-                return False                         # ... which starts the next chunk
-            else:                                    # the tail becomes a run
-                starts.insert(j + 1, start)
-                values.insert(j + 1, w)
-                grown = 1
-        else:
-            left = values[j - 1] if j > 0 else (cv[c - 1][-1] if c > 0 else None)
-            if end < e:
-                if left == w:                        # the head joins the previous run
-                    if j == 0:
-                        return False
-                    starts[j] = end
-                    grown = 0
-                else:                                # the head becomes a run
-                    values[j] = w
-                    starts.insert(j + 1, end)
-                    values.insert(j + 1, v)
-                    grown = 1
-            else:                                    # the whole run
-                right = values[j + 1] if j + 1 < n else (cv[c + 1][0] if c + 1 < len(cs) else None)
-                if left == w and right == w:
-                    if j == 0 or j + 1 == n:
-                        return False
-                    del starts[j:j + 2], values[j:j + 2]
-                    grown = -2
-                elif left == w:
-                    if j == 0:
-                        return False
-                    del starts[j], values[j]
-                    grown = -1
-                elif right == w:
-                    if j + 1 == n:
-                        return False
-                    del starts[j], values[j]
-                    starts[j] = start
-                    grown = -1
-                else:
-                    values[j] = w
-                    grown = 0
-        self._n += grown
-        self._move_count(v, w, end - start)
-        n += grown
-        if n > self.CHUNK_RUNS or (n < self.CHUNK_RUNS // 4 and len(cs) > 1):
-            self._fix_chunk(c)
-        return True
+        left = values[j - 1] if j > 0 else (cv[c - 1][-1] if c > 0 else None)
+        right = values[j + 1] if j + 1 < n else (cv[c + 1][0] if c + 1 < len(cs) else None)
+        if left == w and right == w:                 # the run joins both neighbours
+            if j == 0 or j + 1 == n:
+                return None
+            del starts[j:j + 2], values[j:j + 2]
+            return -2
+        if left == w:                                # the run joins the previous one
+            if j == 0:
+                return None
+            del starts[j], values[j]
+            return -1
+        if right == w:                               # the run joins the next one
+            if j + 1 == n:
+                return None
+            del starts[j], values[j]
+            starts[j] = start
+            return -1
+        values[j] = w
+        return 0
 
     def _move_count(self, old: int, new: int, pages: int) -> None:
         counts = self._counts
@@ -392,17 +430,7 @@ class RunMap:
         if not 0 <= start <= end <= self.npages:
             raise ValueError(f"page range [{start}, {end}) is outside [0, {self.npages})")
 
-    # --- invariants and debugging views --------------------------------------------------------------
-    @property
-    def _starts(self) -> _Column:
-        """All run starts as one indexable column (a view across chunks, for tests and debugging)."""
-        return _Column(self._cs)
-
-    @property
-    def _values(self) -> _Column:
-        """All run values as one indexable column (a view across chunks, for tests and debugging)."""
-        return _Column(self._cv)
-
+    # --- invariants ------------------------------------------------------------------------------
     def check(self) -> None:
         """Assert the invariants (for tests)."""
         cs, cv, firsts = self._cs, self._cv, self._firsts
@@ -426,39 +454,3 @@ class RunMap:
         assert runs == self._n, ("run count", runs, self._n)
         assert counts == self._counts, ("page counts", counts, self._counts)
 
-
-class _Column:
-    """A list of ``array('q')`` chunks indexed as one sequence. Writes go straight into the chunk and
-    bypass the index and the counts: they exist so tests can break a map on purpose for :meth:`check`."""
-
-    __slots__ = ("_chunks",)
-
-    def __init__(self, chunks: list[array]):
-        self._chunks = chunks
-
-    def _where(self, i: int) -> tuple[array, int]:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"run {i} of {n}")
-        for chunk in self._chunks:
-            if i < len(chunk):
-                return chunk, i
-            i -= len(chunk)
-        raise AssertionError("unreachable")
-
-    def __len__(self) -> int:
-        return sum(len(chunk) for chunk in self._chunks)
-
-    def __getitem__(self, i: int) -> int:
-        chunk, j = self._where(i)
-        return chunk[j]
-
-    def __setitem__(self, i: int, value: int) -> None:
-        chunk, j = self._where(i)
-        chunk[j] = value
-
-    def __iter__(self) -> Iterator[int]:
-        for chunk in self._chunks:
-            yield from chunk

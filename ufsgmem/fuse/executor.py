@@ -1,10 +1,8 @@
 """The server's own threads for requests that may wait long: a bounded pool with one FIFO per key.
 
-Why it exists: libfuse serves a mount with at most ``lowlevel.MAX_THREADS`` workers, and a conversion
-waits in its revocation for dirty pages to come back as WRITE requests that some *other* worker must
-serve. If every worker waits like that (or for the file lock a revoking worker holds), nobody is left to
-serve the write-backs and the mount hangs. So work that may wait is handed to these threads instead
-(``lowlevel.Deferred``), and libfuse's workers stay free. These threads never serve a FUSE request
+Why it exists: so that libfuse's workers are never all waiting, one of the three deadlocks FUSE allows
+(the rule and the why: docs/architecture.md, Threads and locks). Work that may wait is handed to these
+threads (``lowlevel.Deferred``), and libfuse's workers stay free. These threads never serve a FUSE request
 themselves, so nothing they wait for depends on them: a revocation's write-backs, page fills, LOOKUPs and
 OPENs are all served by libfuse's workers.
 

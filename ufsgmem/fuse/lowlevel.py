@@ -260,8 +260,7 @@ class Session:
         lib.fuse_session_destroy(self._se)
         self._se = ffi.NULL
 
-    # --- notifications: block until the kernel is done (never from a READ or write-back handler of the
-    # --- same pages: the kernel waits for those pages' locks, which the request itself holds) ---------
+    # --- notifications: block until the kernel is done (where they may be sent: docs/architecture.md) ---
     def inval_inode(self, ino: int, offset: int, length: int) -> bool:
         """Unmap ``[offset, offset + length)`` of ``ino`` from every process and drop it from the page cache,
         writing dirty pages back first (as WRITE requests other workers serve). False if the kernel has

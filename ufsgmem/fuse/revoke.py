@@ -4,10 +4,9 @@
 ``fuse_lowlevel_notify_inval_inode``): the kernel unmaps exactly that range from every process and drops
 it from the page cache (``invalidate_inode_pages2_range``). The call blocks while dirty pages of the range
 are written back as FUSE WRITE requests, which other loop threads serve, and while any page of it is
-being read in (its lock is held until that READ is answered). Hence the rules ``files.py`` keeps:
-revocations run in the thread of the request that needs them, never in a ``mem`` READ handler, never in
-a write-back WRITE handler. The kernel answering ENOENT means it has no inode cached for that number:
-nothing can be mapped, nothing to revoke.
+being read in (its lock is held until that READ is answered). Where a revocation may therefore run: the
+three-deadlocks rule in docs/architecture.md (Threads and locks). The kernel answering ENOENT means it has
+no inode cached for that number: nothing can be mapped, nothing to revoke.
 
 Write-back first, in bulk: the invalidation writes each dirty page back on its own (``launder_folio``, one
 4 KiB FUSE WRITE per page: ~13 ms for 2 MiB through Python). So when the file can be opened by path, the

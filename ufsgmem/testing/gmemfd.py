@@ -494,7 +494,7 @@ class KernelGmemFd(GmemFd):
         return {
             "target": self.target, "kernel": platform.release(), "vm_type": self.vm_type,
             "size": st.st_size, "flags": self.flags, "flag_names": flag_names(self.flags),
-            "page_size": st.st_blksize, "st_blocks": st.st_blocks,
+            "folio_size": st.st_blksize, "page_size": st.st_blksize, "st_blocks": st.st_blocks,
             "supported_flags": self.vm.supported_guest_memfd_flags(),
         }
 
