@@ -35,10 +35,9 @@ Control files
 Transitions (shared→private, punch) follow docs/design.md §3: validate (``prepare_*``), revoke the ranges in
 this thread while other loop threads serve the write-backs the revocation waits for, then ``commit()``.
 The order is the core's (``GuestMemfd.run_transition``, the one runner); this module supplies only the
-revocation, ``Entry.state`` as the lock and what a commit adds here (a punch's memory recount). They are serialised per file by ``Entry.lock``, the stand-in for the kernel's invalidate lock. The three
-deadlocks the kernel allows are avoided here by construction: a revocation never runs in a ``mem`` READ
-handler (it would wait for the page that READ is filling), never in a write-back WRITE handler (it would
-wait for its own write-back), and libfuse's loop always keeps a thread free to serve both.
+revocation, ``Entry.state`` as the lock and what a commit adds here (a punch's memory recount). They are
+serialised per file by ``Entry.lock``, the stand-in for the kernel's invalidate lock. Where a revocation
+may run, and why that avoids the deadlocks FUSE allows: docs/architecture.md, "The three deadlocks".
 
 Fail closed: a revocation that fails leaves the attribute unchanged (the transition is aborted) and its
 ranges marked as possibly cached, so the next conversion revokes them again.

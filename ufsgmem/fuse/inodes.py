@@ -28,7 +28,7 @@ Locks (requests arrive on several libfuse worker threads at once):
 * ``Entry.lock`` is the kernel's ``invalidate_lock``: it serialises transitions (shared→private,
   punch-hole) and guest accesses of one file, and is held across their revocation, which blocks until
   the kernel has written dirty pages back. So it is never taken by a ``mem`` READ or WRITE handler: the
-  revocation waits for exactly those requests.
+  revocation waits for exactly those requests (docs/architecture.md, "The three deadlocks").
 * ``Entry.state`` guards the core's state (``GuestMemfd``) and the entry's own (``cached``,
   ``private_cached``, ``private_closing``, ``charged``). Held only for the duration of a core call, never
   while waiting for the kernel; every handler may take it.
