@@ -73,6 +73,11 @@ def _started_by_this_run(mountpoint: str) -> bool:
         return False  # no server left: whose it was cannot be told
 
 
+def _server_gone(mountpoint: str) -> bool:
+    pid = read_pid(mountpoint)
+    return pid is None or not pid_alive(pid)
+
+
 def _other_runs() -> list[int]:
     with contextlib.suppress(OSError):
         return [int(n) for n in os.listdir(RUNS_DIR) if int(n) != os.getpid() and pid_alive(int(n))]
@@ -116,7 +121,9 @@ def pytest_sessionfinish(session, exitstatus):
     alone = not others_before and not _other_runs()
     left = []
     for path in sorted(ufsgmem_mounts() - mounts_before):
-        if _started_by_this_run(path) or alone:
+        # ours, or stale (its server gone) while no other run could own it; never a live mount someone
+        # else made meanwhile (a bench, a user's own mount on a developer's machine)
+        if _started_by_this_run(path) or (alone and _server_gone(path)):
             left.append(f"still mounted: {path}")
             with contextlib.suppress(OSError):
                 unmount(path, timeout=10)
