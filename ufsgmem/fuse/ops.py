@@ -51,7 +51,7 @@ import stat
 import time
 
 from .. import protocol
-from .files import Files
+from .transitions import Files
 from .inodes import FILES, MOUNT_CTL_INO, ROOT_INO, Entry, Handle, Namespace
 from .lowlevel import FUSE_IOCTL_COMPAT, FUSE_SET_ATTR_GID, FUSE_SET_ATTR_MODE, FUSE_SET_ATTR_SIZE, \
     FUSE_SET_ATTR_UID, Attr, Deferred, IoctlReply, Opened
