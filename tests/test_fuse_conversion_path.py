@@ -19,7 +19,7 @@ import pytest
 
 from ufsgmem import protocol
 from ufsgmem.address import Range
-from ufsgmem.fuse.transitions import Files
+from ufsgmem.fuse.files import Files
 from ufsgmem.gmem import PRIVATE, SHARED, GuestMemfd
 from ufsgmem.uapi import (
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTES2_STRUCT, KVM_SET_MEMORY_ATTRIBUTES2,

@@ -37,7 +37,7 @@ from ..runtime import ROOT_DIR, ensure_run_dir, run_dir
 from ..syscalls import parse_cpu_list, pin_process, prctl
 from . import memcg, usermount
 from .abort import mount_path, start_watcher
-from .transitions import Files
+from .files import Files
 from .inodes import ROOT_INO, map_big_allocations
 from .latency import LatencyHold
 from .lowlevel import Session
