@@ -747,8 +747,8 @@ class RecordingLock:
 
 
 def test_the_one_runner_revokes_outside_the_lock_and_commits_under_it():
-    """``GuestMemfd.run_transition`` is also what the FUSE server runs (``Files.run_transition`` passes its
-    revocation, its state lock and the punch's memory recount): the revocation runs without the lock (a
+    """``GuestMemfd.run_transition`` is also what the FUSE server runs (``Transitions.run_transition``
+    passes its revocation, its state lock and the punch's memory recount): the revocation runs without the lock (a
     real one waits for write-backs that take it); a failed one is aborted under the lock and re-raised,
     nothing changed and nothing counted; a commit runs under the lock, inside ``around_commit``, and
     counts the revocation."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from ..address import format_size
 from ..errors import fail
+from ..uapi import PAGE_SHIFT, PAGE_SIZE
 from .users import Users
 
 if TYPE_CHECKING:
@@ -105,6 +106,16 @@ class Charges:
         if nbytes:
             entry.give_charge(nbytes)
             self.uncharge(entry.owner_uid, nbytes)
+
+    def committing(self, entry: "Entry", offset: int, size: int, change):
+        """Charge the folios of ``[offset, offset + size)`` that ``change`` will commit (ENOMEM past the
+        cap), run it, refund if it fails. entry.state held."""
+        charged = self.reserve(entry, offset >> PAGE_SHIFT, -(-(offset + size) // PAGE_SIZE))
+        try:
+            return change()
+        except BaseException:
+            self.refund(entry, charged)
+            raise
 
     def recount(self, entry: "Entry", first: int, last: int, change) -> None:
         """Run ``change`` (which may commit or release pages of ``[first, last)`` only) and follow it: a

@@ -205,7 +205,7 @@ class Namespace:
 
     def __init__(self, users: Users | None = None, on_free=None):
         self.lock = threading.Lock()
-        #: called with entry.state held when a file's memory goes back (``Files`` releases its charge)
+        #: called with entry.state held when a file's memory goes back (``control.give_back`` releases its charge)
         self.on_free = on_free if on_free is not None else (lambda entry: None)
         self.by_name: dict[str, Entry] = {}
         self.by_ino: dict[int, Entry] = {}

@@ -17,7 +17,8 @@ otherwise. Its value becomes the reply here, as a direct answer does, from which
 (libfuse allows a reply from any thread; the request stays valid until answered). However many requests
 wait, ``MAX_THREADS - INLINE_SLOTS`` workers are left to serve everything else. cffi releases the GIL
 around every call into libfuse, so a blocked notification holds no Python lock. Handlers must still never
-block waiting for a request that only their own thread could serve; ``files.py`` names the three cases.
+block waiting for a request that only their own thread could serve; ``transitions.py`` points to the
+three cases.
 
 FUSE_INTERRUPT is not acted on: accepted work runs to its end (docs/architecture.md says why). At the
 end (``close``), queued work is answered ENOTCONN without running, running work gets ``DRAIN_SECONDS``

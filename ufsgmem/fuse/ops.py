@@ -1,10 +1,10 @@
 """The request handlers: FUSE requests in (from ``lowlevel.py``), :class:`~ufsgmem.fuse.files.Files` calls out.
 
-Thin on purpose: attributes, lookups, handles and dispatch by file kind; the behaviour lives in
-``files.py`` and the core. Handlers return values and raise ``OSError`` with the kernel's errno;
-``lowlevel.py`` turns both into the reply, in one place. Work that may wait for a file's lock or a
-revocation (conversions, fallocate, ``ctl`` requests, guest accesses, freeing a file) is returned as a
-``Deferred`` instead, so that it never takes the libfuse worker that a write-back needs
+Thin on purpose: attributes, lookups, handles and dispatch by file kind; the behaviour lives in the
+modules ``files.py`` assembles and the core. Handlers return values and raise ``OSError`` with the
+kernel's errno; ``lowlevel.py`` turns both into the reply, in one place. Work that may wait for a file's
+lock or a revocation (conversions, fallocate, ``ctl`` requests, guest accesses, freeing a file) is
+returned as a ``Deferred`` instead, so that it never takes the libfuse worker that a write-back needs
 (docs/architecture.md, threads and locks).
 
 Handles: a handle number means one object. Files get numbers from 1 (``Namespace.open``), each recorded
@@ -18,7 +18,7 @@ How ``mem`` keeps guest_memfd's file rules under FUSE (each tested; the deviatio
 ``docs/compat.md``):
 
 * **read(2)/write(2) → EINVAL**: ``mem`` is opened with direct I/O, so both reach us as requests we can
-  tell from page-cache traffic (``files.py``), and the kernel lets such a file be mapped shared because
+  tell from page-cache traffic (``mem.py``), and the kernel lets such a file be mapped shared because
   INIT granted ``FUSE_DIRECT_IO_ALLOW_MMAP`` (``_build.py``). Price: every mmap(2) of a direct-I/O file
   makes the kernel drop that file's whole page cache (``fuse_file_mmap``), unmapping other mappings and
   writing their dirty pages back one by one; contents are kept. Map early, map once (docs/architecture.md).
@@ -36,7 +36,7 @@ How ``mem`` keeps guest_memfd's file rules under FUSE (each tested; the deviatio
 * ``noflush``: close(2) sends no FLUSH (guest_memfd's close writes nothing back either); munmap still
   writes a mapping's dirty pages back.
 
-``private`` (the private view, ``ufsgmem run``) is opened like ``mem``; ``files.py`` says what it serves.
+``private`` (the private view, ``ufsgmem run``) is opened like ``mem``; ``private.py`` says what it serves.
 
 The other files (``ctl``, ``guest``, ``status``, ``snapshot``) are direct I/O too, so with ALLOW_MMAP
 they could be mapped: their page-cache fills and write-backs are refused (EIO, SIGBUS in the mapper), so

@@ -127,7 +127,7 @@ def _close(fds) -> None:
 
 class InodeInvalidator:
     """Sends ranged invalidations of inodes on one FUSE session (the core's ``RevokeRanges`` for a file is
-    built on it, by ``files.Files.revoke``). Blocking: see the module docstring for where."""
+    built on it, by ``transitions.Transitions.revoke``). Blocking: see the module docstring for where."""
 
     def __init__(self, session):
         self.session = session

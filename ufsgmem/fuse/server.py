@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 import os
 import signal
@@ -217,69 +218,111 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
         max_memory = limit if max_memory is None else min(max_memory, limit)
     hold = LatencyHold() if low_latency else None  # before mounting: a refusal is the mount's error
     limits = UserLimits.parse(per_user or "")  # a bad spec is the mount's error, before anything exists
-    options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"] + (["debug"] if debug else []) \
-        + (["allow_other", "default_permissions"] if allow_other else [])
-    # Resolve every path before mounting: once mounted, touching the mount point from this thread
-    # before the loop runs would wait forever for ourselves.
-    mountpoint = os.path.realpath(mountpoint)
-    pidfile = pidfile_path(mountpoint)
-    ensure_run_dir()
-    as_user = os.geteuid() != 0
-    started_ns = time.time_ns()
-
-    def operations(session: Session) -> Operations:
-        files = Files(InodeInvalidator(session), mountpoint=mountpoint, latency=hold,
-                      default_backend=default_backend, in_place_conversion=in_place_conversion,
-                      max_memory=max_memory, per_user=limits)
-        return Operations(files, allow_other=allow_other, started_ns=started_ns,
-                          on_destroy=lambda name: session.inval_entry(ROOT_INO, name))
-
-    session = Session.serving(operations, options, uid=os.getuid(), gid=os.getgid(), time_ns=started_ns,
-                              on_request=None if hold is None else hold.touch)
-    files = session.handler.files
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # libfuse installs its handlers only over the defaults
-    failure: list[OSError] = []
-    user_mounted = False
+    make_files = functools.partial(Files, latency=hold, default_backend=default_backend,
+                                   in_place_conversion=in_place_conversion, max_memory=max_memory, per_user=limits)
+    server = _Server.open(mountpoint, make_files, hold, debug=debug, allow_other=allow_other)
     try:
-        if as_user:
+        server.mount()
+        start_watcher(server.mountpoint, server.fuse_fd)  # from this (main) thread, before any other thread exists
+        server.write_pidfile()
+        server.start_helpers(ready)
+        server.loop()
+    finally:
+        server.teardown()
+
+
+class _Server:
+    """One run of :func:`serve`, in the order it happens: :meth:`open` the session, :meth:`mount`, (the
+    watcher), :meth:`write_pidfile`, :meth:`start_helpers` (readiness, the latency hold), :meth:`loop`,
+    :meth:`teardown`."""
+
+    def __init__(self, mountpoint: str, session: Session, hold: LatencyHold | None, options: list[str]):
+        self.mountpoint = mountpoint
+        self.pidfile = pidfile_path(mountpoint)
+        self.session = session
+        self.files: Files = session.handler.files
+        self.hold = hold
+        self.options = options
+        self.fuse_fd = -1
+        self.user_mounted = False  # by fusermount3, so ours to unmount
+        self.failure: list[OSError] = []  # the readiness check's, raised once the loop ends
+
+    @classmethod
+    def open(cls, mountpoint: str, make_files, hold: LatencyHold | None, *, debug: bool,
+             allow_other: bool) -> _Server:
+        """The session, its handlers and their ``Files`` (``make_files(invalidator, mountpoint=...)``), not
+        yet mounted."""
+        options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"] + (["debug"] if debug else []) \
+            + (["allow_other", "default_permissions"] if allow_other else [])
+        # Resolve every path before mounting: once mounted, touching the mount point from this thread
+        # before the loop runs would wait forever for ourselves.
+        mountpoint = os.path.realpath(mountpoint)
+        ensure_run_dir()
+        started_ns = time.time_ns()
+
+        def operations(session: Session) -> Operations:
+            return Operations(make_files(InodeInvalidator(session), mountpoint=mountpoint), allow_other=allow_other,
+                              started_ns=started_ns, on_destroy=lambda name: session.inval_entry(ROOT_INO, name))
+
+        session = Session.serving(operations, options, uid=os.getuid(), gid=os.getgid(), time_ns=started_ns,
+                                  on_request=None if hold is None else hold.touch)
+        server = cls(mountpoint, session, hold, options)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # libfuse installs its handlers only over the defaults
+        return server
+
+    def mount(self) -> None:
+        if os.geteuid() != 0:
             # libfuse takes an open /dev/fuse as the mount point /dev/fd/N and leaves unmounting to us.
-            fuse_fd = usermount.mount(mountpoint, [o for o in options if o != "debug"])
-            user_mounted = True
-            session.mount(f"/dev/fd/{fuse_fd}")
+            self.fuse_fd = usermount.mount(self.mountpoint, [o for o in self.options if o != "debug"])
+            self.user_mounted = True
+            self.session.mount(f"/dev/fd/{self.fuse_fd}")
         else:
-            session.mount(mountpoint)
-            fuse_fd = session.fd
-        start_watcher(mountpoint, fuse_fd)  # from this (main) thread, before any other thread exists
-        fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self.session.mount(self.mountpoint)
+            self.fuse_fd = self.session.fd
+
+    def write_pidfile(self) -> None:
+        fd = os.open(self.pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {start_time(os.getpid())} {mountpoint}\n")
-        # The helper thread is started with the loop's signals blocked, so they reach this thread only.
+            f.write(f"{os.getpid()} {start_time(os.getpid())} {self.mountpoint}\n")
+
+    def start_helpers(self, ready) -> None:
+        """The readiness check and the latency hold's thread, started with the loop's signals blocked, so
+        they reach this thread only."""
         old = signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
         helper = threading.Thread(target=_report_ready, name="ufsgmem-ready", daemon=True,
-                                  args=(mountpoint, ready, lambda exc: (failure.append(exc), session.exit())))
+                                  args=(self.mountpoint, ready, self._failed))
         helper.start()
-        if hold is not None:
-            hold.start()
+        if self.hold is not None:
+            self.hold.start()
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        result = session.loop()
-        if failure:
-            raise failure[0]
+
+    def _failed(self, exc: OSError) -> None:
+        self.failure.append(exc)
+        self.session.exit()
+
+    def loop(self) -> None:
+        """Serve until a signal or an unmount; raise what ended it otherwise."""
+        result = self.session.loop()
+        if self.failure:
+            raise self.failure[0]
         if result < 0:
             raise OSError(-result, f"the FUSE loop failed: {os.strerror(-result)}")
         log.info("the loop ended (%s)", f"signal {result}" if result > 0 else "unmounted")
-    finally:
+
+    def teardown(self) -> None:
+        """Unmount, free every file and remove the pidfile, each even if the one before failed."""
         try:
-            if user_mounted:
-                usermount.unmount(mountpoint)  # libfuse unmounts only what it mounted itself
-            session.close()
+            if self.user_mounted:
+                usermount.unmount(self.mountpoint)  # libfuse unmounts only what it mounted itself
+            self.session.close()
         finally:
-            files.write_back_files.close_all()  # the connection is gone: nothing to flush
-            if hold is not None:
-                hold.close()
-            files.ns.close_all()
+            self.files.write_back_files.close_all()  # the connection is gone: nothing to flush
+            if self.hold is not None:
+                self.hold.close()
+            self.files.ns.close_all()
             try:
-                if read_pid(mountpoint) == os.getpid():
-                    os.unlink(pidfile)
+                if read_pid(self.mountpoint) == os.getpid():
+                    os.unlink(self.pidfile)
             except OSError:
                 pass
 
