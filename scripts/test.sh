@@ -3,7 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh || exit 1
-# CI allows 90 minutes and the suite takes about two. pytest-timeout fails any single test that hangs; this
+# CI allows 90 minutes and the suite takes about five. pytest-timeout fails any single test that hangs; this
 # bounds the whole run as well: SIGINT makes pytest stop, run its fixtures' teardown (unmount, give huge
 # pages back) and print what it saw, and SIGKILL follows if even that hangs.
 timeout --signal=INT --kill-after=120 75m .venv/bin/python -m pytest "$@"
