@@ -60,7 +60,7 @@ sys.exit(main(sys.argv[2:]))
 def server(tree: str = HERE, inline_slots: int | None = None):
     """A mount served from source tree ``tree``; unmounted (and aborted if need be) at the end."""
     path = tempfile.mkdtemp(prefix="ufsgmem-conc-")
-    env = dict(os.environ, PYTHONPATH=f"{tree}:{tree}/plugins")
+    env = dict(os.environ, PYTHONPATH=tree)
     read_end, write_end = os.pipe()
     log = open(fuse_server.logfile_path(path), "ab")
     proc = subprocess.Popen([sys.executable, "-c", SERVER, "-" if inline_slots is None else str(inline_slots),

@@ -57,6 +57,20 @@ def settle(path: str) -> None:
     time.sleep(0.5)
 
 
+def read_and_close(fds: list[int], ctl_path: str, row) -> None:
+    """Read each held result to its end, then close them all, reporting the server's memory after each."""
+    size = 0
+    for fd in fds:
+        size = 0
+        while chunk := os.read(fd, 128 << 10):
+            size += len(chunk)
+    row(f"... each read to the end ({size / MiB:.1f} MiB each)")
+    for fd in fds:
+        os.close(fd)
+    settle(ctl_path)
+    row("... closed")
+
+
 def measure(mountpoint: str, runs: int, held: int) -> None:
     pid = server_pid(mountpoint)
     mount = Mount(mountpoint)
@@ -78,31 +92,14 @@ def measure(mountpoint: str, runs: int, held: int) -> None:
     row("before")
     fds = [os.open(snap_path, os.O_RDONLY) for _ in range(held)]
     row(f"{held} snapshots open")
-    size = 0
-    for fd in fds:
-        size = 0
-        while chunk := os.read(fd, 128 << 10):
-            size += len(chunk)
-    row(f"... each read to the end ({size / MiB:.1f} MiB each)")
-    for fd in fds:
-        os.close(fd)
-    settle(ctl_path)
-    row("... closed")
+    read_and_close(fds, ctl_path, row)
     fds = []
     for _ in range(held):
         fd = os.open(ctl_path, os.O_RDWR)
         os.write(fd, b"get_attributes")
         fds.append(fd)
     row(f"{held} get_attributes results held")
-    for fd in fds:
-        size = 0
-        while chunk := os.read(fd, 128 << 10):
-            size += len(chunk)
-    row(f"... each read to the end ({size / MiB:.1f} MiB each)")
-    for fd in fds:
-        os.close(fd)
-    settle(ctl_path)
-    row("... closed")
+    read_and_close(fds, ctl_path, row)
     mount.destroy("frag")
 
 

@@ -89,6 +89,18 @@ def write_request(path: str, request: str) -> tuple[str, str]:
         os.close(fd)
 
 
+def create_until_refused(ctl: str, request, most: int) -> dict:
+    """Send ``request(n)`` for n = 0, 1, ... until one is refused (at most ``most`` accepted): how many were
+    accepted, the refusal's errno name and its read-back."""
+    n = 0
+    while True:
+        outcome, why = write_request(ctl, request(n))
+        if outcome != "ok":
+            return {"files": n, "errno": outcome, "why": why}
+        n += 1
+        assert n <= most, f"{n} accepted, past {most}"
+
+
 def alice_uses_a_file(mount: str, report) -> None:
     """Create, map, write, convert private and back, read back through the mapping."""
     ctl = os.path.join(mount, "ctl")
@@ -113,14 +125,9 @@ def mallory_takes_everything(mount: str, report) -> None:
     """Files until refused, memory until refused, snapshots of a fragmented file until refused; the last
     refusal of each goes to the parent."""
     ctl = os.path.join(mount, "ctl")
-    files = 0
-    while True:
-        outcome, why = write_request(ctl, f"create m{files} size={4 * MiB} flags=mmap|init_shared")
-        if outcome != "ok":
-            report({"files": files, "errno": outcome, "why": why})
-            break
-        files += 1
-        assert files < 10_000
+    took = create_until_refused(ctl, lambda n: f"create m{n} size={4 * MiB} flags=mmap|init_shared", 10_000)
+    report(took)
+    files = took["files"]
     committed = 0
     for i in range(files):
         outcome, why = write_request(os.path.join(mount, f"m{i}", "ctl"), f"allocate offset=0 size={4 * MiB}")
@@ -211,14 +218,9 @@ def test_the_defaults_leave_room_for_another_user():
     with mounted(allow_other=True) as mount:
         def take(report):
             ctl = os.path.join(mount.path, "ctl")
-            files = 0
-            while True:
-                outcome, why = write_request(ctl, f"create m{files} size={PS}")
-                if outcome != "ok":
-                    report({"files": files, "errno": outcome, "why": why})
-                    break
-                files += 1
-                assert files < 100_000
+            took = create_until_refused(ctl, lambda n: f"create m{n} size={PS}", 100_000)
+            report(took)
+            files = took["files"]
             held = []
             while True:
                 try:
@@ -295,15 +297,9 @@ def test_one_user_cannot_take_the_huge_page_pool(hugepages):
         expected = hugepages_lib.read(2 * MiB) // 2
 
         def take_pages(report):
-            n = 0
-            while True:
-                outcome, why = write_request(os.path.join(mount.path, "ctl"),
-                                             f"create h{n} size={2 * MiB} flags=mmap backend=hugetlb page_size=2M")
-                if outcome != "ok":
-                    report({"files": n, "errno": outcome, "why": why})
-                    return
-                n += 1
-                assert n <= expected, f"{n} huge pages taken, past half of the pool ({expected})"
+            report(create_until_refused(
+                os.path.join(mount.path, "ctl"),
+                lambda n: f"create h{n} size={2 * MiB} flags=mmap backend=hugetlb page_size=2M", expected))
 
         def alice(report):
             outcome, why = write_request(os.path.join(mount.path, "ctl"),
