@@ -87,6 +87,14 @@ class Backend(abc.ABC):
         """A file descriptor of the memory, if it has one (memfd backends)."""
         return None
 
+    def memory_fd(self) -> int | None:
+        """A descriptor whose MAP_SHARED mapping of ``[0, size)`` *is* the storage (what ``view`` reads and
+        ``write`` changes), or None. With one, the server's compiled hot path serves page fills and
+        write-backs of allocated pages from its own mapping of it, without calling the backend; without
+        one, every request is served through ``view``/``write`` (slower, same answers). Only offer it if
+        ``view``/``write`` do nothing but read and write that memory."""
+        return None
+
     def info(self) -> dict:
         """Backend-specific facts for ``status`` (e.g. whether THP really gave huge pages)."""
         return {}

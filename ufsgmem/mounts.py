@@ -75,7 +75,8 @@ def ufsgmem_mounts() -> set[str]:
 # --- starting a server ----------------------------------------------------------------------------------
 def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = False,
                      cpus: str | None = None, in_place_conversion: bool = True, allow_other: bool = False,
-                     max_memory: int | None = None, low_latency: bool = False, per_user: str | None = None) -> int:
+                     max_memory: int | None = None, low_latency: bool = False, per_user: str | None = None,
+                     hot_path: str = "compiled") -> int:
     """Start the server detached; return its pid once the mount works, or raise OSError with its error."""
     from .fuse import server
     from .runtime import ensure_run_dir
@@ -86,7 +87,8 @@ def start_background(mountpoint: str, *, backend: str = "anon", debug: bool = Fa
                "--backend", backend, mountpoint] + (["--debug"] if debug else []) + (["--cpus", cpus] if cpus else []) \
         + ([] if in_place_conversion else ["--no-in-place-conversion"]) + (["--allow-other"] if allow_other else []) \
         + ([] if max_memory is None else ["--max-memory", str(max_memory)]) \
-        + (["--low-latency"] if low_latency else []) + ([] if per_user is None else ["--per-user", per_user])
+        + (["--low-latency"] if low_latency else []) + ([] if per_user is None else ["--per-user", per_user]) \
+        + ([] if hot_path == "compiled" else ["--hot-path", hot_path])
     # The log names files and requests: readable by its owner only (it stays after a crash).
     log_fd = os.open(server.logfile_path(mountpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(log_fd, "ab") as logfile:

@@ -67,6 +67,10 @@ def configure(parser) -> None:
                         help="while requests flow (and 0.2 s after), keep idle CPUs polling instead of sleeping "
                              "(a 0 µs CPU latency limit, root only): faster conversions on a VM whose idle vCPUs halt, "
                              "paid for in CPU time on every CPU (see docs/performance.md)")
+    parser.add_argument("--hot-path", choices=("compiled", "python"), default="compiled",
+                        help="who serves mem's page fills, write-backs and conversions in the common case: "
+                             "the server's C code (compiled, the default) or its Python handlers (python: the "
+                             "reference, slower; the same answers); status shows which served how many")
     parser.add_argument("--per-user", metavar="BOUNDS", type=_per_user,
                         help="what each user other than root and you may hold of the server under --allow-other: "
                              "files=N (default 1024), handles=N (open files, 4096), memory=SIZE (committed guest "
@@ -113,11 +117,12 @@ def run(args) -> int:
         server.serve(args.mountpoint, default_backend=args.backend, debug=args.debug, cpus=cpus,
                      in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other,
                      max_memory=args.max_memory, low_latency=args.low_latency, per_user=args.per_user,
-                     ready=lambda: print(f"ufsgmem: mounted at {args.mountpoint} (pid {os.getpid()})",
+                     hot_path=args.hot_path, ready=lambda: print(f"ufsgmem: mounted at {args.mountpoint} (pid {os.getpid()})",
                                          file=sys.stderr, flush=True))
         return 0
     pid = start_background(args.mountpoint, backend=args.backend, debug=args.debug, cpus=args.cpus,
                            in_place_conversion=not args.no_in_place_conversion, allow_other=args.allow_other,
-                           max_memory=args.max_memory, low_latency=args.low_latency, per_user=args.per_user)
+                           max_memory=args.max_memory, low_latency=args.low_latency, per_user=args.per_user,
+                           hot_path=args.hot_path)
     print(f"ufsgmem: mounted at {args.mountpoint} (server pid {pid})")
     return 0

@@ -20,9 +20,13 @@ Everything with behaviour is Python (``ufsgmem/fuse/lowlevel.py`` dispatches, ``
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORE = os.path.join(os.path.dirname(HERE), "core")
 
 CDEF = r"""
 typedef uint64_t fuse_ino_t;
@@ -69,6 +73,39 @@ int ufs_reply_statfs(fuse_req_t req, unsigned long bsize, unsigned long namemax)
 size_t ufs_add_direntry(fuse_req_t req, char *buf, size_t bufsize, const char *name, uint64_t ino,
                         uint32_t mode, int64_t off);
 
+/* --- the compiled hot path (fastpath.h) --- */
+struct ufs_fast;
+struct ufs_file;
+struct runmap;
+#define UFS_INLINE_SLOTS ...
+#define UFS_KINDS ...
+#define UFS_LOCK_STATE ...
+#define UFS_LOCK_INVAL ...
+#define UFS_SERVES_BUILT ...
+struct ufs_fast *ufs_fast_new(void *py);
+void *ufs_fast_py(struct ufs_fast *fast);
+void ufs_fast_set_session(struct ufs_fast *fast, struct fuse_session *se);
+void ufs_fast_set_enabled(struct ufs_fast *fast, int enabled);
+int ufs_fast_enabled(struct ufs_fast *fast);
+void ufs_fast_free(struct ufs_fast *fast);
+int ufs_fast_inline_take(struct ufs_fast *fast);
+void ufs_fast_inline_give(struct ufs_fast *fast);
+void ufs_fast_counts(struct ufs_fast *fast, uint64_t *compiled, uint64_t *python);
+struct ufs_file *ufs_file_new(uint64_t ino, uintptr_t gmem, uint64_t size, int memfd, int in_place_conversion,
+                              int *err);
+void ufs_file_put(struct ufs_file *file);
+int ufs_fast_add_file(struct ufs_fast *fast, struct ufs_file *file);
+void ufs_fast_remove_file(struct ufs_fast *fast, uint64_t ino);
+void ufs_file_lock(struct ufs_file *file, int which);
+int ufs_file_trylock(struct ufs_file *file, int which);
+void ufs_file_unlock(struct ufs_file *file, int which);
+struct runmap *ufs_file_cached(struct ufs_file *file);
+void ufs_file_set_private_active(struct ufs_file *file);
+int ufs_file_set_write_back(struct ufs_file *file, int fd);
+int ufs_file_memory_mapped(struct ufs_file *file);
+int ufs_fast_open(struct ufs_fast *fast, uint64_t fh, uint64_t ino, int writable);
+void ufs_fast_release(struct ufs_fast *fast, uint64_t fh);
+
 /* --- the handlers, in Python (ufsgmem/fuse/lowlevel.py) --- */
 extern "Python" void py_lookup(fuse_req_t, uint64_t parent, const char *name);
 extern "Python" void py_forget(fuse_req_t, uint64_t ino, uint64_t nlookup);
@@ -104,6 +141,13 @@ SOURCE = r"""
 #include <sys/statvfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include "fastpath.h"
+
+#if defined(UFS_HAVE_RUNMAP) && defined(UFS_HAVE_GMEM)
+#define UFS_SERVES_BUILT 1
+#else
+#define UFS_SERVES_BUILT 0
+#endif
 
 static void py_lookup(fuse_req_t, uint64_t, const char *);
 static void py_forget(fuse_req_t, uint64_t, uint64_t);
@@ -154,12 +198,16 @@ static void ll_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 
 static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
+    if (ufs_fast_read(fuse_req_userdata(req), req, ino, size, off, fi->fh, fi->lock_owner))
+        return;
     py_read(req, ino, size, off, fi->fh, fi->lock_owner);
 }
 
 static void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi)
 {
+    if (ufs_fast_write(fuse_req_userdata(req), req, ino, buf, size, off, fi->fh, fi->writepage))
+        return;
     py_write(req, ino, buf, size, off, fi->fh, fi->writepage);
 }
 
@@ -203,6 +251,8 @@ static void ll_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name) { p
 static void ll_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg, struct fuse_file_info *fi,
                      unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
+    if (ufs_fast_ioctl(fuse_req_userdata(req), req, ino, cmd, fi->fh, flags, in_buf, in_bufsz, out_bufsz))
+        return;
     py_ioctl(req, ino, cmd, fi->fh, flags, in_buf, in_bufsz, out_bufsz);
 }
 
@@ -383,14 +433,35 @@ def _pkg_config(*args: str) -> list[str]:
                           text=True).stdout.split()
 
 
+def _core_sources() -> tuple[list[str], list[tuple[str, str]]]:
+    """The compiled core's sources this module includes (the same files as ``ufsgmem.core._core``), and
+    the macros saying which exist: the hot path serves requests only with both run map and rules."""
+    sources, macros = [os.path.join(HERE, "fastpath.c")], []
+    for name, macro in (("runmap.c", "UFS_HAVE_RUNMAP"), ("gmem.c", "UFS_HAVE_GMEM")):
+        path = os.path.join(CORE, name)
+        if os.path.exists(path):
+            sources.append(path)
+            macros.append((macro, "1"))
+    return sources, macros
+
+
+def _sanitize() -> list[str]:
+    wanted = os.environ.get("UFSGMEM_SANITIZE")
+    return [f"-fsanitize={wanted}", "-fno-omit-frame-pointer", "-g"] if wanted else []
+
+
+SOURCES, MACROS = _core_sources()
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "ufsgmem.fuse._lowlevel", SOURCE,
-    include_dirs=[flag[2:] for flag in _pkg_config("--cflags-only-I")],
+    sources=[os.path.relpath(p) for p in SOURCES],
+    define_macros=MACROS,
+    include_dirs=[HERE, CORE] + [flag[2:] for flag in _pkg_config("--cflags-only-I")],
     library_dirs=[flag[2:] for flag in _pkg_config("--libs-only-L")],
     libraries=[flag[2:] for flag in _pkg_config("--libs-only-l")],
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-Wno-unused-function"],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-Wno-unused-function"] + _sanitize(),
+    extra_link_args=_sanitize(),
 )
 
 if __name__ == "__main__":

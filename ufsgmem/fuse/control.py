@@ -43,11 +43,12 @@ def give_back(charges: Charges, entry: Entry) -> None:
 class Control:
     """The requests and reports of one mount. ``default_backend`` and ``in_place_conversion`` are what a
     create that does not say gets; ``latency`` is the mount's ``latency.LatencyHold`` under --low-latency
-    (reported in status)."""
+    (reported in status); ``fast`` the session's compiled hot path, whose counters status reports."""
 
     def __init__(self, ns: Namespace, charges: Charges, conversions: Conversions, write_back_files: WriteBackFiles,
-                 *, latency: LatencyHold | None, default_backend: str, in_place_conversion: bool):
+                 *, latency: LatencyHold | None, default_backend: str, in_place_conversion: bool, fast=None):
         self.ns = ns
+        self.fast = fast
         self.charges = charges
         self.conversions = conversions
         self.write_back_files = write_back_files
@@ -178,6 +179,8 @@ class Control:
         status["owner_bounds"] = self.charges.users.status(entry.owner_uid)  # what its owner holds (users.py)
         status["low_latency"] = None if self.latency is None else self.latency.status()
         status["in_place_conversion"] = entry.in_place_conversion
+        # the mount's mem requests by who served them (the compiled path or Python), for the whole mount
+        status["hot_path"] = None if self.fast is None else self.fast.status()
         return (json.dumps(status, indent=1, sort_keys=True) + "\n").encode()
 
     def snapshot(self, entry: Entry, uid: int = 0) -> Held:

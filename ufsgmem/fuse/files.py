@@ -22,6 +22,7 @@ import functools
 from .budget import Charges, MemoryBudget
 from .control import Control, give_back
 from .conversions import Conversions
+from .fastpath import FastPath
 from .guest import GuestView
 from .inodes import Namespace
 from .latency import LatencyHold
@@ -36,23 +37,25 @@ class Files:
     """The files of one mount, built complete: ``invalidator`` revokes ranges from the kernel's page cache
     (None: nothing is ever cached, as in tests without a mount), ``mountpoint`` lets revocations write back
     in bulk through a descriptor of our own, ``latency`` is the mount's ``latency.LatencyHold`` under
-    --low-latency (reported in status). It makes its own :class:`Namespace`, whose users are its charges'
+    --low-latency (reported in status), ``fast`` the session's compiled hot path (None: no session; every
+    mem file and handle is registered with it, and its counters are reported in status). It makes its own :class:`Namespace`, whose users are its charges'
     and whose freed files give their charge back (``control.give_back``)."""
 
     def __init__(self, invalidator: InodeInvalidator | None, *, mountpoint: str | None = None,
                  latency: LatencyHold | None = None, default_backend: str = "anon", in_place_conversion: bool = True,
-                 max_memory: int | None = None, per_user: UserLimits | None = None):
+                 max_memory: int | None = None, per_user: UserLimits | None = None, fast: FastPath | None = None):
         #: what the mount has committed, against --max-memory (``budget.py``)
         self.charges = Charges(MemoryBudget(max_memory), Users(per_user, max_memory=max_memory))
-        self.ns = Namespace(self.charges.users, on_free=functools.partial(give_back, self.charges))
-        self.write_back_files = WriteBackFiles()  # our own descriptor of each mem, for bulk write-back
+        self.ns = Namespace(self.charges.users, on_free=functools.partial(give_back, self.charges), fast=fast)
+        # our own descriptor of each mem, for bulk write-back (C's conversions get a dup of it)
+        self.write_back_files = WriteBackFiles(on_change=self._write_back_changed)
         self.transitions = Transitions(invalidator, self.charges, mountpoint=mountpoint,
                                        write_back_files=self.write_back_files)
         self.mem = Mem(self.charges)
         self.private = PrivateView(self.charges, self.transitions)
         self.guest = GuestView(self.charges, self.transitions)
         self.conversions = Conversions(self.charges, self.transitions, self.private)
-        self.control = Control(self.ns, self.charges, self.conversions, self.write_back_files, latency=latency,
+        self.control = Control(self.ns, self.charges, self.conversions, self.write_back_files, latency=latency, fast=fast,
                                default_backend=default_backend, in_place_conversion=in_place_conversion)
 
         # what ops.py calls, by file
@@ -64,3 +67,10 @@ class Files:
         self.file_request, self.mount_request = self.control.file_request, self.control.mount_request
         self.status, self.snapshot = self.control.status, self.control.snapshot
         self.run_transition, self.drop_cache = self.transitions.run_transition, self.transitions.drop_cache
+
+    def _write_back_changed(self, dir_ino: int, fd: int | None) -> None:
+        """The write-back descriptor of a file was opened (fd) or closed (None): the compiled path's
+        conversions write back through a dup of the same one."""
+        entry = self.ns.entry_of(dir_ino)
+        if entry is not None:
+            entry.file.set_write_back(fd)

@@ -50,6 +50,7 @@ from ..address import Range
 from ..gmem import GuestMemfd
 from ..runmap import RunMap
 from ..uapi import PAGE_SHIFT
+from .fastpath import FastFile, FastPath
 from .users import SMALL_RESULT, Held, Users
 
 #: freeing a result at least this big trims the heap (``trim_heap``)
@@ -99,14 +100,17 @@ class Entry:
     lookups: dict[int, int] = field(default_factory=dict)
     open_handles: int = 0
     destroyed: bool = False
+    #: What the compiled hot path shares of this file (``fastpath.py``): the two locks below are its
+    #: mutexes, ``cached`` its map.
+    file: FastFile | None = field(default=None, init=False, repr=False)
     #: Serialises transitions and guest accesses on this file (the kernel's invalidate lock).
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: object = field(default=None, init=False, repr=False)
     #: Guards ``gm`` and the mutable state below for the length of one core call (see the module docstring).
-    state: threading.Lock = field(default_factory=threading.Lock)
+    state: object = field(default=None, init=False, repr=False)
     #: Pages that may sit in the kernel's page cache of ``mem`` (1) or surely do not (0). A page can only
     #: get there through a FUSE READ we answered (write(2) is refused before it touches the cache, and
     #: nothing else fills it), so revocation can skip ranges never read since they were last revoked.
-    cached: RunMap | None = None
+    cached: RunMap | None = field(default=None, init=False, repr=False)
     #: KVM_SET_MEMORY_ATTRIBUTES2 works (else ENOTTY, as under kvm.gmem_in_place_conversion=0)
     in_place_conversion: bool = True
     #: (uid, gid) of the user who created it: its directory and files belong to that user
@@ -123,7 +127,9 @@ class Entry:
     private_closing: Range | None = None
 
     def __post_init__(self) -> None:
-        self.cached = RunMap(self.gm.size >> PAGE_SHIFT, 0)
+        self.file = FastFile(self.ino("mem"), self.gm, self.in_place_conversion)
+        self.lock, self.state = self.file.lock, self.file.state
+        self.cached = self.file.cached_map(self.gm.size >> PAGE_SHIFT)
 
     @property
     def dir_ino(self) -> int:
@@ -203,8 +209,10 @@ class Handle:
 class Namespace:
     """Names, inodes and handles of one mount; every method takes ``lock`` itself."""
 
-    def __init__(self, users: Users | None = None, on_free=None):
+    def __init__(self, users: Users | None = None, on_free=None, fast: FastPath | None = None):
         self.lock = threading.Lock()
+        #: the session's compiled hot path (None without a session): told of every mem file and handle
+        self.fast = fast
         #: called with entry.state held when a file's memory goes back (``control.give_back`` releases its charge)
         self.on_free = on_free if on_free is not None else (lambda entry: None)
         self.by_name: dict[str, Entry] = {}
@@ -230,6 +238,8 @@ class Namespace:
             for ino in range(entry.base, entry.base + 1 + len(FILES)):
                 self.by_ino[ino] = entry
             self.by_name[name] = entry
+            if self.fast is not None:
+                self.fast.add_file(entry.file)
             return entry
 
     def unlink(self, name: str) -> Entry:
@@ -251,6 +261,8 @@ class Namespace:
         if entry.destroyed and not entry.referenced and not entry.gm.closed:
             for ino in range(entry.base, entry.base + 1 + len(FILES)):
                 self.by_ino.pop(ino, None)
+            if self.fast is not None:  # C serves it no more (a request already in keeps its memory)
+                self.fast.remove_file(entry.ino("mem"))
             with entry.state:
                 entry.gm.close()
                 self.on_free(entry)
@@ -306,6 +318,8 @@ class Namespace:
             self.handles[fh] = handle
             if entry is not None:
                 entry.open_handles += 1
+            if kind == "mem" and self.fast is not None:
+                self.fast.open(fh, handle.ino, handle.writable)
             return fh
 
     def set_result(self, handle: Handle, result: bytes | Held) -> None:
@@ -346,6 +360,8 @@ class Namespace:
             if handle is None or handle.ino != ino:
                 return None
             del self.handles[fh]
+            if handle.kind == "mem" and self.fast is not None:
+                self.fast.release(fh)
             self._forget_handle(handle)
             if handle.entry is not None:
                 handle.entry.open_handles -= 1
@@ -364,6 +380,8 @@ class Namespace:
         """At shutdown, once no request is served any more: free every file."""
         with self.lock:
             for entry in {id(e): e for e in self.by_ino.values()}.values():
+                if self.fast is not None:
+                    self.fast.remove_file(entry.ino("mem"))
                 entry.gm.close()
                 self.on_free(entry)
             self.by_name.clear()

@@ -34,7 +34,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import signal
 import threading
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from typing import Callable, Hashable
 from ._lowlevel import ffi, lib
 from .abort import abort_connection, connection_of, detach
 from .executor import LOOP_SIGNALS, Executor
+from .fastpath import FastPath
 
 log = logging.getLogger("ufsgmem.fuse")
 
@@ -51,7 +51,8 @@ MAX_THREADS = 32
 #: At most this many of those workers run a :class:`Deferred`'s work themselves (no thread hop: the fast
 #: path of a lone conversion); beyond that it goes to the executor. Fewer than MAX_THREADS, so however
 #: many requests wait, MAX_THREADS - INLINE_SLOTS workers are left for write-backs and everything else.
-INLINE_SLOTS = 8
+#: The compiled path's conversions take the same slots (one count in C, ``fastpath.h``).
+INLINE_SLOTS = lib.UFS_INLINE_SLOTS
 #: The executor's threads (``executor.py``): how many files' deferred work runs side by side.
 EXECUTOR_THREADS = 32
 #: At the end of a session, how long requests still running get before the connection is aborted.
@@ -118,27 +119,35 @@ class Session:
 
     ``handler`` answers requests (see ``ops.Operations``); ``uid``/``gid``/``time_ns`` are the owner and
     times every inode shows; ``on_request``, if set, is called as each request arrives, before its
-    handler (``latency.LatencyHold.touch``).
+    handler (``latency.LatencyHold.touch``). ``hot_path``: ``compiled`` lets C serve mem's common
+    requests (``fastpath.c``; off when ``on_request`` is set, a Python hook), ``python`` serves all here.
     """
 
-    def __init__(self, handler, options: list[str], *, uid: int, gid: int, time_ns: int, on_request=None):
+    def __init__(self, handler, options: list[str], *, uid: int, gid: int, time_ns: int, on_request=None,
+                 hot_path: str = "compiled"):
         self.handler = handler
         self.on_request = on_request
         self.uid, self.gid, self.time_ns = uid, gid, time_ns
         self._handle = ffi.new_handle(self)  # kept alive as long as the session
+        self._fast = lib.ufs_fast_new(self._handle)  # the request's userdata: C's part, pointing back here
+        if self._fast == ffi.NULL:
+            raise MemoryError("cannot allocate the session's compiled path")
+        self.fast = FastPath(self._fast, hot_path)
+        if on_request is not None:
+            self.fast.disable()
         argv = [ffi.new("char[]", a.encode()) for a in ["ufsgmem", "-o", ",".join(options)]]
         self._argv = argv
-        self._se = lib.ufs_session_new(len(argv), ffi.new("char *[]", argv), self._handle)
+        self._se = lib.ufs_session_new(len(argv), ffi.new("char *[]", argv), self._fast)
         if self._se == ffi.NULL:
+            lib.ufs_fast_free(self._fast)
+            self._fast = ffi.NULL
             raise OSError(errno.EINVAL, f"libfuse refused the session options {options}")
+        lib.ufs_fast_set_session(self._fast, self._se)
         self.mounted = False
         self.mountpoint: str | None = None
         self.connection: int | None = None  # fusectl's number for it, to abort it at the end if need be
         self.aborted = False
         self.executor = Executor(EXECUTOR_THREADS)
-        self._inline = queue.SimpleQueue()  # one token per inline slot (a C queue: ~20x cheaper than a Semaphore)
-        for slot in range(INLINE_SLOTS):
-            self._inline.put(slot + 1)  # tokens are true: None means no slot
         self._reply_lock = threading.Lock()  # a late reply and the end of the session exclude each other
         self._replying = True
 
@@ -208,15 +217,12 @@ class Session:
 
     # --- deferred work -------------------------------------------------------------------------------
     def inline_slot(self):
-        """A token if fewer than ``INLINE_SLOTS`` workers run deferred work now (give it back with
-        ``inline_done``), else None: the work goes to the executor."""
-        try:
-            return self._inline.get_nowait()
-        except queue.Empty:
-            return None
+        """A token if fewer than ``INLINE_SLOTS`` workers (Python's and C's conversions together) run
+        deferred work now (give it back with ``inline_done``), else None: the work goes to the executor."""
+        return True if lib.ufs_fast_inline_take(self._fast) else None
 
     def inline_done(self, token) -> None:
-        self._inline.put(token)
+        lib.ufs_fast_inline_give(self._fast)
 
     def defer(self, key: Hashable | None, run: Callable[[], None], cancel: Callable[[], None]) -> None:
         """``run()`` on the executor after the earlier work of ``key``; ``cancel()`` instead if the session
@@ -260,6 +266,10 @@ class Session:
             return
         lib.fuse_session_destroy(self._se)
         self._se = ffi.NULL
+        self.fast.disable()
+        # The files still registered lose the table's reference; each FastFile keeps its own.
+        lib.ufs_fast_free(self._fast)
+        self._fast = self.fast.ptr = ffi.NULL
 
     # --- notifications: block until the kernel is done (where they may be sent: docs/architecture.md) ---
     def inval_inode(self, ino: int, offset: int, length: int) -> bool:
@@ -294,7 +304,7 @@ def caller(req) -> tuple[int, int, int]:
 
 # --- dispatch: one function per request, one reply each --------------------------------------------------
 def _session(req) -> Session:
-    return ffi.from_handle(lib.fuse_req_userdata(req))
+    return ffi.from_handle(lib.ufs_fast_py(lib.fuse_req_userdata(req)))
 
 
 def _serve(req, name: str, args: tuple, reply) -> None:

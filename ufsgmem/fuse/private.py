@@ -50,6 +50,7 @@ class PrivateView:
                     data[cut.start - offset:cut.end - offset] = bytes(cut.size)
             if entry.private_cached is None:
                 entry.private_cached = RunMap(gm.size >> PAGE_SHIFT, 0)
+                entry.file.set_private_active()  # conversions must close the view now: Python's
             entry.private_cached.set(first, last, 1)
         return bytes(data)
 

@@ -57,10 +57,13 @@ class WriteBackFiles:
 
     ``use`` blocks on FUSE requests of this very mount (LOOKUP, OPEN), which other loop threads serve.
     Callers serialise per file (the file's lock); a descriptor in use is never closed to make room.
+    ``on_change(key, fd or None)`` is told of every descriptor opened and closed (outside the lock), so
+    the compiled hot path keeps a dup of exactly the open ones.
     """
 
-    def __init__(self, limit: int = LIMIT):
+    def __init__(self, limit: int = LIMIT, on_change=None):
         self.limit = limit
+        self.on_change = on_change if on_change is not None else (lambda key, fd: None)
         self._fds: OrderedDict[object, int] = OrderedDict()  # least recently used first
         self._busy: set = set()
         self._lock = threading.Lock()
@@ -83,32 +86,38 @@ class WriteBackFiles:
                     self._fds[key] = fd
                     self._busy.add(key)
                     evicted = self._evict()
-                _close(evicted)
+                self.on_change(key, fd)
+                self._close(evicted)
         try:
             yield fd
         finally:
             with self._lock:
                 self._busy.discard(key)
 
-    def _evict(self) -> list[int]:
+    def _evict(self) -> list[tuple[object, int]]:
         """Take the least recently used idle descriptors past the limit out (``_lock`` held)."""
         out = []
         for key in list(self._fds):
             if len(self._fds) <= self.limit:
                 break
             if key not in self._busy:
-                out.append(self._fds.pop(key))
+                out.append((key, self._fds.pop(key)))
         return out
+
+    def _close(self, items) -> None:
+        for key, _fd in items:
+            self.on_change(key, None)
+        _close(fd for _key, fd in items)
 
     def close(self, key) -> None:
         with self._lock:
             fd = self._fds.pop(key, None)
-        _close([] if fd is None else [fd])
+        self._close([] if fd is None else [(key, fd)])
 
     def close_all(self) -> None:
         with self._lock:
-            fds, self._fds = list(self._fds.values()), OrderedDict()
-        _close(fds)
+            items, self._fds = list(self._fds.items()), OrderedDict()
+        self._close(items)
 
     def __contains__(self, key) -> bool:
         return key in self._fds

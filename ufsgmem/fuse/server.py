@@ -200,7 +200,8 @@ def tune_bdi(dev: int, settings: dict[str, int] = BDI_TUNING) -> None:
 
 def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon", debug: bool = False,
           cpus: set[int] | None = None, in_place_conversion: bool = True, allow_other: bool = False,
-          max_memory: int | None = None, low_latency: bool = False, per_user: str | None = None) -> None:
+          max_memory: int | None = None, low_latency: bool = False, per_user: str | None = None,
+          hot_path: str = "compiled") -> None:
     """Mount at ``mountpoint`` and serve until a signal; always unmount and free everything on the way out.
 
     ``cpus`` pins every thread of this process, before libfuse's workers exist (they inherit it).
@@ -209,6 +210,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     caps the guest memory the mount commits (``budget.py``): past it a fill, allocation or create is ENOMEM.
     ``low_latency`` holds a CPU latency limit of 0 µs while requests flow (``latency.py``; root only).
     ``per_user`` changes the per-user bounds (``users.py``: ``files=N,handles=N,memory=SIZE,...``).
+    ``hot_path`` ``python`` serves every request in Python instead of mem's common ones in C (``fastpath.py``).
     """
     check_mountpoint(mountpoint)
     if cpus:
@@ -220,7 +222,7 @@ def serve(mountpoint: str, *, ready=lambda: None, default_backend: str = "anon",
     limits = UserLimits.parse(per_user or "")  # a bad spec is the mount's error, before anything exists
     make_files = functools.partial(Files, latency=hold, default_backend=default_backend,
                                    in_place_conversion=in_place_conversion, max_memory=max_memory, per_user=limits)
-    server = _Server.open(mountpoint, make_files, hold, debug=debug, allow_other=allow_other)
+    server = _Server.open(mountpoint, make_files, hold, debug=debug, allow_other=allow_other, hot_path=hot_path)
     try:
         server.mount()
         start_watcher(server.mountpoint, server.fuse_fd)  # from this (main) thread, before any other thread exists
@@ -249,7 +251,7 @@ class _Server:
 
     @classmethod
     def open(cls, mountpoint: str, make_files, hold: LatencyHold | None, *, debug: bool,
-             allow_other: bool) -> _Server:
+             allow_other: bool, hot_path: str = "compiled") -> _Server:
         """The session, its handlers and their ``Files`` (``make_files(invalidator, mountpoint=...)``), not
         yet mounted."""
         options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "noexec"] + (["debug"] if debug else []) \
@@ -261,11 +263,12 @@ class _Server:
         started_ns = time.time_ns()
 
         def operations(session: Session) -> Operations:
-            return Operations(make_files(InodeInvalidator(session), mountpoint=mountpoint), allow_other=allow_other,
+            return Operations(make_files(InodeInvalidator(session), mountpoint=mountpoint, fast=session.fast),
+                              allow_other=allow_other,
                               started_ns=started_ns, on_destroy=lambda name: session.inval_entry(ROOT_INO, name))
 
         session = Session.serving(operations, options, uid=os.getuid(), gid=os.getgid(), time_ns=started_ns,
-                                  on_request=None if hold is None else hold.touch)
+                                  on_request=None if hold is None else hold.touch, hot_path=hot_path)
         server = cls(mountpoint, session, hold, options)
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # libfuse installs its handlers only over the defaults
         return server
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-memory", type=int, help="cap on committed guest memory, in bytes")
     parser.add_argument("--low-latency", action="store_true", help="hold a 0 µs CPU latency limit while requests flow")
     parser.add_argument("--per-user", help="per-user bounds: files=N,handles=N,memory=SIZE,huge=SIZE,results=SIZE")
+    parser.add_argument("--hot-path", choices=("compiled", "python"), default="compiled",
+                        help="mem's common requests served in C (compiled) or all in Python")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -358,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.mountpoint, ready=lambda: report(f"ready {os.getpid()}\n"), default_backend=args.backend,
               debug=args.debug, cpus=cpus, in_place_conversion=not args.no_in_place_conversion,
               allow_other=args.allow_other, max_memory=args.max_memory, low_latency=args.low_latency,
-              per_user=args.per_user)
+              per_user=args.per_user, hot_path=args.hot_path)
     except Exception as exc:  # noqa: BLE001 - reported to the waiting parent, then fatal
         report(f"error {exc}\n")
         log.exception("server failed")

@@ -208,6 +208,9 @@ class MemfdBackend(Backend):
     def fileno(self):
         return self._fd
 
+    def memory_fd(self):
+        return None if self._closed else self._fd
+
     def info(self):
         return {"phys_source": self.phys_source()}
 

@@ -1,0 +1,733 @@
+/*
+ * fastpath: mem's READ, WRITE and KVM_SET_MEMORY_ATTRIBUTES2 served in C (fastpath.h says what and why).
+ *
+ * Each request is served here only when every condition of the common case holds; otherwise the function
+ * returns 0 having changed nothing, and lowlevel.py's Python handler answers it exactly as before (the
+ * error replies, the memory charge, allocation, the revocation's slow cases). The conditions, per kind:
+ *
+ *  READ  (a page fill): the handle is a mem handle of this inode; no lock owner (read(2) is Python's
+ *        EINVAL); the file has memory and a core; under the state lock the core allows the host read
+ *        (-EFAULT is the rule's answer: EIO; a pending punch goes to Python, which reads around it) and
+ *        every page is allocated, so its folio is already committed and marking it cached changes no
+ *        charge. The reply is sent straight from the mapping, holding the file (not the lock).
+ *  WRITE (a write-back): writepage; the same handle and memory; the core allows the host write and every
+ *        page is allocated (else Python allocates and recounts the charge); the copy is made under the
+ *        state lock, so a punch cannot free the pages under it.
+ *  IOCTL KVM_SET_MEMORY_ATTRIBUTES2, not compat, a writable handle, 128 bytes in and out, in-place
+ *        conversion on, the private view never used (its close runs in Python), an inline slot free (the
+ *        deadlock rule) and the invalidate lock free now (else Python, which defers). To private, the
+ *        cached pages of the range must all be allocated (revoking an unallocated one gives a charge back)
+ *        and a write-back descriptor must be registered if any is cached (Python opens one). Then the steps
+ *        of transitions.py: mark the parts uncached, write back and invalidate them without the state
+ *        lock, commit (or, on failure, re-mark, abort and reply the errno) and count the revocation.
+ */
+#define _GNU_SOURCE
+#define FUSE_USE_VERSION 312
+#include <fuse_lowlevel.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "fastpath.h"
+#ifdef UFS_HAVE_RUNMAP
+#include "runmap.h"
+#endif
+#ifdef UFS_HAVE_GMEM
+#include "gmem.h"
+#endif
+
+#define UFS_PAGE_SHIFT 12
+#define UFS_PAGE_SIZE (1ull << UFS_PAGE_SHIFT)
+#define UFS_KVM_SET_MEMORY_ATTRIBUTES2 0xC080AED2u
+#define UFS_ATTRIBUTES2_SIZE 128
+#define UFS_ERROR_OFFSET_AT 32        /* offsetof(struct kvm_memory_attributes2, error_offset) */
+#define UFS_PRIVATE 8ull              /* KVM_MEMORY_ATTRIBUTE_PRIVATE */
+
+/* ---- a small open-addressing map uint64 -> uint64 (key 0 never used: inodes and handles start at 1) ---- */
+#define MAP_EMPTY 0ull
+#define MAP_GONE UINT64_MAX
+
+struct ufs_map {
+    uint64_t *keys, *vals;
+    size_t cap, used;            /* used counts removed slots too, until the next rebuild */
+};
+
+static size_t map_slot(uint64_t key, size_t cap)
+{
+    key ^= key >> 33;
+    key *= 0xff51afd7ed558ccdull;
+    key ^= key >> 33;
+    return key & (cap - 1);
+}
+
+static int map_find(const struct ufs_map *m, uint64_t key, uint64_t *val)
+{
+    if (m->cap == 0)
+        return 0;
+    for (size_t i = map_slot(key, m->cap);; i = (i + 1) & (m->cap - 1)) {
+        if (m->keys[i] == MAP_EMPTY)
+            return 0;
+        if (m->keys[i] == key) {
+            *val = m->vals[i];
+            return 1;
+        }
+    }
+}
+
+static int map_rebuild(struct ufs_map *m, size_t cap)
+{
+    uint64_t *keys = calloc(cap, sizeof(*keys)), *vals = calloc(cap, sizeof(*vals));
+    if (keys == NULL || vals == NULL) {
+        free(keys);
+        free(vals);
+        return -ENOMEM;
+    }
+    size_t used = 0;
+    for (size_t i = 0; i < m->cap; i++) {
+        if (m->keys[i] == MAP_EMPTY || m->keys[i] == MAP_GONE)
+            continue;
+        size_t j = map_slot(m->keys[i], cap);
+        while (keys[j] != MAP_EMPTY)
+            j = (j + 1) & (cap - 1);
+        keys[j] = m->keys[i];
+        vals[j] = m->vals[i];
+        used++;
+    }
+    free(m->keys);
+    free(m->vals);
+    m->keys = keys;
+    m->vals = vals;
+    m->cap = cap;
+    m->used = used;
+    return 0;
+}
+
+static int map_put(struct ufs_map *m, uint64_t key, uint64_t val)
+{
+    if ((m->used + 1) * 2 > m->cap) {
+        size_t live = 0;
+        for (size_t i = 0; i < m->cap; i++)
+            live += m->keys[i] != MAP_EMPTY && m->keys[i] != MAP_GONE;
+        size_t cap = 64;
+        while ((live + 1) * 4 > cap)
+            cap *= 2;
+        int err = map_rebuild(m, cap);
+        if (err)
+            return err;
+    }
+    size_t i = map_slot(key, m->cap);
+    for (;; i = (i + 1) & (m->cap - 1)) {
+        if (m->keys[i] == key) {
+            m->vals[i] = val;
+            return 0;
+        }
+        if (m->keys[i] == MAP_EMPTY)
+            break;
+    }
+    m->keys[i] = key;
+    m->vals[i] = val;
+    m->used++;
+    return 0;
+}
+
+static int map_del(struct ufs_map *m, uint64_t key, uint64_t *val)
+{
+    if (m->cap == 0)
+        return 0;
+    for (size_t i = map_slot(key, m->cap);; i = (i + 1) & (m->cap - 1)) {
+        if (m->keys[i] == MAP_EMPTY)
+            return 0;
+        if (m->keys[i] == key) {
+            *val = m->vals[i];
+            m->keys[i] = MAP_GONE;
+            return 1;
+        }
+    }
+}
+
+/* ---- the session ---- */
+struct ufs_fast {
+    void *py;
+    struct fuse_session *se;
+    atomic_int enabled;
+    atomic_int inline_used;
+    pthread_rwlock_t lock;       /* files and handles; a leaf */
+    struct ufs_map files;        /* mem inode -> struct ufs_file * (one reference) */
+    struct ufs_map handles;      /* fh -> inode << 1 | writable */
+    atomic_uint_fast64_t compiled[UFS_KINDS], python[UFS_KINDS];
+};
+
+struct ufs_file {
+    atomic_long refs;
+    atomic_long busy;            /* requests holding it now (each also holds a reference) */
+    uint64_t ino;
+    pthread_mutex_t state, inval;
+    int closed;                  /* removed from its session: served by Python only (state) */
+    int private_active;          /* the private view has served a page: conversions go to Python (state) */
+    int in_place_conversion;
+    int wb_fd;                   /* our descriptor of mem for bulk write-back, or -1 (state) */
+    char *base;                  /* the backend's memory, mapped here, or NULL */
+    uint64_t size;
+    struct runmap *cached;       /* Entry.cached: pages a fill handed out since their last revocation */
+    void *gm;                    /* struct gmem *, our own reference, or NULL */
+};
+
+struct ufs_fast *ufs_fast_new(void *py)
+{
+    struct ufs_fast *fast = calloc(1, sizeof(*fast));
+    if (fast == NULL)
+        return NULL;
+    fast->py = py;
+    atomic_init(&fast->enabled, 0);
+    atomic_init(&fast->inline_used, 0);
+    pthread_rwlock_init(&fast->lock, NULL);
+    return fast;
+}
+
+void *ufs_fast_py(struct ufs_fast *fast) { return fast->py; }
+void ufs_fast_set_session(struct ufs_fast *fast, struct fuse_session *se) { fast->se = se; }
+void ufs_fast_set_enabled(struct ufs_fast *fast, int enabled) { atomic_store(&fast->enabled, enabled != 0); }
+int ufs_fast_enabled(struct ufs_fast *fast) { return atomic_load(&fast->enabled); }
+
+void ufs_fast_free(struct ufs_fast *fast)
+{
+    if (fast == NULL)
+        return;
+    for (size_t i = 0; i < fast->files.cap; i++)
+        if (fast->files.keys[i] != MAP_EMPTY && fast->files.keys[i] != MAP_GONE)
+            ufs_file_put((struct ufs_file *)(uintptr_t)fast->files.vals[i]);
+    free(fast->files.keys);
+    free(fast->files.vals);
+    free(fast->handles.keys);
+    free(fast->handles.vals);
+    pthread_rwlock_destroy(&fast->lock);
+    free(fast);
+}
+
+int ufs_fast_inline_take(struct ufs_fast *fast)
+{
+    int used = atomic_load(&fast->inline_used);
+    while (used < UFS_INLINE_SLOTS)
+        if (atomic_compare_exchange_weak(&fast->inline_used, &used, used + 1))
+            return 1;
+    return 0;
+}
+
+void ufs_fast_inline_give(struct ufs_fast *fast) { atomic_fetch_sub(&fast->inline_used, 1); }
+
+void ufs_fast_counts(struct ufs_fast *fast, uint64_t *compiled, uint64_t *python)
+{
+    for (int k = 0; k < UFS_KINDS; k++) {
+        compiled[k] = atomic_load(&fast->compiled[k]);
+        python[k] = atomic_load(&fast->python[k]);
+    }
+}
+
+void ufs_fast_count_python(struct ufs_fast *fast, int kind) { atomic_fetch_add(&fast->python[kind], 1); }
+static void count_compiled(struct ufs_fast *fast, int kind) { atomic_fetch_add(&fast->compiled[kind], 1); }
+
+/* ---- files ---- */
+struct ufs_file *ufs_file_new(uint64_t ino, uintptr_t gmem, uint64_t size, int memfd, int in_place_conversion,
+                              int *err)
+{
+    struct ufs_file *f = calloc(1, sizeof(*f));
+    *err = 0;
+    if (f == NULL) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    atomic_init(&f->refs, 1);
+    atomic_init(&f->busy, 0);
+    f->ino = ino;
+    f->size = size;
+    f->in_place_conversion = in_place_conversion;
+    f->wb_fd = -1;
+    pthread_mutex_init(&f->state, NULL);
+    pthread_mutex_init(&f->inval, NULL);
+#ifdef UFS_HAVE_RUNMAP
+    uint64_t npages = (size + UFS_PAGE_SIZE - 1) >> UFS_PAGE_SHIFT;
+    f->cached = runmap_new(npages, 0);
+    if (f->cached == NULL) {
+        *err = -ENOMEM;
+        ufs_file_put(f);
+        return NULL;
+    }
+#endif
+#ifdef UFS_HAVE_GMEM
+    if (gmem) {
+        f->gm = (struct gmem *)gmem;
+        gmem_get(f->gm);
+    }
+#else
+    (void)gmem;
+#endif
+    if (memfd >= 0 && size > 0) {
+        /* Our own mapping of our own descriptor: it lives as long as this file's last reference, whatever
+           the backend object does meanwhile (a reply in flight reads from it). */
+        void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+        if (base == MAP_FAILED) {
+            *err = -errno;
+            ufs_file_put(f);
+            return NULL;
+        }
+        f->base = base;
+    }
+    return f;
+}
+
+/* The memory, the write-back descriptor and the core's reference go (state held, or the last reference). */
+static void release_resources(struct ufs_file *f)
+{
+    if (f->base != NULL)
+        munmap(f->base, f->size);
+    f->base = NULL;
+    if (f->wb_fd >= 0)
+        close(f->wb_fd);
+    f->wb_fd = -1;
+#ifdef UFS_HAVE_GMEM
+    if (f->gm != NULL)
+        gmem_put(f->gm);
+#endif
+    f->gm = NULL;
+}
+
+void ufs_file_put(struct ufs_file *f)
+{
+    if (f == NULL || atomic_fetch_sub(&f->refs, 1) != 1)
+        return;
+    release_resources(f);
+#ifdef UFS_HAVE_RUNMAP
+    runmap_free(f->cached);
+#endif
+    pthread_mutex_destroy(&f->state);
+    pthread_mutex_destroy(&f->inval);
+    free(f);
+}
+
+static pthread_mutex_t *lock_of(struct ufs_file *f, int which) { return which == UFS_LOCK_INVAL ? &f->inval : &f->state; }
+void ufs_file_lock(struct ufs_file *f, int which) { pthread_mutex_lock(lock_of(f, which)); }
+int ufs_file_trylock(struct ufs_file *f, int which) { return pthread_mutex_trylock(lock_of(f, which)) == 0; }
+void ufs_file_unlock(struct ufs_file *f, int which) { pthread_mutex_unlock(lock_of(f, which)); }
+struct runmap *ufs_file_cached(struct ufs_file *f) { return f->cached; }
+int ufs_file_memory_mapped(struct ufs_file *f) { return f->base != NULL; }
+
+void ufs_file_set_private_active(struct ufs_file *f) { f->private_active = 1; }   /* state held */
+
+int ufs_file_set_write_back(struct ufs_file *f, int fd)
+{
+    int mine = -1;
+    if (fd >= 0) {
+        mine = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        if (mine < 0)
+            return -errno;
+    }
+    pthread_mutex_lock(&f->state);
+    int old = f->wb_fd;
+    f->wb_fd = mine;
+    pthread_mutex_unlock(&f->state);
+    if (old >= 0)
+        close(old);
+    return 0;
+}
+
+int ufs_fast_add_file(struct ufs_fast *fast, struct ufs_file *f)
+{
+    atomic_fetch_add(&f->refs, 1);
+    pthread_rwlock_wrlock(&fast->lock);
+    uint64_t old;
+    struct ufs_file *replaced = map_find(&fast->files, f->ino, &old) ? (struct ufs_file *)(uintptr_t)old : NULL;
+    int err = map_put(&fast->files, f->ino, (uint64_t)(uintptr_t)f);
+    pthread_rwlock_unlock(&fast->lock);
+    if (err) {
+        ufs_file_put(f);
+        return err;
+    }
+    ufs_file_put(replaced);
+    return 0;
+}
+
+void ufs_fast_remove_file(struct ufs_fast *fast, uint64_t ino)
+{
+    uint64_t val;
+    pthread_rwlock_wrlock(&fast->lock);
+    int found = map_del(&fast->files, ino, &val);
+    pthread_rwlock_unlock(&fast->lock);
+    if (!found)
+        return;
+    struct ufs_file *f = (struct ufs_file *)(uintptr_t)val;
+    /* A request that found it before sees closed under the state lock and passes; one past that point
+       (a reply being sent from the mapping) is waited for: microseconds, and it never waits for us. Then
+       the memory goes now, not whenever Python drops its last reference (cached stays: Python's map). */
+    pthread_mutex_lock(&f->state);
+    f->closed = 1;
+    pthread_mutex_unlock(&f->state);
+    while (atomic_load(&f->busy) > 0)
+        sched_yield();
+    pthread_mutex_lock(&f->state);
+    release_resources(f);
+    pthread_mutex_unlock(&f->state);
+    ufs_file_put(f);
+}
+
+static void request_done(struct ufs_file *f)
+{
+    atomic_fetch_sub(&f->busy, 1);
+    ufs_file_put(f);
+}
+
+int ufs_fast_open(struct ufs_fast *fast, uint64_t fh, uint64_t ino, int writable)
+{
+    pthread_rwlock_wrlock(&fast->lock);
+    int err = map_put(&fast->handles, fh, ino << 1 | (writable != 0));
+    pthread_rwlock_unlock(&fast->lock);
+    return err;
+}
+
+void ufs_fast_release(struct ufs_fast *fast, uint64_t fh)
+{
+    uint64_t val;
+    pthread_rwlock_wrlock(&fast->lock);
+    map_del(&fast->handles, fh, &val);
+    pthread_rwlock_unlock(&fast->lock);
+}
+
+/* Whether ino is a registered mem file (for the counters of requests passed to Python). */
+static int is_mem(struct ufs_fast *fast, uint64_t ino)
+{
+    uint64_t val;
+    pthread_rwlock_rdlock(&fast->lock);
+    int found = map_find(&fast->files, ino, &val);
+    pthread_rwlock_unlock(&fast->lock);
+    return found;
+}
+
+static int passed(struct ufs_fast *fast, uint64_t ino, int kind)
+{
+    if (is_mem(fast, ino))
+        atomic_fetch_add(&fast->python[kind], 1);
+    return 0;
+}
+
+/* The file of a request on handle fh of inode ino, with a reference, if fh is a mem handle of that inode
+   (and writable, if asked); NULL: not ours to serve (Python answers EBADF, ENOENT, ...). */
+static struct ufs_file *file_of(struct ufs_fast *fast, uint64_t ino, uint64_t fh, int need_writable)
+{
+    uint64_t handle, val;
+    struct ufs_file *f = NULL;
+    pthread_rwlock_rdlock(&fast->lock);
+    if (map_find(&fast->handles, fh, &handle) && handle >> 1 == ino && (!need_writable || handle & 1)
+            && map_find(&fast->files, ino, &val)) {
+        f = (struct ufs_file *)(uintptr_t)val;
+        atomic_fetch_add(&f->refs, 1);
+        atomic_fetch_add(&f->busy, 1);   /* under the lock: remove_file, after it, sees us */
+    }
+    pthread_rwlock_unlock(&fast->lock);
+    return f;
+}
+
+#if defined(UFS_HAVE_RUNMAP) && defined(UFS_HAVE_GMEM)
+#define UFS_SERVES 1
+#else
+#define UFS_SERVES 0
+#endif
+
+enum action { PASS = 0, REPLY_DATA, REPLY_EIO };
+
+/* ---- READ: a page fill ---- */
+int ufs_fast_read(struct ufs_fast *fast, void *req, uint64_t ino, size_t size, int64_t off, uint64_t fh,
+                  uint64_t lock_owner)
+{
+    if (!UFS_SERVES || !atomic_load(&fast->enabled) || lock_owner != 0 || off < 0)
+        return passed(fast, ino, UFS_KIND_READ);
+    struct ufs_file *f = file_of(fast, ino, fh, 0);
+    if (f == NULL)
+        return passed(fast, ino, UFS_KIND_READ);
+    enum action act = PASS;
+    uint64_t n = size;
+#if UFS_SERVES
+    if (f->base != NULL && f->gm != NULL) {
+        struct gmem *gm = f->gm;
+        pthread_mutex_lock(&f->state);
+        if (!f->closed) {
+            if ((uint64_t)off < gm->size && n > gm->size - off)
+                n = gm->size - off;        /* to EOF, as mem.py clamps */
+            struct gmem_err e;
+            int r = gmem_check_host(gm, off, (int64_t)n, 0, &e);
+            if (r == -EFAULT) {
+                act = REPLY_EIO;
+            } else if (r == 0 && n > 0) {
+                uint64_t first = (uint64_t)off >> UFS_PAGE_SHIFT, last = ((uint64_t)off + n + UFS_PAGE_SIZE - 1) >> UFS_PAGE_SHIFT;
+                /* allocated: committed already, so the cached mark moves no charge (budget.py) */
+                if (runmap_is_uniform(gm->allocated, first, last, 1) && runmap_set(f->cached, first, last, 1) == 0)
+                    act = REPLY_DATA;
+            }
+        }
+        pthread_mutex_unlock(&f->state);
+    }
+#endif
+    if (act == REPLY_DATA)
+        fuse_reply_buf(req, f->base + off, n);   /* our reference keeps the mapping */
+    else if (act == REPLY_EIO)
+        fuse_reply_err(req, EIO);
+    request_done(f);
+    if (act == PASS)
+        return passed(fast, ino, UFS_KIND_READ);
+    count_compiled(fast, UFS_KIND_READ);
+    return 1;
+}
+
+/* ---- WRITE: a write-back ---- */
+int ufs_fast_write(struct ufs_fast *fast, void *req, uint64_t ino, const char *buf, size_t size, int64_t off,
+                   uint64_t fh, int writepage)
+{
+    if (!UFS_SERVES || !atomic_load(&fast->enabled) || !writepage || off < 0 || size == 0)
+        return passed(fast, ino, UFS_KIND_WRITE);
+    struct ufs_file *f = file_of(fast, ino, fh, 0);
+    if (f == NULL)
+        return passed(fast, ino, UFS_KIND_WRITE);
+    enum action act = PASS;
+#if UFS_SERVES
+    if (f->base != NULL && f->gm != NULL) {
+        struct gmem *gm = f->gm;
+        pthread_mutex_lock(&f->state);
+        if (!f->closed) {
+            struct gmem_err e;
+            int r = gmem_check_host(gm, off, (int64_t)size, 1, &e);
+            if (r == -EFAULT) {
+                act = REPLY_EIO;
+            } else if (r == 0) {
+                uint64_t first = (uint64_t)off >> UFS_PAGE_SHIFT;
+                uint64_t last = ((uint64_t)off + size + UFS_PAGE_SIZE - 1) >> UFS_PAGE_SHIFT;
+                if (runmap_is_uniform(gm->allocated, first, last, 1)) {
+                    memcpy(f->base + off, buf, size);   /* under the lock: a punch cannot free it meanwhile */
+                    act = REPLY_DATA;
+                }
+            }
+        }
+        pthread_mutex_unlock(&f->state);
+    }
+#endif
+    if (act == REPLY_DATA)
+        fuse_reply_write(req, size);
+    else if (act == REPLY_EIO)
+        fuse_reply_err(req, EIO);
+    request_done(f);
+    if (act == PASS)
+        return passed(fast, ino, UFS_KIND_WRITE);
+    count_compiled(fast, UFS_KIND_WRITE);
+    return 1;
+}
+
+/* ---- ioctl(KVM_SET_MEMORY_ATTRIBUTES2) ---- */
+#if UFS_SERVES
+struct parts {
+    uint64_t *start, *end;       /* byte ranges */
+    size_t n, cap;
+};
+
+static int parts_add(struct parts *p, uint64_t start, uint64_t end)
+{
+    if (p->n && p->end[p->n - 1] == start) {
+        p->end[p->n - 1] = end;
+        return 0;
+    }
+    if (p->n == p->cap) {
+        size_t cap = p->cap ? p->cap * 2 : 8;
+        uint64_t *s = realloc(p->start, cap * sizeof(*s));
+        if (s == NULL)
+            return -ENOMEM;
+        p->start = s;
+        uint64_t *e = realloc(p->end, cap * sizeof(*e));
+        if (e == NULL)
+            return -ENOMEM;
+        p->end = e;
+        p->cap = cap;
+    }
+    p->start[p->n] = start;
+    p->end[p->n] = end;
+    p->n++;
+    return 0;
+}
+
+#define RUNS_AT_ONCE 64
+
+/* For a to-private request on a well-formed range [first, last): 1 if the C path may run it, i.e. every
+   cached page of it is allocated (a revocation of an unallocated cached page releases a charge, which is
+   Python's) and, if any page is cached, a write-back descriptor is registered (Python opens one). */
+static int to_private_ours(struct ufs_file *f, struct gmem *gm, uint64_t first, uint64_t last)
+{
+    uint64_t starts[RUNS_AT_ONCE], cursor = first;
+    int64_t values[RUNS_AT_ONCE];
+    if (runmap_is_uniform(f->cached, first, last, 0))
+        return 1;
+    if (f->wb_fd < 0)
+        return 0;
+    while (cursor < last) {
+        uint64_t got = runmap_runs(f->cached, &cursor, last, starts, values, RUNS_AT_ONCE);
+        for (uint64_t i = 0; i < got; i++) {
+            uint64_t end = i + 1 < got ? starts[i + 1] : cursor;
+            if (values[i] && !runmap_is_uniform(gm->allocated, starts[i], end, 1))
+                return 0;
+        }
+        if (got == 0)
+            break;
+    }
+    return 1;
+}
+
+/* The cached runs inside the pending transition's ranges (byte ranges), and the bytes it revokes. */
+static int collect_parts(struct ufs_file *f, struct gmem *gm, struct parts *parts, uint64_t *revoked)
+{
+    uint64_t rs[RUNS_AT_ONCE], re[RUNS_AT_ONCE], rcursor = 0;
+    *revoked = 0;
+    for (;;) {
+        uint64_t nr = gmem_pending_revoke(gm, &rcursor, rs, re, RUNS_AT_ONCE);
+        if (nr == 0)
+            return 0;
+        for (uint64_t k = 0; k < nr; k++) {
+            *revoked += re[k] - rs[k];
+            uint64_t first = rs[k] >> UFS_PAGE_SHIFT, last = (re[k] + UFS_PAGE_SIZE - 1) >> UFS_PAGE_SHIFT;
+            if (runmap_is_uniform(f->cached, first, last, 0))
+                continue;
+            uint64_t starts[RUNS_AT_ONCE], cursor = first;
+            int64_t values[RUNS_AT_ONCE];
+            while (cursor < last) {
+                uint64_t got = runmap_runs(f->cached, &cursor, last, starts, values, RUNS_AT_ONCE);
+                for (uint64_t i = 0; i < got; i++) {
+                    uint64_t end = i + 1 < got ? starts[i + 1] : cursor;
+                    if (values[i] && parts_add(parts, starts[i] << UFS_PAGE_SHIFT, end << UFS_PAGE_SHIFT))
+                        return -ENOMEM;
+                }
+                if (got == 0)
+                    break;
+            }
+        }
+    }
+}
+
+static void mark_parts(struct ufs_file *f, const struct parts *parts, int64_t value)
+{
+    for (size_t i = 0; i < parts->n; i++)
+        runmap_set(f->cached, parts->start[i] >> UFS_PAGE_SHIFT, parts->end[i] >> UFS_PAGE_SHIFT, value);
+}
+
+/* Write back, then unmap, the parts (revoke.py's InodeInvalidator.revoke with a descriptor); 0 or -errno. */
+static int revoke_parts(struct ufs_fast *fast, struct ufs_file *f, int wb_fd, const struct parts *parts)
+{
+    unsigned flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
+    for (size_t i = 0; i < parts->n && wb_fd >= 0; i++)
+        if (sync_file_range(wb_fd, parts->start[i], parts->end[i] - parts->start[i], flags) != 0)
+            break;             /* as write_back(): the invalidation below launders what is left */
+    for (size_t i = 0; i < parts->n; i++) {
+        int err = fuse_lowlevel_notify_inval_inode(fast->se, f->ino, parts->start[i], parts->end[i] - parts->start[i]);
+        if (err < 0 && err != -ENOENT)   /* ENOENT: the kernel caches no such inode, nothing is mapped */
+            return err;
+    }
+    return 0;
+}
+#endif
+
+int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int cmd, uint64_t fh,
+                   unsigned int flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
+{
+    if (!UFS_SERVES || !atomic_load(&fast->enabled) || cmd != UFS_KVM_SET_MEMORY_ATTRIBUTES2
+            || (flags & FUSE_IOCTL_COMPAT) || in_bufsz != UFS_ATTRIBUTES2_SIZE || out_bufsz != UFS_ATTRIBUTES2_SIZE
+            || fast->se == NULL)
+        return passed(fast, ino, UFS_KIND_IOCTL);
+#if UFS_SERVES
+    struct ufs_file *f = file_of(fast, ino, fh, 1);
+    if (f == NULL)
+        return passed(fast, ino, UFS_KIND_IOCTL);
+    if (!f->in_place_conversion || f->gm == NULL || !ufs_fast_inline_take(fast)) {
+        request_done(f);
+        return passed(fast, ino, UFS_KIND_IOCTL);
+    }
+    if (pthread_mutex_trylock(&f->inval) != 0) {   /* another transition runs: Python queues behind it */
+        ufs_fast_inline_give(fast);
+        request_done(f);
+        return passed(fast, ino, UFS_KIND_IOCTL);
+    }
+    struct gmem *gm = f->gm;
+    uint64_t arg[UFS_ATTRIBUTES2_SIZE / 8];
+    memcpy(arg, in_buf, sizeof(arg));
+    uint64_t offset = arg[0], size = arg[1], attributes = arg[2], aflags = arg[3];
+    struct parts parts = {0};
+    uint64_t revoked = 0;
+    int wb_fd = -1, served = 0, reply_err = 0, r = 0;
+    struct gmem_err e = {0};
+
+    pthread_mutex_lock(&f->state);
+    if (f->closed || f->private_active)
+        goto unlock_pass;
+    if (attributes == UFS_PRIVATE && size > 0 && offset < gm->size && size <= gm->size - offset
+            && !((offset | size) & (UFS_PAGE_SIZE - 1))
+            && !to_private_ours(f, gm, offset >> UFS_PAGE_SHIFT, (offset + size) >> UFS_PAGE_SHIFT))
+        goto unlock_pass;
+    r = gmem_prepare_set_memory_attributes(gm, offset, size, attributes, aflags, &arg[5], 11, &e);
+    if (r <= 0) {          /* refused, a no-op, or to shared (applied): the answer is known */
+        pthread_mutex_unlock(&f->state);
+        served = 1;
+        goto reply;
+    }
+    if (collect_parts(f, gm, &parts, &revoked) != 0) {
+        gmem_abort(gm);
+        goto unlock_pass;
+    }
+    mark_parts(f, &parts, 0);    /* before revoking: a page read meanwhile is marked again, for the next one */
+    if (parts.n)
+        wb_fd = fcntl(f->wb_fd, F_DUPFD_CLOEXEC, 0);   /* ours for the revocation, whatever Python evicts */
+    pthread_mutex_unlock(&f->state);
+
+    int err = parts.n ? revoke_parts(fast, f, wb_fd, &parts) : 0;
+    pthread_mutex_lock(&f->state);
+    if (err) {             /* fail closed: still possibly mapped, the attribute unchanged */
+        mark_parts(f, &parts, 1);
+        gmem_abort(gm);
+        reply_err = -err;
+    } else {
+        r = gmem_commit(gm);
+        if (r < 0)
+            reply_err = -r;
+        else if (revoked)
+            gmem_count_revocation(gm, revoked);
+    }
+    pthread_mutex_unlock(&f->state);
+    served = 1;
+    r = reply_err ? -reply_err : 0;
+    goto reply;
+
+unlock_pass:
+    pthread_mutex_unlock(&f->state);
+reply:
+    pthread_mutex_unlock(&f->inval);
+    ufs_fast_inline_give(fast);
+    if (wb_fd >= 0)
+        close(wb_fd);
+    free(parts.start);
+    free(parts.end);
+    if (served) {
+        if (r == 0 || r == 1) {
+            fuse_reply_ioctl(req, 0, NULL, 0);          /* success copies nothing back (as Python) */
+        } else if (reply_err) {
+            fuse_reply_err(req, reply_err);
+        } else if (e.has_offset) {                      /* EAGAIN/ENOMEM: the struct goes back with it */
+            memcpy((char *)arg + UFS_ERROR_OFFSET_AT, &e.offset, 8);
+            fuse_reply_ioctl(req, -e.err, arg, sizeof(arg));
+        } else {
+            fuse_reply_err(req, e.err ? e.err : -r);
+        }
+        count_compiled(fast, UFS_KIND_IOCTL);
+    }
+    request_done(f);
+    return served ? 1 : passed(fast, ino, UFS_KIND_IOCTL);
+#else
+    (void)fh; (void)in_buf; (void)req;
+    return passed(fast, ino, UFS_KIND_IOCTL);
+#endif
+}

@@ -1,0 +1,76 @@
+/*
+ * fastpath: mem's page fills (READ), write-backs (WRITE) and KVM_SET_MEMORY_ATTRIBUTES2 served in C, with
+ * no Python on the common path. Everything else, and every case the C path is not sure of, goes to Python
+ * (ufsgmem/fuse/lowlevel.py's py_* functions) with nothing changed, so Python stays the one place that
+ * answers errors, charges memory and revokes in the cases the C path leaves out.
+ *
+ * State is per session (struct ufs_fast): the mem files (struct ufs_file, by inode), the open mem handles
+ * (fh -> inode, writable), the inline-slot count shared with Python (the deadlock rule of
+ * docs/architecture.md: at most UFS_INLINE_SLOTS workers run work that may wait, C and Python together),
+ * the on/off switch (`ufsgmem mount --hot-path`) and per-kind counters of requests served here or passed on.
+ *
+ * A struct ufs_file is what both sides share of one mem file: the core's struct gmem (its own reference),
+ * the state mutex (Python's Entry.state) and the invalidate lock (Entry.lock), the possibly-cached map
+ * (Entry.cached), and the backend's memory mapped by C itself, so a copy in flight keeps that memory alive
+ * even while the file is destroyed or the mount torn down (the last reference unmaps it).
+ *
+ * Lock order as in docs/architecture.md: inval, then state, then the session's tables (leaves). No call
+ * into Python is ever made while one of them is held.
+ */
+#ifndef UFSGMEM_FASTPATH_H
+#define UFSGMEM_FASTPATH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define UFS_INLINE_SLOTS 8       /* lowlevel.py's INLINE_SLOTS: the one bound, kept here */
+
+enum ufs_kind { UFS_KIND_READ = 0, UFS_KIND_WRITE = 1, UFS_KIND_IOCTL = 2, UFS_KINDS = 3 };
+enum ufs_lock { UFS_LOCK_STATE = 0, UFS_LOCK_INVAL = 1 };
+
+struct ufs_fast;
+struct ufs_file;
+struct fuse_session;
+struct runmap;
+
+/* --- the session's part --- */
+struct ufs_fast *ufs_fast_new(void *py);
+void *ufs_fast_py(struct ufs_fast *fast);                 /* the Python session's handle */
+void ufs_fast_set_session(struct ufs_fast *fast, struct fuse_session *se);
+void ufs_fast_set_enabled(struct ufs_fast *fast, int enabled);
+int ufs_fast_enabled(struct ufs_fast *fast);
+void ufs_fast_free(struct ufs_fast *fast);                /* drops the files still registered */
+int ufs_fast_inline_take(struct ufs_fast *fast);          /* 1: a slot is ours (give it back), 0: none free */
+void ufs_fast_inline_give(struct ufs_fast *fast);
+void ufs_fast_counts(struct ufs_fast *fast, uint64_t *compiled, uint64_t *python);  /* [UFS_KINDS] each */
+void ufs_fast_count_python(struct ufs_fast *fast, int kind);
+
+/* --- files: 0 or a negative errno --- */
+/* gmem: a struct gmem * from the core (0: none, never served here); memfd: the backend's memory, whose
+   MAP_SHARED mapping of [0, size) is the storage (-1: none, never served here). */
+struct ufs_file *ufs_file_new(uint64_t ino, uintptr_t gmem, uint64_t size, int memfd, int in_place_conversion,
+                              int *err);
+void ufs_file_put(struct ufs_file *file);
+int ufs_fast_add_file(struct ufs_fast *fast, struct ufs_file *file);
+void ufs_fast_remove_file(struct ufs_fast *fast, uint64_t ino);   /* and marks it closed: never served again */
+void ufs_file_lock(struct ufs_file *file, int which);      /* blocking */
+int ufs_file_trylock(struct ufs_file *file, int which);    /* 1 taken, 0 held elsewhere */
+void ufs_file_unlock(struct ufs_file *file, int which);
+struct runmap *ufs_file_cached(struct ufs_file *file);     /* NULL without the compiled run map */
+void ufs_file_set_private_active(struct ufs_file *file);   /* the caller holds the state lock */
+int ufs_file_set_write_back(struct ufs_file *file, int fd);   /* a dup is kept; -1 drops it */
+int ufs_file_memory_mapped(struct ufs_file *file);
+
+/* --- handles of mem --- */
+int ufs_fast_open(struct ufs_fast *fast, uint64_t fh, uint64_t ino, int writable);
+void ufs_fast_release(struct ufs_fast *fast, uint64_t fh);
+
+/* --- the hot path: 1 served (the reply is sent), 0 not (nothing changed: the caller asks Python) --- */
+int ufs_fast_read(struct ufs_fast *fast, void *req, uint64_t ino, size_t size, int64_t off, uint64_t fh,
+                  uint64_t lock_owner);
+int ufs_fast_write(struct ufs_fast *fast, void *req, uint64_t ino, const char *buf, size_t size, int64_t off,
+                   uint64_t fh, int writepage);
+int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int cmd, uint64_t fh,
+                   unsigned int flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz);
+
+#endif
