@@ -142,12 +142,12 @@ def test_as_arrays_is_a_copy():
 def test_check_catches_broken_invariants():
     rm = RunMap(8, 0)
     rm.set(2, 4, 1)
-    rm._cv[0][1] = 0  # equal neighbours: no longer canonical
+    rm._internals()[1][0][1] = 0  # equal neighbours: no longer canonical
     with pytest.raises(AssertionError):
         rm.check()
     rm = RunMap(8, 0)
     rm.set(2, 4, 1)
-    rm._cs[0][1] = 9  # a run starting past the end
+    rm._internals()[0][0][1] = 9  # a run starting past the end
     with pytest.raises(AssertionError):
         rm.check()
 
@@ -222,7 +222,7 @@ def alternating(cls, npages: int, width: int = 1) -> tuple[RunMap, list[int]]:
 
 
 def chunks(rm: RunMap) -> int:
-    return len(rm._cs)
+    return len(rm._internals()[0])
 
 
 def apply(rm: RunMap, model: list[int], op: str, start: int, end: int, value: int) -> None:
@@ -245,7 +245,7 @@ def test_many_runs_split_chunks_within_bounds(cls):
     assert_matches(rm, model)
     assert len(rm) == 300
     assert chunks(rm) >= 300 // cls.CHUNK_RUNS, "300 runs cannot fit in fewer chunks"
-    assert all(cls.CHUNK_RUNS // 4 <= len(c) <= cls.CHUNK_RUNS for c in rm._cs)
+    assert all(cls.CHUNK_RUNS // 4 <= len(c) <= cls.CHUNK_RUNS for c in rm._internals()[0])
 
 
 @pytest.mark.parametrize("cls", [TinyRunMap, SmallRunMap])
@@ -275,12 +275,12 @@ def test_merges_across_chunk_edges(cls):
     rm, model = alternating(cls, 80)
     c = 1
     while c < chunks(rm):  # the first run of each chunk merges with the last run of the chunk before
-        edge = rm._firsts[c]
+        edge = rm._internals()[2][c]
         apply(rm, model, "set", edge, edge + 1, rm.value_at(edge - 1))
         c += 1
     rm, model = alternating(cls, 80)
     while chunks(rm) > 1:  # fill the run just before the second chunk's edge: three runs become one
-        edge = rm._firsts[1]
+        edge = rm._internals()[2][1]
         apply(rm, model, "set", edge - 1, edge, rm.value_at(edge))
     assert len(rm) <= cls.CHUNK_RUNS
 
@@ -314,15 +314,17 @@ def test_queries_across_chunk_edges(cls):
 
 def test_check_catches_broken_chunks():
     rm, _ = alternating(TinyRunMap, 40)
-    rm._cv[2][0] = rm._cv[1][-1]  # equal neighbours across a chunk edge
+    cv = rm._internals()[1]
+    cv[2][0] = cv[1][-1]  # equal neighbours across a chunk edge
     with pytest.raises(AssertionError):
         rm.check()
     rm, _ = alternating(TinyRunMap, 40)
-    rm._firsts[2] += 1  # the chunk index no longer matches the chunk
+    rm._internals()[2][2] += 1  # the chunk index no longer matches the chunk
     with pytest.raises(AssertionError):
         rm.check()
     rm, _ = alternating(TinyRunMap, 40)
-    rm._counts[1] += 1  # a page count out of step with the runs
+    counts = rm._internals()[3]  # (value, pages) pairs
+    counts[counts.tolist()[::2].index(1) * 2 + 1] += 1  # a page count out of step with the runs
     with pytest.raises(AssertionError):
         rm.check()
 
