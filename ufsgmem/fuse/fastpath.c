@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fastpath.h"
@@ -157,6 +158,8 @@ struct ufs_fast {
     struct fuse_session *se;
     atomic_int enabled;
     atomic_int inline_used;
+    atomic_int hold_wanted, held;     /* --low-latency (latency.py) */
+    atomic_int_fast64_t last_ns;
     pthread_rwlock_t lock;       /* files and handles; a leaf */
     struct ufs_map files;        /* mem inode -> struct ufs_file * (one reference) */
     struct ufs_map handles;      /* fh -> inode << 1 | writable */
@@ -208,6 +211,26 @@ void ufs_fast_free(struct ufs_fast *fast)
     free(fast->handles.vals);
     pthread_rwlock_destroy(&fast->lock);
     free(fast);
+}
+
+void ufs_fast_set_hold(struct ufs_fast *fast, int wanted) { atomic_store(&fast->hold_wanted, wanted != 0); }
+void ufs_fast_set_held(struct ufs_fast *fast, int held) { atomic_store(&fast->held, held != 0); }
+int64_t ufs_fast_last_ns(struct ufs_fast *fast) { return atomic_load(&fast->last_ns); }
+
+/* Whether C may serve a request now: switched on, and under --low-latency only while the hold is held
+   (the request's time is noted for its expiry); otherwise Python's hook must see it. */
+static int may_serve(struct ufs_fast *fast)
+{
+    if (!atomic_load_explicit(&fast->enabled, memory_order_relaxed))
+        return 0;
+    if (!atomic_load_explicit(&fast->hold_wanted, memory_order_relaxed))
+        return 1;
+    if (!atomic_load(&fast->held))
+        return 0;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    atomic_store(&fast->last_ns, (int64_t)now.tv_sec * 1000000000 + now.tv_nsec);
+    return 1;
 }
 
 int ufs_fast_inline_take(struct ufs_fast *fast)
@@ -443,7 +466,7 @@ enum action { PASS = 0, REPLY_DATA, REPLY_EIO };
 int ufs_fast_read(struct ufs_fast *fast, void *req, uint64_t ino, size_t size, int64_t off, uint64_t fh,
                   uint64_t lock_owner)
 {
-    if (!UFS_SERVES || !atomic_load(&fast->enabled) || lock_owner != 0 || off < 0)
+    if (!UFS_SERVES || !may_serve(fast) || lock_owner != 0 || off < 0)
         return passed(fast, ino, UFS_KIND_READ);
     struct ufs_file *f = file_of(fast, ino, fh, 0);
     if (f == NULL)
@@ -486,7 +509,7 @@ int ufs_fast_read(struct ufs_fast *fast, void *req, uint64_t ino, size_t size, i
 int ufs_fast_write(struct ufs_fast *fast, void *req, uint64_t ino, const char *buf, size_t size, int64_t off,
                    uint64_t fh, int writepage)
 {
-    if (!UFS_SERVES || !atomic_load(&fast->enabled) || !writepage || off < 0 || size == 0)
+    if (!UFS_SERVES || !may_serve(fast) || !writepage || off < 0 || size == 0)
         return passed(fast, ino, UFS_KIND_WRITE);
     struct ufs_file *f = file_of(fast, ino, fh, 0);
     if (f == NULL)
@@ -636,7 +659,7 @@ static int revoke_parts(struct ufs_fast *fast, struct ufs_file *f, int wb_fd, co
 int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int cmd, uint64_t fh,
                    unsigned int flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
-    if (!UFS_SERVES || !atomic_load(&fast->enabled) || cmd != UFS_KVM_SET_MEMORY_ATTRIBUTES2
+    if (!UFS_SERVES || !may_serve(fast) || cmd != UFS_KVM_SET_MEMORY_ATTRIBUTES2
             || (flags & FUSE_IOCTL_COMPAT) || in_bufsz != UFS_ATTRIBUTES2_SIZE || out_bufsz != UFS_ATTRIBUTES2_SIZE
             || fast->se == NULL)
         return passed(fast, ino, UFS_KIND_IOCTL);

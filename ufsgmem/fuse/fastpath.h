@@ -40,6 +40,11 @@ void ufs_fast_set_session(struct ufs_fast *fast, struct fuse_session *se);
 void ufs_fast_set_enabled(struct ufs_fast *fast, int enabled);
 int ufs_fast_enabled(struct ufs_fast *fast);
 void ufs_fast_free(struct ufs_fast *fast);                /* drops the files still registered */
+/* --low-latency: while the hold is held (Python's latency.py raises it), C notes the time of each request
+   it serves; while it is not, C passes requests to Python, whose hook raises it. */
+void ufs_fast_set_hold(struct ufs_fast *fast, int wanted);
+void ufs_fast_set_held(struct ufs_fast *fast, int held);
+int64_t ufs_fast_last_ns(struct ufs_fast *fast);           /* CLOCK_MONOTONIC of the last one C served */
 int ufs_fast_inline_take(struct ufs_fast *fast);          /* 1: a slot is ours (give it back), 0: none free */
 void ufs_fast_inline_give(struct ufs_fast *fast);
 void ufs_fast_counts(struct ufs_fast *fast, uint64_t *compiled, uint64_t *python);  /* [UFS_KINDS] each */

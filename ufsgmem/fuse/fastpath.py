@@ -10,8 +10,9 @@ is built in; a Python ``RunMap`` before), and the backend's memory (``Backend.me
 itself; a backend without one is always served by Python). Per session (:class:`FastPath`): which inodes
 are ``mem`` files, which handles are open on them, the inline slots and the counters.
 
-Caveat: under ``--low-latency`` every request must raise the CPU latency hold, which is Python's
-(``latency.py``), so the compiled path is off on such a mount.
+Under ``--low-latency`` the CPU latency hold is Python's (``latency.py``): while it is not held, C passes
+requests to Python, whose hook raises it; while it is, C notes the time of each request it serves, which
+the hold's expiry reads (:meth:`FastPath.last_request`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,19 @@ class FastPath:
     def serving(self) -> bool:
         """C serves requests: switched on, and built with the compiled core."""
         return self.ptr != ffi.NULL and bool(lib.ufs_fast_enabled(self.ptr)) and bool(lib.UFS_SERVES_BUILT)
+
+    def hold(self, wanted: bool) -> None:
+        """--low-latency: C serves only while the hold is held (``held``), noting each request's time."""
+        if self.ptr != ffi.NULL:
+            lib.ufs_fast_set_hold(self.ptr, int(wanted))
+
+    def held(self, held: bool) -> None:
+        if self.ptr != ffi.NULL:
+            lib.ufs_fast_set_held(self.ptr, int(held))
+
+    def last_request(self) -> float:
+        """``time.monotonic()`` of the last request C served under the hold (0 if none)."""
+        return 0.0 if self.ptr == ffi.NULL else lib.ufs_fast_last_ns(self.ptr) / 1e9
 
     def disable(self) -> None:
         if self.ptr != ffi.NULL:

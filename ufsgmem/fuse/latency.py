@@ -73,8 +73,23 @@ class LatencyHold:
         self._closed = False
         self._lock = threading.Lock()
         self._armed = threading.Event()
+        self._fast = None        # the session's compiled path (``attach``): it serves requests too
         self._write(NO_LIMIT)
         self._thread = threading.Thread(target=self._expire, name="ufsgmem-latency", daemon=True)
+
+    def attach(self, fast) -> None:
+        """Requests the compiled path (``fastpath.FastPath``) serves keep the hold too: C passes requests
+        to ``touch`` while the hold is not held, and notes the time of those it serves while it is."""
+        self._fast = fast
+        fast.hold(True)
+
+    def _held_now(self, held: bool) -> None:
+        self._held = held
+        if self._fast is not None:
+            self._fast.held(held)
+
+    def _latest(self) -> float:
+        return self._last if self._fast is None else max(self._last, self._fast.last_request())
 
     def start(self) -> None:
         """Start the thread that drops the limit (start it with the loop's signals blocked)."""
@@ -93,7 +108,7 @@ class LatencyHold:
                         log.warning("--low-latency: cannot raise the CPU latency limit, giving up: %s", exc)
                         self._closed = True
                         return
-                    self._held = True
+                    self._held_now(True)
                     self.raised += 1
                     self._armed.set()
 
@@ -103,13 +118,13 @@ class LatencyHold:
             with self._lock:
                 if self._closed:
                     return
-                left = self._last + self.window - time.monotonic()
+                left = self._latest() + self.window - time.monotonic()
                 if left <= 0:  # quiet for a whole window: let the CPUs sleep again
                     try:
                         self._write(NO_LIMIT)
                     except OSError as exc:  # cannot happen on the real device; closing ends the request too
                         log.warning("--low-latency: cannot drop the CPU latency limit: %s", exc)
-                    self._held = False
+                    self._held_now(False)
                     self._armed.clear()
                     continue
             time.sleep(left)
@@ -126,7 +141,7 @@ class LatencyHold:
             if self._fd < 0:
                 return
             self._closed = True
-            self._held = False
+            self._held_now(False)
             self._armed.set()
             os.close(self._fd)
             self._fd = -1

@@ -119,8 +119,9 @@ class Session:
 
     ``handler`` answers requests (see ``ops.Operations``); ``uid``/``gid``/``time_ns`` are the owner and
     times every inode shows; ``on_request``, if set, is called as each request arrives, before its
-    handler (``latency.LatencyHold.touch``). ``hot_path``: ``compiled`` lets C serve mem's common
-    requests (``fastpath.c``; off when ``on_request`` is set, a Python hook), ``python`` serves all here.
+    handler (``latency.LatencyHold.touch``; not for the requests C serves: the hold is told of those through
+    ``fast``, ``LatencyHold.attach``). ``hot_path``: ``compiled`` lets C serve mem's common requests
+    (``fastpath.c``), ``python`` serves all of them here.
     """
 
     def __init__(self, handler, options: list[str], *, uid: int, gid: int, time_ns: int, on_request=None,
@@ -133,8 +134,6 @@ class Session:
         if self._fast == ffi.NULL:
             raise MemoryError("cannot allocate the session's compiled path")
         self.fast = FastPath(self._fast, hot_path)
-        if on_request is not None:
-            self.fast.disable()
         argv = [ffi.new("char[]", a.encode()) for a in ["ufsgmem", "-o", ",".join(options)]]
         self._argv = argv
         self._se = lib.ufs_session_new(len(argv), ffi.new("char *[]", argv), self._fast)

@@ -269,6 +269,8 @@ class _Server:
 
         session = Session.serving(operations, options, uid=os.getuid(), gid=os.getgid(), time_ns=started_ns,
                                   on_request=None if hold is None else hold.touch, hot_path=hot_path)
+        if hold is not None:
+            hold.attach(session.fast)
         server = cls(mountpoint, session, hold, options)
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # libfuse installs its handlers only over the defaults
         return server
