@@ -84,9 +84,9 @@ def test_a_page_revoked_while_another_process_holds_it_dirty(gmem):
         round_trips(g, m, fd, 2, page=1)
         before = counts(g)
         for i in range(3):
-            assert in_child(lambda: m.__setitem__(slice(PS, PS + 4), b"ch%d" % i)) == 0
+            assert in_child(lambda: m.__setitem__(slice(PS, PS + 4), b"ch%02d" % i)) == 0
             assert convert(fd, PS, PS, private=True)[0] == 0
-            assert g.guest_read(PS, 4) == b"ch%d" % i
+            assert g.guest_read(PS, 4) == b"ch%02d" % i
             assert in_child(lambda: m[PS]) == -signal.SIGBUS
             assert convert(fd, PS, PS, private=False)[0] == 0
         d = delta(before, counts(g))

@@ -174,7 +174,8 @@ struct ufs_file {
     int closed;                  /* removed from its session: served by Python only (state) */
     int private_active;          /* the private view has served a page: conversions go to Python (state) */
     int in_place_conversion;
-    int wb_fd;                   /* our descriptor of mem for bulk write-back, or -1 (state) */
+    int wb_fd;                   /* our descriptor of mem for bulk write-back (ours to close), or -1 (state) */
+    int wb_inuse;                /* the one a conversion is writing back through now, or -1 (state) */
     char *base;                  /* the backend's memory, mapped here, or NULL */
     uint64_t size;
     struct runmap *cached;       /* Entry.cached: pages a fill handed out since their last revocation */
@@ -270,7 +271,7 @@ struct ufs_file *ufs_file_new(uint64_t ino, uintptr_t gmem, uint64_t size, int m
     f->ino = ino;
     f->size = size;
     f->in_place_conversion = in_place_conversion;
-    f->wb_fd = -1;
+    f->wb_fd = f->wb_inuse = -1;
     pthread_mutex_init(&f->state, NULL);
     pthread_mutex_init(&f->inval, NULL);
 #ifdef UFS_HAVE_RUNMAP
@@ -344,15 +345,11 @@ void ufs_file_set_private_active(struct ufs_file *f) { f->private_active = 1; } 
 
 int ufs_file_set_write_back(struct ufs_file *f, int fd)
 {
-    int mine = -1;
-    if (fd >= 0) {
-        mine = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-        if (mine < 0)
-            return -errno;
-    }
     pthread_mutex_lock(&f->state);
     int old = f->wb_fd;
-    f->wb_fd = mine;
+    f->wb_fd = fd;
+    if (old == f->wb_inuse)
+        old = -1;              /* the conversion writing back through it closes it when done */
     pthread_mutex_unlock(&f->state);
     if (old >= 0)
         close(old);
@@ -704,21 +701,29 @@ int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int 
     }
     mark_parts(f, &parts, 0);    /* before revoking: a page read meanwhile is marked again, for the next one */
     if (parts.n)
-        wb_fd = fcntl(f->wb_fd, F_DUPFD_CLOEXEC, 0);   /* ours for the revocation, whatever Python evicts */
+        wb_fd = f->wb_inuse = f->wb_fd;   /* kept open until we are done, whatever Python evicts meanwhile */
     pthread_mutex_unlock(&f->state);
 
     int err = parts.n ? revoke_parts(fast, f, wb_fd, &parts) : 0;
     pthread_mutex_lock(&f->state);
+    if (wb_fd >= 0) {
+        f->wb_inuse = -1;
+        if (f->wb_fd == wb_fd)
+            wb_fd = -1;        /* still registered: not ours to close below */
+    }
     if (err) {             /* fail closed: still possibly mapped, the attribute unchanged */
         mark_parts(f, &parts, 1);
         gmem_abort(gm);
         reply_err = -err;
     } else {
         r = gmem_commit(gm);
-        if (r < 0)
+        if (r < 0) {       /* nothing changed, still pending: abort, as the runner does */
+            mark_parts(f, &parts, 1);
+            gmem_abort(gm);
             reply_err = -r;
-        else if (revoked)
+        } else if (revoked) {
             gmem_count_revocation(gm, revoked);
+        }
     }
     pthread_mutex_unlock(&f->state);
     served = 1;

@@ -63,7 +63,9 @@ int ufs_file_trylock(struct ufs_file *file, int which);    /* 1 taken, 0 held el
 void ufs_file_unlock(struct ufs_file *file, int which);
 struct runmap *ufs_file_cached(struct ufs_file *file);     /* NULL without the compiled run map */
 void ufs_file_set_private_active(struct ufs_file *file);   /* the caller holds the state lock */
-int ufs_file_set_write_back(struct ufs_file *file, int fd);   /* a dup is kept; -1 drops it */
+/* the write-back descriptor: the file owns fd from now on and closes it when replaced, dropped (-1) or
+   freed (later, if a conversion is writing back through it) */
+int ufs_file_set_write_back(struct ufs_file *file, int fd);
 int ufs_file_memory_mapped(struct ufs_file *file);
 
 /* --- handles of mem --- */

@@ -83,9 +83,10 @@ class FastFile:
         lib.ufs_file_set_private_active(self.ptr)
 
     def set_write_back(self, fd: int | None) -> None:
-        err = lib.ufs_file_set_write_back(self.ptr, -1 if fd is None else fd)
-        if err < 0:  # C keeps none: conversions with cached pages then go to Python, which has its own
-            lib.ufs_file_set_write_back(self.ptr, -1)
+        """Hand the file's write-back descriptor to C, which closes it when it is replaced, dropped (None)
+        or the file freed, and not while a conversion of its own writes back through it. Python keeps
+        using the number while it is registered (``revoke.WriteBackFiles``)."""
+        lib.ufs_file_set_write_back(self.ptr, -1 if fd is None else fd)
 
 
 class FastPath:

@@ -48,7 +48,7 @@ class Files:
         self.charges = Charges(MemoryBudget(max_memory), Users(per_user, max_memory=max_memory))
         self.ns = Namespace(self.charges.users, on_free=functools.partial(give_back, self.charges), fast=fast)
         # our own descriptor of each mem, for bulk write-back (C's conversions get a dup of it)
-        self.write_back_files = WriteBackFiles(on_change=self._write_back_changed)
+        self.write_back_files = WriteBackFiles(hand_over=self._write_back_changed)
         self.transitions = Transitions(invalidator, self.charges, mountpoint=mountpoint,
                                        write_back_files=self.write_back_files)
         self.mem = Mem(self.charges)
@@ -68,9 +68,12 @@ class Files:
         self.status, self.snapshot = self.control.status, self.control.snapshot
         self.run_transition, self.drop_cache = self.transitions.run_transition, self.transitions.drop_cache
 
-    def _write_back_changed(self, dir_ino: int, fd: int | None) -> None:
-        """The write-back descriptor of a file was opened (fd) or closed (None): the compiled path's
-        conversions write back through a dup of the same one."""
+    def _write_back_changed(self, dir_ino: int, fd: int | None) -> bool:
+        """The write-back descriptor of a file was opened (fd) or dropped (None): its ``FastFile`` owns it
+        (the compiled path's conversions write back through it too). False if the file is gone (freed: C
+        closed its descriptor then)."""
         entry = self.ns.entry_of(dir_ino)
-        if entry is not None:
-            entry.file.set_write_back(fd)
+        if entry is None:
+            return False
+        entry.file.set_write_back(fd)
+        return True

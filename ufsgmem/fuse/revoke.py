@@ -57,13 +57,15 @@ class WriteBackFiles:
 
     ``use`` blocks on FUSE requests of this very mount (LOOKUP, OPEN), which other loop threads serve.
     Callers serialise per file (the file's lock); a descriptor in use is never closed to make room.
-    ``on_change(key, fd or None)`` is told of every descriptor opened and closed (outside the lock), so
-    the compiled hot path keeps a dup of exactly the open ones.
+    ``hand_over(key, fd or None)``, if given, owns the descriptors: it is given each one opened and told of
+    each one dropped (outside the lock), and closes it itself (the compiled hot path writes back through
+    it too, ``fastpath.py``); it returns False for a key it has no file for any more (freed: already
+    closed). Without it, descriptors are closed here.
     """
 
-    def __init__(self, limit: int = LIMIT, on_change=None):
+    def __init__(self, limit: int = LIMIT, hand_over=None):
         self.limit = limit
-        self.on_change = on_change if on_change is not None else (lambda key, fd: None)
+        self.hand_over = hand_over
         self._fds: OrderedDict[object, int] = OrderedDict()  # least recently used first
         self._busy: set = set()
         self._lock = threading.Lock()
@@ -86,7 +88,8 @@ class WriteBackFiles:
                     self._fds[key] = fd
                     self._busy.add(key)
                     evicted = self._evict()
-                self.on_change(key, fd)
+                if self.hand_over is not None and not self.hand_over(key, fd):
+                    _close([fd])  # nobody to take it: freed meanwhile
                 self._close(evicted)
         try:
             yield fd
@@ -105,9 +108,11 @@ class WriteBackFiles:
         return out
 
     def _close(self, items) -> None:
+        if self.hand_over is None:
+            _close(fd for _key, fd in items)
+            return
         for key, _fd in items:
-            self.on_change(key, None)
-        _close(fd for _key, fd in items)
+            self.hand_over(key, None)  # its owner closes it (or did, when the file was freed)
 
     def close(self, key) -> None:
         with self._lock:
