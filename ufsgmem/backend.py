@@ -92,7 +92,9 @@ class Backend(abc.ABC):
         ``write`` changes), or None. With one, the server's compiled hot path serves page fills and
         write-backs of allocated pages from its own mapping of it, without calling the backend; without
         one, every request is served through ``view``/``write`` (slower, same answers). Only offer it if
-        ``view``/``write`` do nothing but read and write that memory."""
+        ``view``/``write`` do nothing but read and write that memory, and ``allocate`` only makes it present
+        (the hot path allocates a written page by faulting it in through its mapping, which gets
+        MADV_HUGEPAGE if the class sets ``memory_hugepage``)."""
         return None
 
     def info(self) -> dict:

@@ -76,7 +76,13 @@ size_t ufs_add_direntry(fuse_req_t req, char *buf, size_t bufsize, const char *n
 /* --- the compiled hot path (fastpath.h) --- */
 struct ufs_fast;
 struct ufs_file;
+struct ufs_counter;
 struct runmap;
+struct ufs_counter *ufs_counter_new(int64_t bound);
+void ufs_counter_put(struct ufs_counter *c);
+int ufs_counter_take(struct ufs_counter *c, int64_t n, int force);
+int ufs_counter_give(struct ufs_counter *c, int64_t n);
+int64_t ufs_counter_held(struct ufs_counter *c);
 #define UFS_INLINE_SLOTS ...
 #define UFS_KINDS ...
 #define UFS_LOCK_STATE ...
@@ -106,6 +112,10 @@ struct runmap *ufs_file_cached(struct ufs_file *file);
 void ufs_file_set_private_active(struct ufs_file *file);
 int ufs_file_set_write_back(struct ufs_file *file, int fd);
 int ufs_file_memory_mapped(struct ufs_file *file);
+void ufs_file_advise_huge(struct ufs_file *file);
+void ufs_file_set_counters(struct ufs_file *file, struct ufs_counter *user, struct ufs_counter *mount);
+int64_t ufs_file_charged(struct ufs_file *file);
+void ufs_file_set_charged(struct ufs_file *file, int64_t charged);
 int ufs_fast_open(struct ufs_fast *fast, uint64_t fh, uint64_t ino, int writable);
 void ufs_fast_release(struct ufs_fast *fast, uint64_t fh);
 
@@ -144,6 +154,7 @@ SOURCE = r"""
 #include <sys/statvfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include "counter.h"
 #include "fastpath.h"
 
 #if defined(UFS_HAVE_RUNMAP) && defined(UFS_HAVE_GMEM)
@@ -439,7 +450,7 @@ def _pkg_config(*args: str) -> list[str]:
 def _core_sources() -> tuple[list[str], list[tuple[str, str]]]:
     """The compiled core's sources this module includes (the same files as ``ufsgmem.core._core``), and
     the macros saying which exist: the hot path serves requests only with both run map and rules."""
-    sources, macros = [os.path.join(HERE, "fastpath.c")], []
+    sources, macros = [os.path.join(HERE, "fastpath.c"), os.path.join(HERE, "counter.c")], []
     for name, macro in (("runmap.c", "UFS_HAVE_RUNMAP"), ("gmem.c", "UFS_HAVE_GMEM")):
         path = os.path.join(CORE, name)
         if os.path.exists(path):

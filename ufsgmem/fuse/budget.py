@@ -23,12 +23,12 @@ of an ``--allow-other`` mount cannot take the whole cap; a refusal by either lea
 from __future__ import annotations
 
 import errno
-import threading
 from typing import TYPE_CHECKING
 
 from ..address import format_size
 from ..errors import fail
 from ..uapi import PAGE_SHIFT, PAGE_SIZE
+from .fastpath import Counter
 from .users import Users
 
 if TYPE_CHECKING:
@@ -36,32 +36,32 @@ if TYPE_CHECKING:
 
 
 class MemoryBudget:
-    """Committed bytes of a mount against an optional cap; thread-safe."""
+    """Committed bytes of a mount against an optional cap; thread-safe. The count is a C counter
+    (``fastpath.Counter``) that the compiled hot path charges too."""
 
     def __init__(self, cap: int | None = None):
         if cap is not None and cap <= 0:
             raise ValueError(f"a memory cap must be positive, not {cap}")
         self.cap = cap
-        self.committed = 0
-        self._lock = threading.Lock()
+        self.counter = Counter(cap)
+
+    @property
+    def committed(self) -> int:
+        return self.counter.held
 
     def charge(self, nbytes: int, *, force: bool = False) -> None:
         """Commit ``nbytes`` more; ENOMEM (and nothing committed) past the cap unless ``force``d."""
-        with self._lock:
-            if not force and self.cap is not None and self.committed + nbytes > self.cap:
-                raise fail(errno.ENOMEM, f"{format_size(nbytes)} more would pass the mount's memory cap: "
-                                         f"{format_size(self.committed)} of {format_size(self.cap)} committed "
-                                         "(ufsgmem mount --max-memory)")
-            self.committed += nbytes
+        if not self.counter.take(nbytes, force):
+            raise fail(errno.ENOMEM, f"{format_size(nbytes)} more would pass the mount's memory cap: "
+                                     f"{format_size(self.committed)} of {format_size(self.cap)} committed "
+                                     "(ufsgmem mount --max-memory)")
 
     def uncharge(self, nbytes: int) -> None:
         """Give back ``nbytes`` that were charged. Giving back more than is committed is a bug (memory
         committed without a charge, which would let the cap be passed), refused before anything changes."""
-        with self._lock:
-            if not 0 <= nbytes <= self.committed:
-                raise AssertionError(f"uncharging {nbytes} bytes of {self.committed} committed: some path "
-                                     "committed memory without charging it")
-            self.committed -= nbytes
+        if not self.counter.give(nbytes):
+            raise AssertionError(f"uncharging {nbytes} bytes of {self.committed} committed: some path "
+                                 "committed memory without charging it")
 
     def status(self) -> dict:
         return {"max": self.cap, "committed": self.committed}

@@ -35,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "counter.h"
 #include "fastpath.h"
 #ifdef UFS_HAVE_RUNMAP
 #include "runmap.h"
@@ -49,6 +50,7 @@
 #define UFS_ATTRIBUTES2_SIZE 128
 #define UFS_ERROR_OFFSET_AT 32        /* offsetof(struct kvm_memory_attributes2, error_offset) */
 #define UFS_PRIVATE 8ull              /* KVM_MEMORY_ATTRIBUTE_PRIVATE */
+#define UFS_ZEROS (4u << 20)          /* the largest fill of a hole C answers (FUSE's max_pages * 4 KiB) */
 
 /* ---- a small open-addressing map uint64 -> uint64 (key 0 never used: inodes and handles start at 1) ---- */
 #define MAP_EMPTY 0ull
@@ -160,6 +162,7 @@ struct ufs_fast {
     atomic_int inline_used;
     atomic_int hold_wanted, held;     /* --low-latency (latency.py) */
     atomic_int_fast64_t last_ns;
+    const char *zeros;           /* a read-only mapping of zeros, UFS_ZEROS bytes, for fills of holes */
     pthread_rwlock_t lock;       /* files and handles; a leaf */
     struct ufs_map files;        /* mem inode -> struct ufs_file * (one reference) */
     struct ufs_map handles;      /* fh -> inode << 1 | writable */
@@ -179,6 +182,8 @@ struct ufs_file {
     char *base;                  /* the backend's memory, mapped here, or NULL */
     uint64_t size;
     struct runmap *cached;       /* Entry.cached: pages a fill handed out since their last revocation */
+    int64_t charged;             /* Entry.charged: bytes of the budget this file holds (state) */
+    struct ufs_counter *user_mem, *mount_mem;   /* where its charges go (budget.py), or NULL */
     void *gm;                    /* struct gmem *, our own reference, or NULL */
 };
 
@@ -188,6 +193,8 @@ struct ufs_fast *ufs_fast_new(void *py)
     if (fast == NULL)
         return NULL;
     fast->py = py;
+    void *zeros = mmap(NULL, UFS_ZEROS, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    fast->zeros = zeros == MAP_FAILED ? NULL : zeros;   /* none: holes are filled by Python */
     atomic_init(&fast->enabled, 0);
     atomic_init(&fast->inline_used, 0);
     pthread_rwlock_init(&fast->lock, NULL);
@@ -211,6 +218,8 @@ void ufs_fast_free(struct ufs_fast *fast)
     free(fast->handles.keys);
     free(fast->handles.vals);
     pthread_rwlock_destroy(&fast->lock);
+    if (fast->zeros != NULL)
+        munmap((void *)fast->zeros, UFS_ZEROS);
     free(fast);
 }
 
@@ -326,6 +335,8 @@ void ufs_file_put(struct ufs_file *f)
     if (f == NULL || atomic_fetch_sub(&f->refs, 1) != 1)
         return;
     release_resources(f);
+    ufs_counter_put(f->user_mem);
+    ufs_counter_put(f->mount_mem);
 #ifdef UFS_HAVE_RUNMAP
     runmap_free(f->cached);
 #endif
@@ -340,6 +351,55 @@ int ufs_file_trylock(struct ufs_file *f, int which) { return pthread_mutex_trylo
 void ufs_file_unlock(struct ufs_file *f, int which) { pthread_mutex_unlock(lock_of(f, which)); }
 struct runmap *ufs_file_cached(struct ufs_file *f) { return f->cached; }
 int ufs_file_memory_mapped(struct ufs_file *f) { return f->base != NULL; }
+
+void ufs_file_advise_huge(struct ufs_file *f)
+{
+    /* pages our write-backs allocate get huge folios as the backend's own faults do */
+    if (f->base != NULL)
+        madvise(f->base, f->size, MADV_HUGEPAGE);
+}
+
+void ufs_file_set_counters(struct ufs_file *f, struct ufs_counter *user, struct ufs_counter *mount)
+{
+    ufs_counter_get(user);
+    ufs_counter_get(mount);
+    pthread_mutex_lock(&f->state);
+    struct ufs_counter *old_user = f->user_mem, *old_mount = f->mount_mem;
+    f->user_mem = user;
+    f->mount_mem = mount;
+    pthread_mutex_unlock(&f->state);
+    ufs_counter_put(old_user);
+    ufs_counter_put(old_mount);
+}
+
+int64_t ufs_file_charged(struct ufs_file *f) { return f->charged; }
+void ufs_file_set_charged(struct ufs_file *f, int64_t charged) { f->charged = charged; }
+
+/* Charge n more bytes for the file: its owner's bound first, then the mount's cap (budget.py's order);
+   -ENOMEM with nothing counted if either refuses (unless force). State held. */
+static int charge(struct ufs_file *f, int64_t n, int force)
+{
+    if (n <= 0)
+        return 0;
+    if (ufs_counter_take(f->user_mem, n, force) < 0)
+        return -ENOMEM;
+    if (ufs_counter_take(f->mount_mem, n, force) < 0) {
+        ufs_counter_give(f->user_mem, n);
+        return -ENOMEM;
+    }
+    f->charged += n;
+    return 0;
+}
+
+/* Give n bytes of the file's charge back (never more than it holds). State held. */
+static void refund(struct ufs_file *f, int64_t n)
+{
+    if (n <= 0 || n > f->charged)
+        return;
+    f->charged -= n;
+    ufs_counter_give(f->mount_mem, n);
+    ufs_counter_give(f->user_mem, n);
+}
 
 void ufs_file_set_private_active(struct ufs_file *f) { f->private_active = 1; }   /* state held */
 
@@ -457,7 +517,101 @@ static struct ufs_file *file_of(struct ufs_fast *fast, uint64_t ino, uint64_t fh
 #define UFS_SERVES 0
 #endif
 
-enum action { PASS = 0, REPLY_DATA, REPLY_EIO };
+enum action { PASS = 0, REPLY_DATA, REPLY_ZEROS, REPLY_EIO };
+
+#if UFS_SERVES
+#define RUNS_AT_ONCE 64
+
+static uint64_t first_page(uint64_t off) { return off >> UFS_PAGE_SHIFT; }
+static uint64_t end_page(uint64_t end) { return (end + UFS_PAGE_SIZE - 1) >> UFS_PAGE_SHIFT; }
+
+/* Whether C may change this file's charge: its counters are set and a folio is one page (the charge is
+   then per page: a hugetlb file's folios are all allocated at creation anyway). */
+static int charges_here(struct ufs_file *f, struct gmem *gm)
+{
+    return f->user_mem != NULL && f->mount_mem != NULL && gm->folio_size == UFS_PAGE_SIZE;
+}
+
+/* Pages of [first, last) neither allocated nor possibly cached: the ones not committed (budget.py), for
+   a file whose folio is one page. A change's charge is the change of this count. State held. */
+static uint64_t uncommitted(struct ufs_file *f, struct gmem *gm, uint64_t first, uint64_t last)
+{
+    uint64_t starts[RUNS_AT_ONCE], cursor = first, n = 0;
+    int64_t values[RUNS_AT_ONCE];
+    while (cursor < last) {
+        uint64_t got = runmap_runs(gm->allocated, &cursor, last, starts, values, RUNS_AT_ONCE);
+        for (uint64_t i = 0; i < got; i++) {
+            uint64_t end = i + 1 < got ? starts[i + 1] : cursor;
+            if (values[i] == 0)
+                n += runmap_count(f->cached, 0, starts[i], end);
+        }
+        if (got == 0)
+            break;
+    }
+    return n;
+}
+
+/* A fill, state held: what to answer, and with how many bytes (*n, clamped to EOF as mem.py does). */
+static enum action fill_locked(struct ufs_fast *fast, struct ufs_file *f, struct gmem *gm, int64_t off, uint64_t *n)
+{
+    if ((uint64_t)off < gm->size && *n > gm->size - off)
+        *n = gm->size - off;
+    struct gmem_err e;
+    int r = gmem_check_host(gm, off, (int64_t)*n, 0, &e);
+    if (r == -EFAULT)
+        return REPLY_EIO;              /* a private page or past EOF: SIGBUS for the fault */
+    if (r != 0 || *n == 0)
+        return PASS;                   /* a pending punch: Python reads around it */
+    uint64_t first = first_page(off), last = end_page(off + *n);
+    if (runmap_is_uniform(gm->allocated, first, last, 1))   /* committed already: no charge moves */
+        return runmap_set(f->cached, first, last, 1) == 0 ? REPLY_DATA : PASS;
+    if (!runmap_is_uniform(gm->allocated, first, last, 0) || !charges_here(f, gm) || fast->zeros == NULL
+            || *n > UFS_ZEROS)
+        return PASS;                   /* part allocated: Python copies the allocated parts */
+    /* never allocated: zeros, without allocating; the pages not yet cached are charged now, so their
+       write-back never needs more memory (ENOMEM past the bounds: Python answers it, with its reason) */
+    int64_t need = (int64_t)runmap_count(f->cached, 0, first, last) << UFS_PAGE_SHIFT;
+    if (charge(f, need, 0) < 0)
+        return PASS;
+    if (runmap_set(f->cached, first, last, 1) < 0) {
+        refund(f, need);
+        return PASS;
+    }
+    return REPLY_ZEROS;
+}
+
+/* A write-back, state held. */
+static enum action write_back_locked(struct ufs_file *f, struct gmem *gm, const char *buf, size_t size, int64_t off)
+{
+    struct gmem_err e;
+    int r = gmem_check_host(gm, off, (int64_t)size, 1, &e);
+    if (r == -EFAULT)
+        return REPLY_EIO;
+    if (r != 0)
+        return PASS;
+    uint64_t first = first_page(off), last = end_page(off + size);
+    if (runmap_is_uniform(gm->allocated, first, last, 1)) {
+        memcpy(f->base + off, buf, size);   /* under the lock: a punch cannot free it meanwhile */
+        return REPLY_DATA;
+    }
+    if (!charges_here(f, gm))
+        return PASS;
+    /* first use allocates (the core's span), as host_write does; the fill charged the pages it handed
+       out, so only a write-back racing its page's revocation commits more: charged, never refused */
+    uint64_t before = uncommitted(f, gm, first, last), a, b;
+    if (gmem_touch_span(gm, off, size, &a, &b) > 0) {
+        if (madvise(f->base + (a << UFS_PAGE_SHIFT), (b - a) << UFS_PAGE_SHIFT, MADV_POPULATE_WRITE) != 0)
+            return PASS;                /* Python allocates through the backend and reports the error */
+        if (gmem_set_allocated(gm, a, b, 0) < 0)
+            return PASS;
+    }
+    memcpy(f->base + off, buf, size);
+    uint64_t after = uncommitted(f, gm, first, last);
+    if (before > after)
+        charge(f, (int64_t)(before - after) << UFS_PAGE_SHIFT, 1);
+    return REPLY_DATA;
+}
+#endif
 
 /* ---- READ: a page fill ---- */
 int ufs_fast_read(struct ufs_fast *fast, void *req, uint64_t ino, size_t size, int64_t off, uint64_t fh,
@@ -471,28 +625,15 @@ int ufs_fast_read(struct ufs_fast *fast, void *req, uint64_t ino, size_t size, i
     enum action act = PASS;
     uint64_t n = size;
 #if UFS_SERVES
-    if (f->base != NULL && f->gm != NULL) {
-        struct gmem *gm = f->gm;
-        pthread_mutex_lock(&f->state);
-        if (!f->closed) {
-            if ((uint64_t)off < gm->size && n > gm->size - off)
-                n = gm->size - off;        /* to EOF, as mem.py clamps */
-            struct gmem_err e;
-            int r = gmem_check_host(gm, off, (int64_t)n, 0, &e);
-            if (r == -EFAULT) {
-                act = REPLY_EIO;
-            } else if (r == 0 && n > 0) {
-                uint64_t first = (uint64_t)off >> UFS_PAGE_SHIFT, last = ((uint64_t)off + n + UFS_PAGE_SIZE - 1) >> UFS_PAGE_SHIFT;
-                /* allocated: committed already, so the cached mark moves no charge (budget.py) */
-                if (runmap_is_uniform(gm->allocated, first, last, 1) && runmap_set(f->cached, first, last, 1) == 0)
-                    act = REPLY_DATA;
-            }
-        }
-        pthread_mutex_unlock(&f->state);
-    }
+    pthread_mutex_lock(&f->state);
+    if (!f->closed && f->base != NULL && f->gm != NULL)
+        act = fill_locked(fast, f, f->gm, off, &n);
+    pthread_mutex_unlock(&f->state);
 #endif
     if (act == REPLY_DATA)
         fuse_reply_buf(req, f->base + off, n);   /* our reference keeps the mapping */
+    else if (act == REPLY_ZEROS)
+        fuse_reply_buf(req, fast->zeros, n);
     else if (act == REPLY_EIO)
         fuse_reply_err(req, EIO);
     request_done(f);
@@ -513,25 +654,10 @@ int ufs_fast_write(struct ufs_fast *fast, void *req, uint64_t ino, const char *b
         return passed(fast, ino, UFS_KIND_WRITE);
     enum action act = PASS;
 #if UFS_SERVES
-    if (f->base != NULL && f->gm != NULL) {
-        struct gmem *gm = f->gm;
-        pthread_mutex_lock(&f->state);
-        if (!f->closed) {
-            struct gmem_err e;
-            int r = gmem_check_host(gm, off, (int64_t)size, 1, &e);
-            if (r == -EFAULT) {
-                act = REPLY_EIO;
-            } else if (r == 0) {
-                uint64_t first = (uint64_t)off >> UFS_PAGE_SHIFT;
-                uint64_t last = ((uint64_t)off + size + UFS_PAGE_SIZE - 1) >> UFS_PAGE_SHIFT;
-                if (runmap_is_uniform(gm->allocated, first, last, 1)) {
-                    memcpy(f->base + off, buf, size);   /* under the lock: a punch cannot free it meanwhile */
-                    act = REPLY_DATA;
-                }
-            }
-        }
-        pthread_mutex_unlock(&f->state);
-    }
+    pthread_mutex_lock(&f->state);
+    if (!f->closed && f->base != NULL && f->gm != NULL)
+        act = write_back_locked(f, f->gm, buf, size, off);
+    pthread_mutex_unlock(&f->state);
 #endif
     if (act == REPLY_DATA)
         fuse_reply_write(req, size);
@@ -575,11 +701,9 @@ static int parts_add(struct parts *p, uint64_t start, uint64_t end)
     return 0;
 }
 
-#define RUNS_AT_ONCE 64
-
-/* For a to-private request on a well-formed range [first, last): 1 if the C path may run it, i.e. every
-   cached page of it is allocated (a revocation of an unallocated cached page releases a charge, which is
-   Python's) and, if any page is cached, a write-back descriptor is registered (Python opens one). */
+/* For a to-private request on a well-formed range [first, last): 1 if the C path may run it, i.e. if any
+   page is cached, a write-back descriptor is registered (Python opens one), and every cached page is
+   allocated unless C may move the file's charge (revoking an unallocated cached page releases it). */
 static int to_private_ours(struct ufs_file *f, struct gmem *gm, uint64_t first, uint64_t last)
 {
     uint64_t starts[RUNS_AT_ONCE], cursor = first;
@@ -588,6 +712,8 @@ static int to_private_ours(struct ufs_file *f, struct gmem *gm, uint64_t first, 
         return 1;
     if (f->wb_fd < 0)
         return 0;
+    if (charges_here(f, gm))
+        return 1;
     while (cursor < last) {
         uint64_t got = runmap_runs(f->cached, &cursor, last, starts, values, RUNS_AT_ONCE);
         for (uint64_t i = 0; i < got; i++) {
@@ -631,10 +757,25 @@ static int collect_parts(struct ufs_file *f, struct gmem *gm, struct parts *part
     }
 }
 
-static void mark_parts(struct ufs_file *f, const struct parts *parts, int64_t value)
+/* Mark the parts possibly cached (1) or not (0), keeping the file's charge (transitions.py's
+   _mark_cached): unmarking an unallocated page gives its charge back, re-marking it (fail closed) takes
+   it again, never refused. State held. */
+static void mark_parts(struct ufs_file *f, struct gmem *gm, const struct parts *parts, int64_t value)
 {
+    if (parts->n == 0)
+        return;
+    uint64_t first = first_page(parts->start[0]), last = end_page(parts->end[parts->n - 1]);
+    int counting = charges_here(f, gm);
+    uint64_t before = counting ? uncommitted(f, gm, first, last) : 0;
     for (size_t i = 0; i < parts->n; i++)
         runmap_set(f->cached, parts->start[i] >> UFS_PAGE_SHIFT, parts->end[i] >> UFS_PAGE_SHIFT, value);
+    if (!counting)
+        return;
+    uint64_t after = uncommitted(f, gm, first, last);
+    if (after > before)
+        refund(f, (int64_t)(after - before) << UFS_PAGE_SHIFT);
+    else if (before > after)
+        charge(f, (int64_t)(before - after) << UFS_PAGE_SHIFT, 1);
 }
 
 /* Write back, then unmap, the parts (revoke.py's InodeInvalidator.revoke with a descriptor); 0 or -errno. */
@@ -699,7 +840,7 @@ int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int 
         gmem_abort(gm);
         goto unlock_pass;
     }
-    mark_parts(f, &parts, 0);    /* before revoking: a page read meanwhile is marked again, for the next one */
+    mark_parts(f, gm, &parts, 0);    /* before revoking: a page read meanwhile is marked again, for the next one */
     if (parts.n)
         wb_fd = f->wb_inuse = f->wb_fd;   /* kept open until we are done, whatever Python evicts meanwhile */
     pthread_mutex_unlock(&f->state);
@@ -712,13 +853,13 @@ int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int 
             wb_fd = -1;        /* still registered: not ours to close below */
     }
     if (err) {             /* fail closed: still possibly mapped, the attribute unchanged */
-        mark_parts(f, &parts, 1);
+        mark_parts(f, gm, &parts, 1);
         gmem_abort(gm);
         reply_err = -err;
     } else {
         r = gmem_commit(gm);
         if (r < 0) {       /* nothing changed, still pending: abort, as the runner does */
-            mark_parts(f, &parts, 1);
+            mark_parts(f, gm, &parts, 1);
             gmem_abort(gm);
             reply_err = -r;
         } else if (revoked) {

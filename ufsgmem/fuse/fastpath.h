@@ -32,6 +32,7 @@ struct ufs_fast;
 struct ufs_file;
 struct fuse_session;
 struct runmap;
+struct ufs_counter;
 
 /* --- the session's part --- */
 struct ufs_fast *ufs_fast_new(void *py);
@@ -67,6 +68,13 @@ void ufs_file_set_private_active(struct ufs_file *file);   /* the caller holds t
    freed (later, if a conversion is writing back through it) */
 int ufs_file_set_write_back(struct ufs_file *file, int fd);
 int ufs_file_memory_mapped(struct ufs_file *file);
+void ufs_file_advise_huge(struct ufs_file *file);          /* the backend's own mapping asks for THP */
+/* Memory charges (budget.py): the counters its charges go to (its owner's bound, the mount's cap), and
+   its own charge in bytes, read and changed by Python with the state lock held. Without counters, C
+   serves nothing that changes a charge. */
+void ufs_file_set_counters(struct ufs_file *file, struct ufs_counter *user, struct ufs_counter *mount);
+int64_t ufs_file_charged(struct ufs_file *file);
+void ufs_file_set_charged(struct ufs_file *file, int64_t charged);
 
 /* --- handles of mem --- */
 int ufs_fast_open(struct ufs_fast *fast, uint64_t fh, uint64_t ino, int writable);

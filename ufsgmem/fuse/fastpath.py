@@ -53,6 +53,33 @@ class CLock:
         lib.ufs_file_unlock(self._file, self._which)
 
 
+class Counter:
+    """Bytes counted against an optional bound (``counter.c``), shared with the compiled path: the mount's
+    memory budget and each user's memory bound, so a fill charged in C and one charged in Python change
+    the same count. ``take`` never passes the bound, even with concurrent takes."""
+
+    __slots__ = ("ptr", "bound")
+
+    def __init__(self, bound: int | None):
+        ptr = lib.ufs_counter_new(-1 if bound is None else bound)
+        if ptr == ffi.NULL:
+            raise MemoryError("cannot allocate a counter")
+        self.ptr = ffi.gc(ptr, lib.ufs_counter_put)
+        self.bound = bound
+
+    def take(self, nbytes: int, force: bool = False) -> bool:
+        """Count ``nbytes`` more; False (nothing counted) past the bound unless ``force``."""
+        return lib.ufs_counter_take(self.ptr, nbytes, int(force)) == 0
+
+    def give(self, nbytes: int) -> bool:
+        """Give ``nbytes`` back; False (nothing changed) if that is more than is held."""
+        return lib.ufs_counter_give(self.ptr, nbytes) == 0
+
+    @property
+    def held(self) -> int:
+        return lib.ufs_counter_held(self.ptr)
+
+
 class FastFile:
     """One ``mem`` file as C sees it (``struct ufs_file``), made with its ``Entry``: ``gm``'s compiled
     state if it has one (``GuestMemfd.address``), its backend's memory if it offers it."""
@@ -67,8 +94,23 @@ class FastFile:
         if ptr == ffi.NULL:
             raise OSError(-err[0], f"cannot prepare the compiled path of inode {ino}: {os.strerror(-err[0])}")
         self.ptr = ffi.gc(ptr, lib.ufs_file_put)
+        if getattr(gm.backend, "memory_hugepage", False):
+            lib.ufs_file_advise_huge(self.ptr)
         self.state = CLock(self.ptr, lib.UFS_LOCK_STATE)
         self.lock = CLock(self.ptr, lib.UFS_LOCK_INVAL)
+
+    def set_counters(self, user: Counter, mount: Counter) -> None:
+        """Where this file's charges go: its owner's memory bound and the mount's budget (``budget.py``)."""
+        lib.ufs_file_set_counters(self.ptr, user.ptr, mount.ptr)
+
+    @property
+    def charged(self) -> int:
+        """Bytes of the budget the file holds (``Entry.charged``; state held to change it)."""
+        return lib.ufs_file_charged(self.ptr)
+
+    @charged.setter
+    def charged(self, value: int) -> None:
+        lib.ufs_file_set_charged(self.ptr, value)
 
     def cached_map(self, npages: int):
         """The possibly-cached map: C's (shared with the hot path) if the compiled run map is built in."""

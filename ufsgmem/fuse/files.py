@@ -46,7 +46,9 @@ class Files:
                  max_memory: int | None = None, per_user: UserLimits | None = None, fast: FastPath | None = None):
         #: what the mount has committed, against --max-memory (``budget.py``)
         self.charges = Charges(MemoryBudget(max_memory), Users(per_user, max_memory=max_memory))
-        self.ns = Namespace(self.charges.users, on_free=functools.partial(give_back, self.charges), fast=fast)
+        self.ns = Namespace(self.charges.users, on_free=functools.partial(give_back, self.charges), fast=fast,
+                            counters=lambda uid: (self.charges.users.memory_counter(uid),
+                                                  self.charges.budget.counter))
         # our own descriptor of each mem, for bulk write-back (C's conversions get a dup of it)
         self.write_back_files = WriteBackFiles(hand_over=self._write_back_changed)
         self.transitions = Transitions(invalidator, self.charges, mountpoint=mountpoint,

@@ -44,7 +44,7 @@ import ctypes
 import errno
 import itertools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from ..address import Range
 from ..gmem import GuestMemfd
@@ -115,8 +115,8 @@ class Entry:
     in_place_conversion: bool = True
     #: (uid, gid) of the user who created it: its directory and files belong to that user
     owner: tuple[int, int] | None = None
-    #: bytes of the mount's memory budget this file holds (``budget.py``; guarded by ``state``)
-    charged: int = 0
+    #: bytes of the mount's memory budget this file holds at creation (then ``charged``, kept in C)
+    initial_charge: InitVar[int] = 0
     #: bytes of the machine's hugetlb pool it holds, against its owner's ``huge`` bound (``users.py``)
     huge: int = 0
     #: Pages of ``private`` a fill handed out since their last revocation (None until the view serves one;
@@ -126,8 +126,9 @@ class Entry:
     #: guarded by ``state``, set and cleared under ``lock``).
     private_closing: Range | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, initial_charge: int) -> None:
         self.file = FastFile(self.ino("mem"), self.gm, self.in_place_conversion)
+        self.file.charged = initial_charge
         self.lock, self.state = self.file.lock, self.file.state
         self.cached = self.file.cached_map(self.gm.size >> PAGE_SHIFT)
 
@@ -177,9 +178,15 @@ class Entry:
         step = self.gm.folio_size >> PAGE_SHIFT
         return -(-last // step) - first // step
 
+    @property
+    def charged(self) -> int:
+        """Bytes of the mount's memory budget this file holds (``budget.py``; changed with ``state`` held,
+        by Python's methods below or by the compiled hot path's fills)."""
+        return self.file.charged
+
     def take_charge(self, nbytes: int) -> None:
         """``nbytes`` more of the budget are its own (the budget granted them)."""
-        self.charged += nbytes
+        self.file.charged += nbytes
 
     def give_charge(self, nbytes: int) -> None:
         """Give back ``nbytes`` of its charge. A file never gives back more than it was charged: the count
@@ -188,7 +195,7 @@ class Entry:
         if nbytes > self.charged:
             raise AssertionError(f"{self.name!r} gives back {nbytes} bytes but was charged {self.charged}: "
                                  "some path committed memory without charging it")
-        self.charged -= nbytes
+        self.file.charged -= nbytes
 
 
 @dataclass
@@ -209,8 +216,10 @@ class Handle:
 class Namespace:
     """Names, inodes and handles of one mount; every method takes ``lock`` itself."""
 
-    def __init__(self, users: Users | None = None, on_free=None, fast: FastPath | None = None):
+    def __init__(self, users: Users | None = None, on_free=None, fast: FastPath | None = None, counters=None):
         self.lock = threading.Lock()
+        #: ``counters(uid)``: the (owner's, mount's) memory counters a file's charges go to (``budget.py``)
+        self.counters = counters
         #: the session's compiled hot path (None without a session): told of every mem file and handle
         self.fast = fast
         #: called with entry.state held when a file's memory goes back (``control.give_back`` releases its charge)
@@ -233,8 +242,10 @@ class Namespace:
         with self.lock:
             if name in self.by_name:
                 raise OSError(errno.EEXIST, f"{name!r} exists")
-            entry = Entry(name, gm, next(self._next_base), owner=owner, charged=charged, huge=huge,
+            entry = Entry(name, gm, next(self._next_base), owner=owner, initial_charge=charged, huge=huge,
                           in_place_conversion=in_place_conversion)
+            if self.counters is not None:
+                entry.file.set_counters(*self.counters(entry.owner_uid))
             for ino in range(entry.base, entry.base + 1 + len(FILES)):
                 self.by_ino[ino] = entry
             self.by_name[name] = entry

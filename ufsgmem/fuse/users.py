@@ -126,7 +126,21 @@ class Users:
         if self.limits.memory is None and "memory" not in self.limits.lifted:
             self.limits = _replace(self.limits, memory=(max_memory or machine_memory()) // 2 or None)
         self._held: dict[tuple[int, str], int] = {}
+        #: memory is counted in C counters (``fastpath.Counter``), one per user: the compiled hot path
+        #: charges its page fills to them too
+        self._memory: dict[int, object] = {}
         self._lock = threading.Lock()
+
+    def memory_counter(self, uid: int):
+        """The counter of ``uid``'s committed memory, against its bound (made on first use)."""
+        counter = self._memory.get(uid)
+        if counter is None:
+            from .fastpath import Counter
+            with self._lock:
+                counter = self._memory.get(uid)
+                if counter is None:
+                    counter = self._memory[uid] = Counter(self.bound(uid, "memory"))
+        return counter
 
     def bound(self, uid: int, what: str, page_size: int = 0) -> int | None:
         if uid in self.exempt:
@@ -142,6 +156,13 @@ class Users:
         reason (nothing counted) unless ``force``d. Returns ``amount`` (for :meth:`give`)."""
         if not amount:
             return 0
+        if what == "memory":
+            counter = self.memory_counter(uid)
+            if not counter.take(amount, force):
+                err, noun, show = _KINDS[what]
+                raise fail(err, f"uid {uid} holds {show(counter.held)} {noun} of its bound of "
+                                f"{show(counter.bound)}: {show(amount)} more would pass it ({OPTION} {what}=)")
+            return amount
         key = (uid, f"huge:{page_size}" if what == "huge" else what)
         with self._lock:
             held = self._held.get(key, 0)
@@ -158,6 +179,11 @@ class Users:
         key = (uid, f"huge:{page_size}" if what == "huge" else what)
         if not amount:
             return
+        if what == "memory":
+            counter = self.memory_counter(uid)
+            if not counter.give(amount):
+                raise AssertionError(f"uid {uid} gives back {amount} {what} but held {counter.held}")
+            return
         with self._lock:
             left = self._held.get(key, 0) - amount
             if left < 0:
@@ -168,6 +194,8 @@ class Users:
                 self._held.pop(key, None)
 
     def held(self, uid: int, what: str, page_size: int = 0) -> int:
+        if what == "memory":
+            return self.memory_counter(uid).held
         with self._lock:
             return self._held.get((uid, f"huge:{page_size}" if what == "huge" else what), 0)
 

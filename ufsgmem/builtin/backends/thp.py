@@ -49,6 +49,7 @@ def smaps_fields(address: int) -> dict[str, int]:
 class ThpBackend(MemfdBackend):
     name = "thp"
     page_sizes = (SZ_4K,)
+    memory_hugepage = True  # a mapping of memory_fd() asks for huge pages too (fastpath.py)
 
     def __init__(self, size, page_size, *, progress=None, **options):
         self._knob_note = _thp_knob.acquire()  # before mmap: shmem aligns the mapping only if THP is on
