@@ -180,6 +180,9 @@ struct ufs_file {
     int wb_fd;                   /* our descriptor of mem for bulk write-back (ours to close), or -1 (state) */
     int wb_inuse;                /* the one a conversion is writing back through now, or -1 (state) */
     char *base;                  /* the backend's memory, mapped here, or NULL */
+    int memfd;                   /* the backend's descriptor of it, borrowed: Python closes the backend only
+                                    after ufs_fast_remove_file (state), or -1 */
+    int huge;                    /* the backend's mapping asks for THP: allocate through our mapping */
     uint64_t size;
     struct runmap *cached;       /* Entry.cached: pages a fill handed out since their last revocation */
     int64_t charged;             /* Entry.charged: bytes of the budget this file holds (state) */
@@ -280,7 +283,7 @@ struct ufs_file *ufs_file_new(uint64_t ino, uintptr_t gmem, uint64_t size, int m
     f->ino = ino;
     f->size = size;
     f->in_place_conversion = in_place_conversion;
-    f->wb_fd = f->wb_inuse = -1;
+    f->wb_fd = f->wb_inuse = f->memfd = -1;
     pthread_mutex_init(&f->state, NULL);
     pthread_mutex_init(&f->inval, NULL);
 #ifdef UFS_HAVE_RUNMAP
@@ -310,6 +313,7 @@ struct ufs_file *ufs_file_new(uint64_t ino, uintptr_t gmem, uint64_t size, int m
             return NULL;
         }
         f->base = base;
+        f->memfd = memfd;
     }
     return f;
 }
@@ -320,6 +324,7 @@ static void release_resources(struct ufs_file *f)
     if (f->base != NULL)
         munmap(f->base, f->size);
     f->base = NULL;
+    f->memfd = -1;
     if (f->wb_fd >= 0)
         close(f->wb_fd);
     f->wb_fd = -1;
@@ -357,6 +362,7 @@ void ufs_file_advise_huge(struct ufs_file *f)
     /* pages our write-backs allocate get huge folios as the backend's own faults do */
     if (f->base != NULL)
         madvise(f->base, f->size, MADV_HUGEPAGE);
+    f->huge = 1;
 }
 
 void ufs_file_set_counters(struct ufs_file *f, struct ufs_counter *user, struct ufs_counter *mount)
@@ -600,12 +606,21 @@ static enum action write_back_locked(struct ufs_file *f, struct gmem *gm, const 
        out, so only a write-back racing its page's revocation commits more: charged, never refused */
     uint64_t before = uncommitted(f, gm, first, last), a, b;
     if (gmem_touch_span(gm, off, size, &a, &b) > 0) {
-        if (madvise(f->base + (a << UFS_PAGE_SHIFT), (b - a) << UFS_PAGE_SHIFT, MADV_POPULATE_WRITE) != 0)
-            return PASS;                /* Python allocates through the backend and reports the error */
+        if (!f->huge && f->memfd >= 0 && a == first && b == last) {
+            /* a write into the memfd allocates exactly the pages it fills, without zeroing them first
+               or mapping them here (what the floor server does) */
+            if (pwrite(f->memfd, buf, size, off) != (ssize_t)size)
+                return PASS;            /* Python allocates through the backend and reports the error */
+        } else {
+            if (madvise(f->base + (a << UFS_PAGE_SHIFT), (b - a) << UFS_PAGE_SHIFT, MADV_POPULATE_WRITE) != 0)
+                return PASS;
+            memcpy(f->base + off, buf, size);
+        }
         if (gmem_set_allocated(gm, a, b, 0) < 0)
             return PASS;
+    } else {
+        memcpy(f->base + off, buf, size);
     }
-    memcpy(f->base + off, buf, size);
     uint64_t after = uncommitted(f, gm, first, last);
     if (before > after)
         charge(f, (int64_t)(before - after) << UFS_PAGE_SHIFT, 1);

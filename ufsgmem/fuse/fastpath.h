@@ -53,7 +53,8 @@ void ufs_fast_count_python(struct ufs_fast *fast, int kind);
 
 /* --- files: 0 or a negative errno --- */
 /* gmem: a struct gmem * from the core (0: none, never served here); memfd: the backend's memory, whose
-   MAP_SHARED mapping of [0, size) is the storage (-1: none, never served here). */
+   MAP_SHARED mapping of [0, size) is the storage (-1: none, never served here), mapped here and borrowed
+   for writes until ufs_fast_remove_file (so close the backend only after that). */
 struct ufs_file *ufs_file_new(uint64_t ino, uintptr_t gmem, uint64_t size, int memfd, int in_place_conversion,
                               int *err);
 void ufs_file_put(struct ufs_file *file);
