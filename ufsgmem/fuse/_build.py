@@ -5,9 +5,16 @@ compiles it against the Debian ``libfuse3-dev`` it has just installed. ``FUSE_US
 the 3.14 headers select the old ``fuse_session_loop_mt`` configuration, which starts a thread and clones
 ``/dev/fuse`` per request (3-5x slower, see design §8.1 in ``docs/design.md``).
 
-The C part is glue and nothing else: every low-level callback flattens its arguments into one
-``extern "Python"`` call (so Python never touches libfuse's bit-field structs), and a few ``ufs_*``
-helpers fill the reply structs from plain numbers. Two things are done in C on purpose:
+The C glue here flattens every low-level callback's arguments into one ``extern "Python"`` call (so
+Python never touches libfuse's bit-field structs), and a few ``ufs_*`` helpers fill the reply structs
+from plain numbers. Things done in C on purpose:
+
+* **mem's common READ, WRITE and conversion ioctl** are first offered to the compiled hot path
+  (``fastpath.c``, with ``counter.c``), which is compiled into this module together with the core's own
+  sources (``ufsgmem/core/runmap.c``, ``gmem.c``: the same rules the ``_core`` module binds, used here on
+  a ``struct gmem`` made there and passed by address). It serves only the common case and otherwise
+  returns, having changed nothing, and the request goes to Python as before. Built without the core's
+  sources, it serves nothing.
 
 * **the INIT reply is patched** in the session's ``writev`` (custom I/O): libfuse 3.14 has no API for
   ``FUSE_DIRECT_IO_ALLOW_MMAP`` (protocol 7.39), which ``mem`` needs to be opened with direct I/O and
@@ -15,7 +22,7 @@ helpers fill the reply structs from plain numbers. Two things are done in C on p
   ``FUSE_INIT_EXT`` and its ``flags2`` the ALLOW_MMAP bit. Nothing else is touched.
 * **FLUSH, RELEASEDIR and LISTXATTR** are answered in C: they carry no ufsgmem behaviour.
 
-Everything with behaviour is Python (``ufsgmem/fuse/lowlevel.py`` dispatches, ``ops.py`` decides).
+Everything else with behaviour is Python (``ufsgmem/fuse/lowlevel.py`` dispatches, ``ops.py`` decides).
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ Locks (requests arrive on several libfuse worker threads at once):
   ``private_cached``, ``private_closing``, ``charged``). Held only for the duration of a core call, never
   while waiting for the kernel; every handler may take it.
 
-The counters' locks (``MemoryBudget``, ``Users``, ``WriteBackFiles``) are leaves. The lock order is stated
+Both entry locks are the pthread mutexes of the file's ``struct ufs_file`` (``fastpath.py``), which the
+compiled hot path takes too (it never calls Python while holding one). The counters' locks
+(``MemoryBudget``, ``Users``, ``WriteBackFiles``) are leaves. The lock order is stated
 once, in docs/architecture.md ("Threads and locks").
 """
 

@@ -1,8 +1,9 @@
 """libfuse3's low-level API, as much of it as ufsgmem uses: a session, its multi-threaded loop, replies,
 and ranged invalidation.
 
-Requests arrive on libfuse's worker threads (``fuse_session_loop_mt``), each one a call of a
-``py_*`` function below (``extern "Python"``, entered with the GIL taken by cffi). Every one of them asks
+Requests arrive on libfuse's worker threads (``fuse_session_loop_mt``). mem's common page fills,
+write-backs and conversions are served in C there (``fastpath.c``, the session's ``fast``); every other
+request is a call of a ``py_*`` function below (``extern "Python"``, entered with the GIL taken by cffi). Every one of them asks
 the session's *handler* object (``ops.py``) for an answer and sends exactly one reply. This is the only
 place that turns an exception into a FUSE error reply: ``OSError`` becomes its errno; anything else is a
 bug, logged with its traceback and answered with EIO. Handlers therefore return values and never reply

@@ -24,6 +24,11 @@ very page being read in, so waiting would deadlock. So a fault can see the zeros
 (the kernel makes it wait, then also hands out zeros), and if the punch then fails, the zeros stay cached
 over content the backend kept (docs/protocol.md).
 
+The compiled hot path (``fastpath.c``) serves the common fills and write-backs itself with the same steps
+(a private page EIO; allocated pages as they are; unallocated ones as zeros, charged; a write-back
+allocating first); what reaches this module is everything else: read(2)/write(2), a pending punch, a
+part-allocated fill, a backend without ``memory_fd()``, a mount under ``--hot-path python``.
+
 ``ioctl(KVM_SET_MEMORY_ATTRIBUTES2)`` and ``fallocate(2)`` on ``mem`` are ``conversions.py``'s.
 """
 
