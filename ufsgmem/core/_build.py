@@ -55,21 +55,14 @@ def sanitize_flags() -> list[str]:
     return [f"-fsanitize={wanted}", "-fno-omit-frame-pointer", "-g"] if wanted else []
 
 
-def _relative(path: Path) -> str:
-    """setuptools wants source paths relative to the project (object files land under build/ by them)."""
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
-
-
 ffibuilder = FFI()
 ffibuilder.cdef("\n".join(cdef_of(h.read_text()) for h in HEADERS))
 ffibuilder.set_source(
     "ufsgmem.core._core",
     "\n".join(f'#include "{h.name}"' for h in HEADERS),
-    sources=[_relative(s) for s in SOURCES],
-    include_dirs=[_relative(HERE)],
+    # absolute: setup.py builds from the project root, ffibuilder.compile(tmpdir=...) from elsewhere
+    sources=[str(s) for s in SOURCES],
+    include_dirs=[str(HERE)],
     extra_compile_args=CFLAGS + sanitize_flags(),
     extra_link_args=sanitize_flags(),
 )
