@@ -381,3 +381,61 @@ def test_long_runs_of_small_updates_match_the_model(cls):
             a = rng.randrange(npages)
             b = rng.randint(a, npages)
             assert rm.first(a, b, lambda v: v == 1) == next((p for p in range(a, b) if model[p] == 1), None)
+
+
+# --- the C-backed API: comparisons in C, copies, wrapping ----------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 120), st.lists(st.tuples(st.booleans(), st.integers(0, 120), st.integers(0, 120),
+                                               st.integers(-2, 3)), max_size=40), st.data())
+def test_tiny_chunks_new_queries_match_the_model(npages, ops, data):
+    """Random set/add on a map of 4-run chunks, check() after every step, and the queries added with the C
+    map (first_eq/ne/gt, arrays, count_runs) against the list model."""
+    rm, model = TinyRunMap(npages, 0), [0] * npages
+    for adding, a, b, value in ops:
+        a, b = sorted((a % (npages + 1), b % (npages + 1)))
+        apply(rm, model, "add" if adding else "set", a, b, value)
+        a = data.draw(st.integers(0, npages))
+        b = data.draw(st.integers(a, npages))
+        v = data.draw(st.integers(-2, 4))
+        pages = range(a, b)
+        assert rm.first_eq(a, b, v) == next((p for p in pages if model[p] == v), None)
+        assert rm.first_ne(a, b, v) == next((p for p in pages if model[p] != v), None)
+        assert rm.first_gt(a, b, v) == next((p for p in pages if model[p] > v), None)
+        assert rm.first(a, b, lambda x: x < v) == next((p for p in pages if model[p] < v), None)
+        expected = model_runs(model, a, b)
+        assert rm.count_runs(a, b) == len(expected)
+        starts, values = rm.arrays(a, b)
+        assert (starts.tolist(), values.tolist()) == ([s for s, _, _ in expected], [v for _, _, v in expected])
+
+
+def test_wrap_shares_the_map_and_keeps_its_owner():
+    rm = RunMap(64, 0)
+    rm.set(8, 16, 1)
+    view = RunMap.wrap(rm.address, rm)
+    assert view.address == rm.address and view.npages == 64
+    view.set(20, 30, 2)  # one map: a change through either is seen by both
+    assert list(rm.runs()) == list(view.runs()) == [(0, 8, 0), (8, 16, 1), (16, 20, 0), (20, 30, 2), (30, 64, 0)]
+    del rm  # the wrapper holds the owner: the map stays valid
+    assert view.count(2) == 10
+    view.check()
+
+
+def test_an_add_past_64_bits_is_refused_and_changes_nothing():
+    rm = RunMap(16, 0)
+    rm.set(4, 8, 1)
+    before = rm.as_arrays()
+    with pytest.raises(OverflowError):
+        rm.add(0, 16, (1 << 63) - 1)
+    assert rm.as_arrays() == before
+    rm.check()
+
+
+def test_runs_are_read_in_pieces():
+    """More runs than one read from C holds: the pieces join without a gap or a repeat."""
+    rm = RunMap(50_000, 0)
+    for page in range(1, 50_000, 2):
+        rm.set(page, page + 1, 1)
+    runs = list(rm.runs(3, 49_998))
+    assert len(runs) == 49_995 and runs[0] == (3, 4, 1) and runs[-1] == (49_997, 49_998, 1)
+    assert all(e == s2 for (_, e, _), (s2, _, _) in zip(runs, runs[1:]))

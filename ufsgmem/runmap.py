@@ -25,7 +25,11 @@ Invariants (checked by :meth:`check`, i.e. ``runmap_check``):
 
 Errors: a range outside the map is refused with ValueError before C is called (so it changes nothing); an
 update that cannot get memory raises MemoryError, and one that would take a value past int64 raises
-OverflowError, both leaving the map unchanged. Nothing here locks: the owner of a map does.
+OverflowError, both leaving the map unchanged. Nothing here locks: the owner of a map does. That is now a
+matter of memory safety, not only of consistent answers: cffi releases the GIL for every C call, so two
+threads using one map unlocked could read a chunk while the other frees it (the server's maps are all
+used under ``Entry.state``). A :meth:`RunMap.runs` walk re-finds its place by page number for every
+piece it reads, so a map changed between pieces is never read out of bounds, only seen half old, half new.
 
 Caveat: :meth:`metadata_bytes` counts the run payload (16 bytes a run, what the ≤ 128 bytes per run budget
 counts, and what the snapshot copies); :meth:`footprint_bytes` is everything the C side allocated for the

@@ -55,12 +55,12 @@ def sanitize_flags() -> list[str]:
     return [f"-fsanitize={wanted}", "-fno-omit-frame-pointer", "-g"] if wanted else []
 
 
-def _relative(path: Path) -> str:
-    """setuptools wants source paths relative to the project (object files land under build/ by them)."""
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
+def _path(path: Path) -> str:
+    """Relative to the working directory when inside it: setuptools refuses absolute source paths in a wheel
+    build (which runs from the project root). Absolute otherwise, for ffibuilder.compile(tmpdir=...) run
+    from outside the project (compile changes into tmpdir, where a relative path would not resolve)."""
+    cwd = Path.cwd().resolve()
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
 
 
 ffibuilder = FFI()
@@ -68,8 +68,8 @@ ffibuilder.cdef("\n".join(cdef_of(h.read_text()) for h in HEADERS))
 ffibuilder.set_source(
     "ufsgmem.core._core",
     "\n".join(f'#include "{h.name}"' for h in HEADERS),
-    sources=[_relative(s) for s in SOURCES],
-    include_dirs=[_relative(HERE)],
+    sources=[_path(s) for s in SOURCES],
+    include_dirs=[_path(HERE)],
     extra_compile_args=CFLAGS + sanitize_flags(),
     extra_link_args=sanitize_flags(),
 )
