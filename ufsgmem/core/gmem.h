@@ -49,6 +49,7 @@ enum gmem_why {
     GMEM_WHY_HOST_NO_MMAP, GMEM_WHY_HOST_PRIVATE, GMEM_WHY_HOST_PAST_EOF, GMEM_WHY_HOST_CONVERTING,
     GMEM_WHY_HOST_PUNCH_PENDING, GMEM_WHY_GUEST_RANGE,
     GMEM_WHY_NOMEM,
+    GMEM_WHY_BUSY,           /* a transition was prepared while another is pending: a caller's bug (EBUSY) */
     GMEM_WHY_COUNT
 };
 
@@ -76,14 +77,23 @@ struct gmem {
     uint64_t pending_start, pending_end;   /* its byte range */
     struct gmem_counters counters;
     int64_t whole;               /* allocated huge folios with no shared page (kept by every change) */
+    int refs;                    /* holders (gmem_get/gmem_put, atomic): the struct is freed by the last */
 };
 
 /* --- lifetime --- */
 int gmem_check_create(int64_t size, int64_t flags, uint64_t folio_size, struct gmem_err *e);
+/* NULL when out of memory; the caller holds the one reference (refs == 1) */
 struct gmem *gmem_new(uint64_t size, uint64_t flags, uint64_t folio_size, int preallocated);
-void gmem_free(struct gmem *gm);
+void gmem_free(struct gmem *gm);                 /* now, whatever refs says: for a struct never shared */
+/* Holders: the Python binding holds the reference gmem_new gave it until GuestMemfd.close(); the FUSE
+ * side takes its own (gmem_get) for as long as it may use the struct without the binding, and drops it
+ * (gmem_put). The last gmem_put frees (returns 1 then). The state itself is guarded by the file's state
+ * lock, not by this count: the count only decides when the memory may go. */
+void gmem_get(struct gmem *gm);
+int gmem_put(struct gmem *gm);
 
 /* --- fallocate: the VFS's checks, then guest_memfd's --- */
+int gmem_vfs_fallocate_mode(int64_t mode);       /* 1: a mode word the VFS passes to the filesystem */
 int gmem_check_fallocate(const struct gmem *gm, int64_t mode, int64_t offset, int64_t length, struct gmem_err *e);
 /* the backend has allocated pages [first, last); count_allocation: an fallocate (counters.allocations) */
 int gmem_set_allocated(struct gmem *gm, uint64_t first, uint64_t last, int count_allocation);
@@ -91,16 +101,20 @@ int gmem_set_allocated(struct gmem *gm, uint64_t first, uint64_t last, int count
 int gmem_touch_span(const struct gmem *gm, uint64_t offset, uint64_t size, uint64_t *first, uint64_t *last);
 
 /* --- transitions (callers serialise them: the kernel's invalidate lock) --- */
-/* 0: nothing more to do (a no-op, or private->shared, applied now); 1: a to-private transition is pending */
+/* 0: nothing more to do (a no-op, or private->shared, applied now); 1: a to-private transition is pending;
+ * -EBUSY (GMEM_WHY_BUSY) when one already is: callers serialise transitions */
 int gmem_prepare_set_memory_attributes(struct gmem *gm, uint64_t offset, uint64_t size, uint64_t attributes,
                                        uint64_t flags, const uint64_t *reserved, int nreserved,
                                        struct gmem_err *e);
-/* after gmem_check_fallocate of a punch: 0 nothing to do (at or past EOF), 1 a punch is pending */
+/* after gmem_check_fallocate of a punch: 0 nothing to do (at or past EOF), 1 a punch is pending,
+ * -EBUSY another transition is */
 int gmem_prepare_punch(struct gmem *gm, uint64_t offset, uint64_t length);
-/* the byte ranges the pending transition must revoke, read in pieces as runmap_runs is */
+/* the byte ranges the pending transition must revoke, read in pieces as runmap_runs is: *cursor a byte
+ * offset, 0 to start; fewer than max ranges returned means these were the last (*cursor == pending_end) */
 uint64_t gmem_pending_revoke(const struct gmem *gm, uint64_t *cursor, uint64_t *starts, uint64_t *ends,
                              uint64_t max);
-int gmem_commit(struct gmem *gm);                        /* a punch: after the backend punched */
+/* a punch: after the backend punched. -ENOMEM: nothing changed, still pending (the caller aborts) */
+int gmem_commit(struct gmem *gm);
 void gmem_abort(struct gmem *gm);
 void gmem_count_revocation(struct gmem *gm, uint64_t bytes);
 
