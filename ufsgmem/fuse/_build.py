@@ -466,6 +466,13 @@ def _core_sources() -> tuple[list[str], list[tuple[str, str]]]:
     return sources, macros
 
 
+def _path(path: str) -> str:
+    """Relative to the working directory when inside it (a wheel build refuses absolute source paths),
+    absolute otherwise (``ffibuilder.compile(tmpdir=...)`` run from elsewhere): as ``core/_build.py``."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def _sanitize() -> list[str]:
     wanted = os.environ.get("UFSGMEM_SANITIZE")
     return [f"-fsanitize={wanted}", "-fno-omit-frame-pointer", "-g"] if wanted else []
@@ -476,7 +483,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "ufsgmem.fuse._lowlevel", SOURCE,
-    sources=[os.path.relpath(p) for p in SOURCES],
+    sources=[_path(p) for p in SOURCES],
     define_macros=MACROS,
     include_dirs=[HERE, CORE] + [flag[2:] for flag in _pkg_config("--cflags-only-I")],
     library_dirs=[flag[2:] for flag in _pkg_config("--libs-only-L")],
