@@ -232,3 +232,49 @@ def test_destroyed_file_still_mapped_keeps_working(gmem):
     finally:
         m.close()
         os.close(fd)
+
+
+def test_fills_during_a_punch_see_old_data_or_zeros(gmem):
+    """A punch while another process keeps faulting the range: a fill that meets the pending punch is
+    Python's (zeros, what the range holds once it commits), the others C's; none is refused, and once the
+    punch returns every page reads zeros."""
+    from test_fuse_mem import fallocate
+    from ufsgmem.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+    pages = 1024
+    g = gmem(pages * PS)
+    m = map_mem(g)
+    m[:] = b"\x5a" * (pages * PS)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # fault every page again and again until the parent closes the pipe
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        bad = 0
+        while True:
+            for i in range(0, pages, 7):
+                if m[i * PS] not in (0, 0x5A):
+                    bad += 1
+            try:
+                if os.read(read_end, 1) == b"":
+                    break
+            except BlockingIOError:
+                pass
+        os._exit(1 if bad else 0)
+    os.close(read_end)
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    try:
+        for _ in range(5):
+            fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, pages * PS)
+            m[::PS] = b"\x5a" * pages
+    finally:
+        os.close(fd)
+        os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    try:
+        fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, pages * PS)
+    finally:
+        os.close(fd)
+    assert m[:] == bytes(pages * PS)
+    m.close()
