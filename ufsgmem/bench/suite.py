@@ -342,6 +342,44 @@ def p3_low_latency(cfg: Config, refs: References, progress: Progress) -> list[Fi
                    "--low-latency vs a plain mount", low_clean, plain_clean, "context")]
 
 
+def hot_path_python(cfg: Config, progress: Progress) -> list[Figure]:
+    """P3, P3.clean, P2 and a conversion stream on a ``--hot-path python`` mount (every request served by
+    the Python handlers, as before the compiled path) against a default mount (``ufsgmem/fuse/fastpath.c``
+    serving mem's common requests), in alternating blocks: what the compiled path buys, in the same run."""
+    size, blocks = cfg.size, 4
+    per_block, per_block_2m = max(cfg.latency_reps // blocks, 1), max(cfg.reps, 2)
+    names = ("compiled", "python")
+    series = {name: (Series(f"4 KiB round trip, --hot-path {name}", "s"),
+                     Series(f"4 KiB round trip, page not mapped, --hot-path {name}", "s"),
+                     Series(f"2 MiB round trip, --hot-path {name}", "s"),
+                     Series(f"4 KiB conversions per second, --hot-path {name}", "conv/s")) for name in names}
+    pages = random.Random(2).sample(range(size // 4 // SZ_4K), max(cfg.stream // blocks, 1))
+    with p3_setting(cfg) as compiled, p3_setting(cfg, "--hot-path", "python") as python:
+        settings = {"compiled": compiled, "python": python}
+        for block in range(blocks):
+            for name in (names if block % 2 == 0 else names[::-1]):
+                dirty, clean, dirty_2m, stream = series[name]
+                f = settings[name][0]
+                p3_round_trips(settings[name], size, range(block * per_block, (block + 1) * per_block), dirty, clean)
+                dirty_2m.values.extend(dirty_round_trip(settings[name], size // 4 + rep * SZ_2M, SZ_2M)
+                                       for rep in range(block * per_block_2m, (block + 1) * per_block_2m))
+                base = 3 * size // 4  # pages nobody maps, clear of the round trips'
+                elapsed = timed(lambda: [f.set_memory_attributes(base + p * SZ_4K, SZ_4K,
+                                                                 KVM_MEMORY_ATTRIBUTE_PRIVATE) for p in pages]) + \
+                    timed(lambda: [f.set_memory_attributes(base + p * SZ_4K, SZ_4K, 0) for p in pages])
+                stream.values.append(2 * len(pages) / elapsed)
+    progress.step("P2/P3 and a conversion stream on a --hot-path python mount, alternating with a default one")
+    (c_dirty, c_clean, c_2m, c_stream), (p_dirty, p_clean, p_2m, p_stream) = (series[name] for name in names)
+    return [Figure("P3.python", "4 KiB round trip through the ioctl, dirty in another process, mount --hot-path python "
+                   "vs the default (compiled)", p_dirty, c_dirty, "context"),
+            Figure("P3.python.clean", "4 KiB round trip of a page no process maps, --hot-path python vs compiled",
+                   p_clean, c_clean, "context"),
+            Figure("P2.python", "2 MiB round trip, dirty in another process, --hot-path python vs compiled",
+                   p_2m, c_2m, "context"),
+            Figure("STREAM.python", "4 KiB conversions of pages nobody maps, --hot-path python vs compiled",
+                   p_stream, c_stream, "context", better="higher")]
+
+
 @contextlib.contextmanager
 def floor_setting(cfg: Config, exe: str):
     """P3's setting on the floor server (``floor.py``): its ``mem``, and a dirtier mapping it."""
@@ -554,7 +592,7 @@ def machine() -> dict:
 
 
 def run(cfg: Config) -> dict:
-    progress = Progress(cfg.reps + 14)
+    progress = Progress(cfg.reps + 15)
     refs = References.probe()
     figures: list[Figure] = []
     with mounted() as mount:
@@ -568,6 +606,7 @@ def run(cfg: Config) -> dict:
     figures += floor_round_trips(cfg, refs, progress)
     figures += p3_one_cpu(cfg, progress)
     figures += p3_low_latency(cfg, refs, progress)
+    figures += hot_path_python(cfg, progress)
     figures += p5_layout(cfg, progress)
     figures += p6_hugetlb_bytes(cfg, refs, progress)
     return {"machine": machine(), "config": cfg.__dict__, "figures": figures, "unavailable": refs.unavailable}
