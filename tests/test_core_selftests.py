@@ -37,12 +37,7 @@ from conftest import reserved_hugepages
 from ufsgmem import plugins
 from ufsgmem.address import U64_MAX, format_size
 from ufsgmem.errors import GuestMemfdError, PluginError
-from ufsgmem.gmem import PRIVATE, SHARED, GuestMemfd
-from ufsgmem.gmem import HostFault as _CHostFault
-import _gmem_python  # TEMPORARY: the Python core, until both cores have been seen to agree
-
-HostFault = (_CHostFault, _gmem_python.HostFault)
-CORES = {"c": GuestMemfd, "py": _gmem_python.GuestMemfd}
+from ufsgmem.gmem import PRIVATE, SHARED, GuestMemfd, HostFault
 from ufsgmem.uapi import (
     FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_UNSHARE_RANGE, FALLOC_FL_ZERO_RANGE, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
@@ -67,7 +62,6 @@ HUGEPAGES = {SZ_2M: 16, SZ_1G: 2}
 class Env:
     backend: str
     unit: int  # the folio size: fallocate alignment and size granularity
-    core: str = "c"
 
     @property
     def huge(self) -> bool:
@@ -80,7 +74,7 @@ class Env:
 
     def create(self, flags: int, size: int | None = None, **kwargs) -> GuestMemfd:
         size = self.size if size is None else size
-        return CORES[self.core](size, flags, backend=self.backend, page_size=self.unit, **kwargs)
+        return GuestMemfd(size, flags, backend=self.backend, page_size=self.unit, **kwargs)
 
     def start(self, flags: int, size: int | None = None, **kwargs) -> GuestMemfd:
         """The file a test starts from; huge-page files get INIT_SHARED by converting everything."""
@@ -103,8 +97,7 @@ def _env_params():
         sizes = cls.page_sizes if name == "hugetlb" else cls.page_sizes[:1]
         for unit in sizes:
             label = f"{name}-{format_size(unit)}" if name == "hugetlb" else name
-            for core in CORES:
-                params.append(pytest.param(Env(name, unit, core), id=f"{label}-{core}"))
+            params.append(pytest.param(Env(name, unit), id=label))
     return params
 
 
