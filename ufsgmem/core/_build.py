@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 
 #: The parts of the core, each a ``<name>.h`` declaring it and a ``<name>.c`` implementing it, in the order
 #: their headers go into the cdef (a header after those it includes).
-PARTS = ("runmap",)
+PARTS = ("runmap", "gmem")
 
 HEADERS = tuple(HERE / f"{name}.h" for name in PARTS)
 SOURCES = tuple(HERE / f"{name}.c" for name in PARTS)
