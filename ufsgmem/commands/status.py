@@ -70,6 +70,11 @@ def summary(status: dict, runs: list[tuple[int, int, int]] | None = None) -> str
     if hold:
         lines.append(f"  low latency (mount --low-latency): CPU latency limit {'held' if hold['held'] else 'idle'}, "
                      f"raised {hold['raised']} times, dropped after {hold['window_s']} s without a request")
+    hot = status.get("hot_path")
+    if hot:
+        served = ", ".join(f"{what} {hot[kind]['compiled']}/{hot[kind]['python']}"
+                           for kind, what in (("read", "fills"), ("write", "write-backs"), ("ioctl", "conversions")))
+        lines.append(f"  hot path (mount --hot-path {hot['mode']}): the mount's {served} served compiled/by Python")
     lines.append(f"  revocations: {status.get('revocations', 0)} ({format_size(status.get('revoked_bytes', 0))}"
                  f" unmapped), punches: {status.get('punches', 0)}")
     if runs is not None:
