@@ -71,8 +71,10 @@ def test_p3_round_trips_are_served_compiled(gmem):
     assert after["mode"] == "compiled" and after["compiled_serving"]
     d = delta(before, after)
     assert d["ioctl"] == {"compiled": 10, "python": 0}, d
-    # (the kernel may write other tests' dirty pages back meanwhile: only C's counts are this test's own)
-    assert d["read"]["compiled"] >= 5 and d["write"]["compiled"] >= 5, d
+    # Each revocation writes the page back (the kernel may write other tests' pages back meanwhile, so
+    # Python's write count is not this test's alone); fills are this file's only (how many, readahead
+    # decides), and none reached Python.
+    assert d["write"]["compiled"] >= 5 and d["read"]["compiled"] >= 1 and d["read"]["python"] == 0, d
 
 
 def test_a_page_revoked_while_another_process_holds_it_dirty(gmem):
