@@ -26,7 +26,7 @@ stamp=.venv/.ufsgmem-installed
 # editable install compiles ufsgmem/core/_core*.so and ufsgmem/fuse/_lowlevel*.so, against libfuse3, in
 # place).
 core_changed=0
-for f in ufsgmem/core/*.c ufsgmem/core/*.h ufsgmem/core/_build.py ufsgmem/fuse/fastpath.[ch] ufsgmem/fuse/counter.[ch]; do
+for f in ufsgmem/core/*.c ufsgmem/core/*.h ufsgmem/core/_build.py ufsgmem/fuse/fastpath.[ch] ufsgmem/fuse/counter.[ch] ufsgmem/fuse/idmap.[ch]; do
     if [ -e "$f" ] && [ "$f" -nt "$stamp" ]; then core_changed=1; fi
 done
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$core_changed" = 1 ] \

@@ -457,7 +457,7 @@ def _pkg_config(*args: str) -> list[str]:
 def _core_sources() -> tuple[list[str], list[tuple[str, str]]]:
     """The compiled core's sources this module includes (the same files as ``ufsgmem.core._core``), and
     the macros saying which exist: the hot path serves requests only with both run map and rules."""
-    sources, macros = [os.path.join(HERE, "fastpath.c"), os.path.join(HERE, "counter.c")], []
+    sources, macros = [os.path.join(HERE, name) for name in ("fastpath.c", "counter.c", "idmap.c")], []
     for name, macro in (("runmap.c", "UFS_HAVE_RUNMAP"), ("gmem.c", "UFS_HAVE_GMEM")):
         path = os.path.join(CORE, name)
         if os.path.exists(path):

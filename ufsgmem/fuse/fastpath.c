@@ -37,6 +37,7 @@
 
 #include "counter.h"
 #include "fastpath.h"
+#include "idmap.h"
 #ifdef UFS_HAVE_RUNMAP
 #include "runmap.h"
 #endif
@@ -51,108 +52,6 @@
 #define UFS_ERROR_OFFSET_AT 32        /* offsetof(struct kvm_memory_attributes2, error_offset) */
 #define UFS_PRIVATE 8ull              /* KVM_MEMORY_ATTRIBUTE_PRIVATE */
 #define UFS_ZEROS (4u << 20)          /* the largest fill of a hole C answers (FUSE's max_pages * 4 KiB) */
-
-/* ---- a small open-addressing map uint64 -> uint64 (key 0 never used: inodes and handles start at 1) ---- */
-#define MAP_EMPTY 0ull
-#define MAP_GONE UINT64_MAX
-
-struct ufs_map {
-    uint64_t *keys, *vals;
-    size_t cap, used;            /* used counts removed slots too, until the next rebuild */
-};
-
-static size_t map_slot(uint64_t key, size_t cap)
-{
-    key ^= key >> 33;
-    key *= 0xff51afd7ed558ccdull;
-    key ^= key >> 33;
-    return key & (cap - 1);
-}
-
-static int map_find(const struct ufs_map *m, uint64_t key, uint64_t *val)
-{
-    if (m->cap == 0)
-        return 0;
-    for (size_t i = map_slot(key, m->cap);; i = (i + 1) & (m->cap - 1)) {
-        if (m->keys[i] == MAP_EMPTY)
-            return 0;
-        if (m->keys[i] == key) {
-            *val = m->vals[i];
-            return 1;
-        }
-    }
-}
-
-static int map_rebuild(struct ufs_map *m, size_t cap)
-{
-    uint64_t *keys = calloc(cap, sizeof(*keys)), *vals = calloc(cap, sizeof(*vals));
-    if (keys == NULL || vals == NULL) {
-        free(keys);
-        free(vals);
-        return -ENOMEM;
-    }
-    size_t used = 0;
-    for (size_t i = 0; i < m->cap; i++) {
-        if (m->keys[i] == MAP_EMPTY || m->keys[i] == MAP_GONE)
-            continue;
-        size_t j = map_slot(m->keys[i], cap);
-        while (keys[j] != MAP_EMPTY)
-            j = (j + 1) & (cap - 1);
-        keys[j] = m->keys[i];
-        vals[j] = m->vals[i];
-        used++;
-    }
-    free(m->keys);
-    free(m->vals);
-    m->keys = keys;
-    m->vals = vals;
-    m->cap = cap;
-    m->used = used;
-    return 0;
-}
-
-static int map_put(struct ufs_map *m, uint64_t key, uint64_t val)
-{
-    if ((m->used + 1) * 2 > m->cap) {
-        size_t live = 0;
-        for (size_t i = 0; i < m->cap; i++)
-            live += m->keys[i] != MAP_EMPTY && m->keys[i] != MAP_GONE;
-        size_t cap = 64;
-        while ((live + 1) * 4 > cap)
-            cap *= 2;
-        int err = map_rebuild(m, cap);
-        if (err)
-            return err;
-    }
-    size_t i = map_slot(key, m->cap);
-    for (;; i = (i + 1) & (m->cap - 1)) {
-        if (m->keys[i] == key) {
-            m->vals[i] = val;
-            return 0;
-        }
-        if (m->keys[i] == MAP_EMPTY)
-            break;
-    }
-    m->keys[i] = key;
-    m->vals[i] = val;
-    m->used++;
-    return 0;
-}
-
-static int map_del(struct ufs_map *m, uint64_t key, uint64_t *val)
-{
-    if (m->cap == 0)
-        return 0;
-    for (size_t i = map_slot(key, m->cap);; i = (i + 1) & (m->cap - 1)) {
-        if (m->keys[i] == MAP_EMPTY)
-            return 0;
-        if (m->keys[i] == key) {
-            *val = m->vals[i];
-            m->keys[i] = MAP_GONE;
-            return 1;
-        }
-    }
-}
 
 /* ---- the session ---- */
 struct ufs_fast {
@@ -213,13 +112,12 @@ void ufs_fast_free(struct ufs_fast *fast)
 {
     if (fast == NULL)
         return;
+    uint64_t ino, val;
     for (size_t i = 0; i < fast->files.cap; i++)
-        if (fast->files.keys[i] != MAP_EMPTY && fast->files.keys[i] != MAP_GONE)
-            ufs_file_put((struct ufs_file *)(uintptr_t)fast->files.vals[i]);
-    free(fast->files.keys);
-    free(fast->files.vals);
-    free(fast->handles.keys);
-    free(fast->handles.vals);
+        if (ufs_map_live(&fast->files, i, &ino, &val))
+            ufs_file_put((struct ufs_file *)(uintptr_t)val);
+    ufs_map_free(&fast->files);
+    ufs_map_free(&fast->handles);
     pthread_rwlock_destroy(&fast->lock);
     if (fast->zeros != NULL)
         munmap((void *)fast->zeros, UFS_ZEROS);
@@ -424,8 +322,8 @@ int ufs_fast_add_file(struct ufs_fast *fast, struct ufs_file *f)
     atomic_fetch_add(&f->refs, 1);
     pthread_rwlock_wrlock(&fast->lock);
     uint64_t old;
-    struct ufs_file *replaced = map_find(&fast->files, f->ino, &old) ? (struct ufs_file *)(uintptr_t)old : NULL;
-    int err = map_put(&fast->files, f->ino, (uint64_t)(uintptr_t)f);
+    struct ufs_file *replaced = ufs_map_find(&fast->files, f->ino, &old) ? (struct ufs_file *)(uintptr_t)old : NULL;
+    int err = ufs_map_put(&fast->files, f->ino, (uint64_t)(uintptr_t)f);
     pthread_rwlock_unlock(&fast->lock);
     if (err) {
         ufs_file_put(f);
@@ -439,7 +337,7 @@ void ufs_fast_remove_file(struct ufs_fast *fast, uint64_t ino)
 {
     uint64_t val;
     pthread_rwlock_wrlock(&fast->lock);
-    int found = map_del(&fast->files, ino, &val);
+    int found = ufs_map_del(&fast->files, ino, &val);
     pthread_rwlock_unlock(&fast->lock);
     if (!found)
         return;
@@ -467,7 +365,7 @@ static void request_done(struct ufs_file *f)
 int ufs_fast_open(struct ufs_fast *fast, uint64_t fh, uint64_t ino, int writable)
 {
     pthread_rwlock_wrlock(&fast->lock);
-    int err = map_put(&fast->handles, fh, ino << 1 | (writable != 0));
+    int err = ufs_map_put(&fast->handles, fh, ino << 1 | (writable != 0));
     pthread_rwlock_unlock(&fast->lock);
     return err;
 }
@@ -476,7 +374,7 @@ void ufs_fast_release(struct ufs_fast *fast, uint64_t fh)
 {
     uint64_t val;
     pthread_rwlock_wrlock(&fast->lock);
-    map_del(&fast->handles, fh, &val);
+    ufs_map_del(&fast->handles, fh, &val);
     pthread_rwlock_unlock(&fast->lock);
 }
 
@@ -485,7 +383,7 @@ static int is_mem(struct ufs_fast *fast, uint64_t ino)
 {
     uint64_t val;
     pthread_rwlock_rdlock(&fast->lock);
-    int found = map_find(&fast->files, ino, &val);
+    int found = ufs_map_find(&fast->files, ino, &val);
     pthread_rwlock_unlock(&fast->lock);
     return found;
 }
@@ -504,8 +402,8 @@ static struct ufs_file *file_of(struct ufs_fast *fast, uint64_t ino, uint64_t fh
     uint64_t handle, val;
     struct ufs_file *f = NULL;
     pthread_rwlock_rdlock(&fast->lock);
-    if (map_find(&fast->handles, fh, &handle) && handle >> 1 == ino && (!need_writable || handle & 1)
-            && map_find(&fast->files, ino, &val)) {
+    if (ufs_map_find(&fast->handles, fh, &handle) && handle >> 1 == ino && (!need_writable || handle & 1)
+            && ufs_map_find(&fast->files, ino, &val)) {
         f = (struct ufs_file *)(uintptr_t)val;
         atomic_fetch_add(&f->refs, 1);
         atomic_fetch_add(&f->busy, 1);   /* under the lock: remove_file, after it, sees us */
@@ -642,6 +540,8 @@ int ufs_fast_read(struct ufs_fast *fast, void *req, uint64_t ino, size_t size, i
         act = fill_locked(fast, f, f->gm, off, &n);
     pthread_mutex_unlock(&f->state);
 #endif
+    if (act != PASS)    /* counted before the reply: a caller reading status after it sees this one */
+        count_compiled(fast, UFS_KIND_READ);
     if (act == REPLY_DATA)
         fuse_reply_buf(req, f->base + off, n);   /* our reference keeps the mapping */
     else if (act == REPLY_ZEROS)
@@ -649,10 +549,7 @@ int ufs_fast_read(struct ufs_fast *fast, void *req, uint64_t ino, size_t size, i
     else if (act == REPLY_EIO)
         fuse_reply_err(req, EIO);
     request_done(f);
-    if (act == PASS)
-        return passed(fast, ino, UFS_KIND_READ);
-    count_compiled(fast, UFS_KIND_READ);
-    return 1;
+    return act == PASS ? passed(fast, ino, UFS_KIND_READ) : 1;
 }
 
 /* ---- WRITE: a write-back ---- */
@@ -671,15 +568,14 @@ int ufs_fast_write(struct ufs_fast *fast, void *req, uint64_t ino, const char *b
         act = write_back_locked(f, f->gm, buf, size, off);
     pthread_mutex_unlock(&f->state);
 #endif
+    if (act != PASS)
+        count_compiled(fast, UFS_KIND_WRITE);
     if (act == REPLY_DATA)
         fuse_reply_write(req, size);
     else if (act == REPLY_EIO)
         fuse_reply_err(req, EIO);
     request_done(f);
-    if (act == PASS)
-        return passed(fast, ino, UFS_KIND_WRITE);
-    count_compiled(fast, UFS_KIND_WRITE);
-    return 1;
+    return act == PASS ? passed(fast, ino, UFS_KIND_WRITE) : 1;
 }
 
 /* ---- ioctl(KVM_SET_MEMORY_ATTRIBUTES2) ---- */
@@ -893,6 +789,7 @@ reply:
     free(parts.start);
     free(parts.end);
     if (served) {
+        count_compiled(fast, UFS_KIND_IOCTL);
         if (r == 0 || r == 1) {
             fuse_reply_ioctl(req, 0, NULL, 0);          /* success copies nothing back (as Python) */
         } else if (reply_err) {
@@ -903,7 +800,6 @@ reply:
         } else {
             fuse_reply_err(req, e.err ? e.err : -r);
         }
-        count_compiled(fast, UFS_KIND_IOCTL);
     }
     request_done(f);
     return served ? 1 : passed(fast, ino, UFS_KIND_IOCTL);
