@@ -16,10 +16,15 @@ helpers fill the reply structs from plain numbers. Two things are done in C on p
 * **FLUSH, RELEASEDIR and LISTXATTR** are answered in C: they carry no ufsgmem behaviour.
 
 Everything with behaviour is Python (``ufsgmem/fuse/lowlevel.py`` dispatches, ``ops.py`` decides).
+
+``UFSGMEM_SANITIZE`` (a comma list of ``-fsanitize`` names, e.g. ``address,undefined``) builds the module
+instrumented: ``scripts/sanitize.sh`` sets it to build a copy of the tree and run the FUSE tests against
+that copy. Unset (the normal install), the flags are the plain ones.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from cffi import FFI
@@ -378,6 +383,25 @@ size_t ufs_add_direntry(fuse_req_t req, char *buf, size_t bufsize, const char *n
 """
 
 
+def sanitize_flags(value: str | None) -> list[str]:
+    """Compile and link flags for ``UFSGMEM_SANITIZE=value`` (a comma list of ``-fsanitize`` names).
+
+    ``-fno-omit-frame-pointer -g`` give a report its stack with file and line. With ``undefined``, the
+    first finding stops the process (``-fno-sanitize-recover``): undefined behaviour that only prints
+    would let a test pass with it, and the sanitizer script fails a run on what stops a process.
+    """
+    names = [name.strip() for name in (value or "").split(",") if name.strip()]
+    if not names:
+        return []
+    flags = [f"-fsanitize={','.join(names)}", "-fno-omit-frame-pointer", "-g"]
+    if "undefined" in names:
+        flags.append("-fno-sanitize-recover=undefined")
+    return flags
+
+
+SANITIZE = sanitize_flags(os.environ.get("UFSGMEM_SANITIZE"))
+
+
 def _pkg_config(*args: str) -> list[str]:
     return subprocess.run(["pkg-config", *args, "fuse3"], check=True, capture_output=True,
                           text=True).stdout.split()
@@ -390,7 +414,8 @@ ffibuilder.set_source(
     include_dirs=[flag[2:] for flag in _pkg_config("--cflags-only-I")],
     library_dirs=[flag[2:] for flag in _pkg_config("--libs-only-L")],
     libraries=[flag[2:] for flag in _pkg_config("--libs-only-l")],
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-Wno-unused-function"],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-Wno-unused-function", *SANITIZE],
+    extra_link_args=SANITIZE,
 )
 
 if __name__ == "__main__":
