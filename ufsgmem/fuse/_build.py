@@ -265,13 +265,16 @@ struct fuse_session *ufs_session_new(int argc, char **argv, void *userdata)
 #define UFS_INIT_OUT_SIZE 64          /* struct fuse_init_out as libfuse 3.14 sends it */
 #define UFS_INIT_OUT_FLAGS 12         /* offsetof(struct fuse_init_out, flags) */
 #define UFS_INIT_OUT_FLAGS2 32        /* offsetof(struct fuse_init_out, flags2) */
-static volatile int init_replied;
+/* Every worker thread's reply passes here. Atomic, not volatile: the first reply happens before any other
+   only through the kernel (no request comes before INIT is answered), an ordering ThreadSanitizer cannot
+   see; a plain int read and written by many threads is a data race in C, which it reported. */
+static int init_replied;
 
 static ssize_t ufs_read(int fd, void *buf, size_t len, void *userdata) { return read(fd, buf, len); }
 
 static ssize_t ufs_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
-    if (!init_replied && count == 2 && iov[1].iov_len == UFS_INIT_OUT_SIZE) {
+    if (!__atomic_load_n(&init_replied, __ATOMIC_RELAXED) && count == 2 && iov[1].iov_len == UFS_INIT_OUT_SIZE) {
         /* The first reply of a session answers INIT (the kernel sends nothing else before it). */
         char *out = iov[1].iov_base;
         uint32_t flags, flags2;
@@ -282,7 +285,7 @@ static ssize_t ufs_writev(int fd, struct iovec *iov, int count, void *userdata)
         memcpy(out + UFS_INIT_OUT_FLAGS, &flags, 4);
         memcpy(out + UFS_INIT_OUT_FLAGS2, &flags2, 4);
     }
-    init_replied = 1;
+    __atomic_store_n(&init_replied, 1, __ATOMIC_RELAXED);
     return writev(fd, iov, count);
 }
 
