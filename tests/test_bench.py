@@ -35,7 +35,7 @@ def test_quick_bench_writes_every_target(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     unavailable = result["unavailable"]
-    for target in ("P1", "P2", "P3", "P4", "P5", "P6"):
+    for target in ("P1", "P2", "P3", "P4", "P5", "P6", "STREAM"):
         figure = result[target]
         assert set(figure) >= {"value", "reference", "ratio", "unit", "raw"}, target
         if target == "P6" and "P6 (hugetlb backend)" in unavailable:
@@ -56,6 +56,15 @@ def test_quick_bench_writes_every_target(tmp_path):
     assert result["P4"]["reference"] is not None
     assert result["P6"]["reference"] is not None or "P6 (hugetlb backend)" in unavailable
     assert {"P3.clean", "P3.onecpu", "P3.onecpu.clean", "P3.kernel", "P2.kernel"} <= set(result["context"])
+    # STREAM: the compiled hot path against a --hot-path python mount, or the reason there is none
+    stream = result["STREAM"]
+    assert math.isfinite(stream["value"]) and stream["value"] > 0
+    if "STREAM on a --hot-path python mount" in unavailable:
+        assert stream["reference"] is None and stream["met"] is None and "no python hot path" in stream["note"]
+        assert "STREAM.python" not in result["context"]
+    else:
+        assert "python" in stream["reference_name"] and stream["ratio"] is not None and stream["met"] is not None
+        assert result["context"]["STREAM.python"]["value"] == stream["reference"]
     assert result["machine"]["kernel"] and result["machine"]["libfuse"]
     assert "P1" in proc.stdout and "ratio" in proc.stdout
     for what, reason in unavailable.items():  # each missing reference is named, with its reason, to people too
@@ -74,3 +83,25 @@ def test_bench_without_the_kernel_reference_says_why(tmp_path, monkeypatch):
     refs = suite.References.probe()
     assert refs.kernel_gmem == "/dev/kvm is absent (no KVM on this machine)"
     assert refs.unavailable == {"kernel guest_memfd": refs.kernel_gmem}
+
+
+def test_stream_without_the_python_hot_path_says_why(monkeypatch):
+    """A server that refuses STREAM's reference mount (one from before ``--hot-path``, or an option it does
+    not know) leaves STREAM measured on the default mount, its reference unavailable with the mount's own
+    reason, and no ``STREAM.python``; the run goes on and leaves no mount behind."""
+    from ufsgmem.bench import suite
+
+    monkeypatch.setattr(suite, "HOT_PATH_PYTHON", ("--hot-path", "no-such-path"))
+    cfg = suite.Config(size=8 << 20, reps=2, stream=16)
+    refs = suite.References(kernel_gmem=None)
+    mounts = fuse_mounts()
+    with suite.mounted() as mount:
+        figures = suite.conversion_stream(cfg, mount, refs, suite.Progress(1))
+    assert fuse_mounts() == mounts
+    reason = refs.unavailable["STREAM on a --hot-path python mount"]
+    assert "--hot-path no-such-path" in reason and "exit 2" in reason, reason
+    assert [fig.id for fig in figures] == ["STREAM"]
+    (stream,) = figures
+    assert stream.reference is None and stream.met is None and stream.ratio is None
+    assert reason in stream.note
+    assert len(stream.value.values) == 2 and all(v > 0 for v in stream.value.values)
