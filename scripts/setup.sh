@@ -22,12 +22,17 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 stamp=.venv/.ufsgmem-installed
-# Reinstall when the packaging or the cffi module's C source changed, or the compiled module is missing
-# (the editable install compiles ufsgmem/fuse/_lowlevel*.so against libfuse3 in place).
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
+# Reinstall when the packaging or a cffi module's C source changed, or a compiled module is missing (the
+# editable install compiles ufsgmem/core/_core*.so and ufsgmem/fuse/_lowlevel*.so, against libfuse3, in
+# place).
+core_changed=0
+for f in ufsgmem/core/*.c ufsgmem/core/*.h ufsgmem/core/_build.py; do
+    if [ -e "$f" ] && [ "$f" -nt "$stamp" ]; then core_changed=1; fi
+done
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$core_changed" = 1 ] \
         || [ setup.py -nt "$stamp" ] || [ ufsgmem/fuse/_build.py -nt "$stamp" ] \
-        || ! ls ufsgmem/fuse/_lowlevel*.so >/dev/null 2>&1; then
-    echo "setup: installing ufsgmem (compiling its libfuse3 binding) into .venv" >&2
+        || ! ls ufsgmem/fuse/_lowlevel*.so >/dev/null 2>&1 || ! ls ufsgmem/core/_core*.so >/dev/null 2>&1; then
+    echo "setup: installing ufsgmem (compiling its core and its libfuse3 binding) into .venv" >&2
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     # The built-in plugins used to be a second distribution, ufsgmem-plugins; a .venv made before still has
     # it, declaring the same names from modules that are gone (ufsgmem refuses such an ambiguous name).

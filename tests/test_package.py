@@ -106,6 +106,7 @@ def test_wheel_in_a_fresh_venv_of_the_system_python_runs_the_demo(tmp_path):
         names = archive.namelist()
         entry_points = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert any(re.fullmatch(r"ufsgmem/fuse/_lowlevel\..*so", n) for n in names), "the cffi module is compiled in"
+    assert any(re.fullmatch(r"ufsgmem/core/_core\..*so", n) for n in names), "the compiled core is in"
     assert "ufsgmem/bench/fuse_floor.c" in names, "package data: the floor server's source"
     assert "ufsgmem/builtin/backends/anon.py" in names and "ufsgmem/builtin/exporters/png.py" in names
     assert "[ufsgmem.backends]" in entry_points and "[ufsgmem.exporters]" in entry_points

@@ -142,12 +142,12 @@ def test_as_arrays_is_a_copy():
 def test_check_catches_broken_invariants():
     rm = RunMap(8, 0)
     rm.set(2, 4, 1)
-    rm._cv[0][1] = 0  # equal neighbours: no longer canonical
+    rm._internals()[1][0][1] = 0  # equal neighbours: no longer canonical
     with pytest.raises(AssertionError):
         rm.check()
     rm = RunMap(8, 0)
     rm.set(2, 4, 1)
-    rm._cs[0][1] = 9  # a run starting past the end
+    rm._internals()[0][0][1] = 9  # a run starting past the end
     with pytest.raises(AssertionError):
         rm.check()
 
@@ -222,7 +222,7 @@ def alternating(cls, npages: int, width: int = 1) -> tuple[RunMap, list[int]]:
 
 
 def chunks(rm: RunMap) -> int:
-    return len(rm._cs)
+    return len(rm._internals()[0])
 
 
 def apply(rm: RunMap, model: list[int], op: str, start: int, end: int, value: int) -> None:
@@ -245,7 +245,7 @@ def test_many_runs_split_chunks_within_bounds(cls):
     assert_matches(rm, model)
     assert len(rm) == 300
     assert chunks(rm) >= 300 // cls.CHUNK_RUNS, "300 runs cannot fit in fewer chunks"
-    assert all(cls.CHUNK_RUNS // 4 <= len(c) <= cls.CHUNK_RUNS for c in rm._cs)
+    assert all(cls.CHUNK_RUNS // 4 <= len(c) <= cls.CHUNK_RUNS for c in rm._internals()[0])
 
 
 @pytest.mark.parametrize("cls", [TinyRunMap, SmallRunMap])
@@ -275,12 +275,12 @@ def test_merges_across_chunk_edges(cls):
     rm, model = alternating(cls, 80)
     c = 1
     while c < chunks(rm):  # the first run of each chunk merges with the last run of the chunk before
-        edge = rm._firsts[c]
+        edge = rm._internals()[2][c]
         apply(rm, model, "set", edge, edge + 1, rm.value_at(edge - 1))
         c += 1
     rm, model = alternating(cls, 80)
     while chunks(rm) > 1:  # fill the run just before the second chunk's edge: three runs become one
-        edge = rm._firsts[1]
+        edge = rm._internals()[2][1]
         apply(rm, model, "set", edge - 1, edge, rm.value_at(edge))
     assert len(rm) <= cls.CHUNK_RUNS
 
@@ -314,15 +314,17 @@ def test_queries_across_chunk_edges(cls):
 
 def test_check_catches_broken_chunks():
     rm, _ = alternating(TinyRunMap, 40)
-    rm._cv[2][0] = rm._cv[1][-1]  # equal neighbours across a chunk edge
+    cv = rm._internals()[1]
+    cv[2][0] = cv[1][-1]  # equal neighbours across a chunk edge
     with pytest.raises(AssertionError):
         rm.check()
     rm, _ = alternating(TinyRunMap, 40)
-    rm._firsts[2] += 1  # the chunk index no longer matches the chunk
+    rm._internals()[2][2] += 1  # the chunk index no longer matches the chunk
     with pytest.raises(AssertionError):
         rm.check()
     rm, _ = alternating(TinyRunMap, 40)
-    rm._counts[1] += 1  # a page count out of step with the runs
+    counts = rm._internals()[3]  # (value, pages) pairs
+    counts[counts.tolist()[::2].index(1) * 2 + 1] += 1  # a page count out of step with the runs
     with pytest.raises(AssertionError):
         rm.check()
 
@@ -379,3 +381,61 @@ def test_long_runs_of_small_updates_match_the_model(cls):
             a = rng.randrange(npages)
             b = rng.randint(a, npages)
             assert rm.first(a, b, lambda v: v == 1) == next((p for p in range(a, b) if model[p] == 1), None)
+
+
+# --- the C-backed API: comparisons in C, copies, wrapping ----------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 120), st.lists(st.tuples(st.booleans(), st.integers(0, 120), st.integers(0, 120),
+                                               st.integers(-2, 3)), max_size=40), st.data())
+def test_tiny_chunks_new_queries_match_the_model(npages, ops, data):
+    """Random set/add on a map of 4-run chunks, check() after every step, and the queries added with the C
+    map (first_eq/ne/gt, arrays, count_runs) against the list model."""
+    rm, model = TinyRunMap(npages, 0), [0] * npages
+    for adding, a, b, value in ops:
+        a, b = sorted((a % (npages + 1), b % (npages + 1)))
+        apply(rm, model, "add" if adding else "set", a, b, value)
+        a = data.draw(st.integers(0, npages))
+        b = data.draw(st.integers(a, npages))
+        v = data.draw(st.integers(-2, 4))
+        pages = range(a, b)
+        assert rm.first_eq(a, b, v) == next((p for p in pages if model[p] == v), None)
+        assert rm.first_ne(a, b, v) == next((p for p in pages if model[p] != v), None)
+        assert rm.first_gt(a, b, v) == next((p for p in pages if model[p] > v), None)
+        assert rm.first(a, b, lambda x: x < v) == next((p for p in pages if model[p] < v), None)
+        expected = model_runs(model, a, b)
+        assert rm.count_runs(a, b) == len(expected)
+        starts, values = rm.arrays(a, b)
+        assert (starts.tolist(), values.tolist()) == ([s for s, _, _ in expected], [v for _, _, v in expected])
+
+
+def test_wrap_shares_the_map_and_keeps_its_owner():
+    rm = RunMap(64, 0)
+    rm.set(8, 16, 1)
+    view = RunMap.wrap(rm.address, rm)
+    assert view.address == rm.address and view.npages == 64
+    view.set(20, 30, 2)  # one map: a change through either is seen by both
+    assert list(rm.runs()) == list(view.runs()) == [(0, 8, 0), (8, 16, 1), (16, 20, 0), (20, 30, 2), (30, 64, 0)]
+    del rm  # the wrapper holds the owner: the map stays valid
+    assert view.count(2) == 10
+    view.check()
+
+
+def test_an_add_past_64_bits_is_refused_and_changes_nothing():
+    rm = RunMap(16, 0)
+    rm.set(4, 8, 1)
+    before = rm.as_arrays()
+    with pytest.raises(OverflowError):
+        rm.add(0, 16, (1 << 63) - 1)
+    assert rm.as_arrays() == before
+    rm.check()
+
+
+def test_runs_are_read_in_pieces():
+    """More runs than one read from C holds: the pieces join without a gap or a repeat."""
+    rm = RunMap(50_000, 0)
+    for page in range(1, 50_000, 2):
+        rm.set(page, page + 1, 1)
+    runs = list(rm.runs(3, 49_998))
+    assert len(runs) == 49_995 and runs[0] == (3, 4, 1) and runs[-1] == (49_997, 49_998, 1)
+    assert all(e == s2 for (_, e, _), (s2, _, _) in zip(runs, runs[1:]))

@@ -9,7 +9,8 @@
  *
  * Ranges are half-open page ranges [start, end). Nothing here locks: the owner does (gmem.h says which
  * lock guards which map). Errors are negative errno values: -EINVAL for a range outside the map,
- * -ENOMEM when growing a chunk fails (the map is then unchanged).
+ * -ENOMEM when growing a chunk fails, -EOVERFLOW when runmap_add would take a value past int64 (the map
+ * is unchanged in every error case).
  */
 #ifndef UFSGMEM_RUNMAP_H
 #define UFSGMEM_RUNMAP_H
@@ -20,6 +21,18 @@
 #define RUNMAP_CHUNK_RUNS 512
 
 struct runmap;
+
+/* one run: where it starts and its value (it ends where the next begins); 16 bytes, what P5 counts */
+struct runmap_run {
+    uint64_t start;
+    int64_t value;
+};
+
+/* one entry of the per-value page counts */
+struct runmap_count {
+    int64_t value;
+    uint64_t pages;
+};
 
 /* which values runmap_first looks for */
 enum runmap_op { RUNMAP_EQ, RUNMAP_NE, RUNMAP_GT };
@@ -55,5 +68,16 @@ uint64_t runmap_metadata_bytes(const struct runmap *map);   /* 16 bytes a run: w
 uint64_t runmap_footprint_bytes(const struct runmap *map);  /* everything malloc'd for it */
 /* 0 if every invariant holds, else a positive code naming the first that does not (for tests) */
 int runmap_check(const struct runmap *map);
+const char *runmap_check_message(int code);                 /* what a runmap_check code means */
+
+/*
+ * For tests only: the internals, writable, so that a test can break an invariant and see runmap_check
+ * catch it. runmap_chunk returns chunk c's runs (NULL when c >= runmap_chunks) with their count in *n and
+ * its entry of the chunk index in *first; runmap_counts the per-value counts (sorted by value). The
+ * pointers are valid until the map next changes.
+ */
+uint64_t runmap_chunks(const struct runmap *map);
+struct runmap_run *runmap_chunk(struct runmap *map, uint64_t c, uint32_t *n, uint64_t **first);
+struct runmap_count *runmap_counts(struct runmap *map, uint32_t *n);
 
 #endif
