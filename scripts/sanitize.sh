@@ -120,7 +120,7 @@ if [ "$rc" -gt 128 ]; then
     # The test run itself was killed (a report in it aborts it): its fixtures did not unmount what it
     # mounted, nor give back huge pages. Its servers are the live ones running from the copy.
     "$py" - "$tree" $pools_before <<'PY' >&2
-import os, sys
+import sys
 from ufsgmem import hugepages
 from ufsgmem.fuse.server import read_pid
 from ufsgmem.mounts import ufsgmem_mounts, unmount
