@@ -50,9 +50,14 @@ def cdef_of(header: str) -> str:
 
 
 def sanitize_flags() -> list[str]:
-    """``-fsanitize=<list> -fno-omit-frame-pointer -g`` when ``UFSGMEM_SANITIZE`` asks for any."""
-    wanted = ",".join(s.strip() for s in os.environ.get("UFSGMEM_SANITIZE", "").split(",") if s.strip())
-    return [f"-fsanitize={wanted}", "-fno-omit-frame-pointer", "-g"] if wanted else []
+    """``-fsanitize=<list> -fno-omit-frame-pointer -g`` when ``UFSGMEM_SANITIZE`` asks for any, and with
+    ``undefined`` ``-fno-sanitize-recover=undefined``: the first finding stops the process, as in
+    ``ufsgmem/fuse/_build.py`` (a finding that only prints would let a test pass with it)."""
+    names = [s.strip() for s in os.environ.get("UFSGMEM_SANITIZE", "").split(",") if s.strip()]
+    if not names:
+        return []
+    flags = [f"-fsanitize={','.join(names)}", "-fno-omit-frame-pointer", "-g"]
+    return flags + (["-fno-sanitize-recover=undefined"] if "undefined" in names else [])
 
 
 def _path(path: Path) -> str:

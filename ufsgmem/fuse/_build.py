@@ -23,6 +23,11 @@ from plain numbers. Things done in C on purpose:
 * **FLUSH, RELEASEDIR and LISTXATTR** are answered in C: they carry no ufsgmem behaviour.
 
 Everything else with behaviour is Python (``ufsgmem/fuse/lowlevel.py`` dispatches, ``ops.py`` decides).
+
+``UFSGMEM_SANITIZE`` (a comma list of ``-fsanitize`` names, e.g. ``address,undefined``) builds the module
+instrumented, the hot path and the core's sources with it: ``scripts/sanitize.sh`` sets it to build a
+copy of the tree and run the FUSE tests against that copy. Unset (the normal install), the flags are the
+plain ones.
 """
 
 from __future__ import annotations
@@ -331,13 +336,16 @@ struct fuse_session *ufs_session_new(int argc, char **argv, void *userdata)
 #define UFS_INIT_OUT_SIZE 64          /* struct fuse_init_out as libfuse 3.14 sends it */
 #define UFS_INIT_OUT_FLAGS 12         /* offsetof(struct fuse_init_out, flags) */
 #define UFS_INIT_OUT_FLAGS2 32        /* offsetof(struct fuse_init_out, flags2) */
-static volatile int init_replied;
+/* Every worker thread's reply passes here. Atomic, not volatile: the first reply happens before any other
+   only through the kernel (no request comes before INIT is answered), an ordering ThreadSanitizer cannot
+   see; a plain int read and written by many threads is a data race in C, which it reported. */
+static int init_replied;
 
 static ssize_t ufs_read(int fd, void *buf, size_t len, void *userdata) { return read(fd, buf, len); }
 
 static ssize_t ufs_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
-    if (!init_replied && count == 2 && iov[1].iov_len == UFS_INIT_OUT_SIZE) {
+    if (!__atomic_load_n(&init_replied, __ATOMIC_RELAXED) && count == 2 && iov[1].iov_len == UFS_INIT_OUT_SIZE) {
         /* The first reply of a session answers INIT (the kernel sends nothing else before it). */
         char *out = iov[1].iov_base;
         uint32_t flags, flags2;
@@ -348,7 +356,7 @@ static ssize_t ufs_writev(int fd, struct iovec *iov, int count, void *userdata)
         memcpy(out + UFS_INIT_OUT_FLAGS, &flags, 4);
         memcpy(out + UFS_INIT_OUT_FLAGS2, &flags2, 4);
     }
-    init_replied = 1;
+    __atomic_store_n(&init_replied, 1, __ATOMIC_RELAXED);
     return writev(fd, iov, count);
 }
 
@@ -449,6 +457,25 @@ size_t ufs_add_direntry(fuse_req_t req, char *buf, size_t bufsize, const char *n
 """
 
 
+def sanitize_flags(value: str | None) -> list[str]:
+    """Compile and link flags for ``UFSGMEM_SANITIZE=value`` (a comma list of ``-fsanitize`` names).
+
+    ``-fno-omit-frame-pointer -g`` give a report its stack with file and line. With ``undefined``, the
+    first finding stops the process (``-fno-sanitize-recover``): undefined behaviour that only prints
+    would let a test pass with it, and the sanitizer script fails a run on what stops a process.
+    """
+    names = [name.strip() for name in (value or "").split(",") if name.strip()]
+    if not names:
+        return []
+    flags = [f"-fsanitize={','.join(names)}", "-fno-omit-frame-pointer", "-g"]
+    if "undefined" in names:
+        flags.append("-fno-sanitize-recover=undefined")
+    return flags
+
+
+SANITIZE = sanitize_flags(os.environ.get("UFSGMEM_SANITIZE"))
+
+
 def _pkg_config(*args: str) -> list[str]:
     return subprocess.run(["pkg-config", *args, "fuse3"], check=True, capture_output=True,
                           text=True).stdout.split()
@@ -473,11 +500,6 @@ def _path(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
-def _sanitize() -> list[str]:
-    wanted = os.environ.get("UFSGMEM_SANITIZE")
-    return [f"-fsanitize={wanted}", "-fno-omit-frame-pointer", "-g"] if wanted else []
-
-
 SOURCES, MACROS = _core_sources()
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -488,8 +510,8 @@ ffibuilder.set_source(
     include_dirs=[HERE, CORE] + [flag[2:] for flag in _pkg_config("--cflags-only-I")],
     library_dirs=[flag[2:] for flag in _pkg_config("--libs-only-L")],
     libraries=[flag[2:] for flag in _pkg_config("--libs-only-l")],
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-Wno-unused-function"] + _sanitize(),
-    extra_link_args=_sanitize(),
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-Wno-unused-function", *SANITIZE],
+    extra_link_args=SANITIZE,
 )
 
 if __name__ == "__main__":
