@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The FUSE and integrity tests against a build of the C extensions instrumented with AddressSanitizer and
-# UndefinedBehaviorSanitizer. Arguments go to pytest (default: the FUSE, integrity and handle tests, and the
+# UndefinedBehaviorSanitizer. Arguments go to pytest (default: the FUSE, integrity and handle tests, the
+# compiled hot path's and the memory cap's, and the
 # core's model tests once the core is compiled).
 #
 # Why a copy of the tree: the normal install compiles the extensions in place (ufsgmem/**/_*.so); building
@@ -87,6 +88,10 @@ for arg in "$@"; do
 done
 if [ "$named" = 0 ]; then
     set -- "$@" tests/test_fuse_*.py tests/test_integrity.py tests/test_handles.py
+    # the compiled hot path's own cases (fastpath.c), where its fallbacks and charges are exercised
+    if [ -e "$tree/tests/test_fastpath.py" ]; then
+        set -- "$@" tests/test_fastpath.py tests/test_memory_cap.py
+    fi
     # the core's model tests exercise the compiled rules directly, once there are compiled rules
     if grep -q "ufsgmem/core/_build.py" "$tree/setup.py"; then
         set -- "$@" tests/test_core_model.py tests/test_runmap.py
