@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The FUSE and integrity tests against a build of the C extensions instrumented with AddressSanitizer and
 # UndefinedBehaviorSanitizer. Arguments go to pytest (default: the FUSE, integrity and handle tests, the
-# compiled hot path's and the memory cap's, and the
-# core's model tests once the core is compiled).
+# compiled hot path's and the memory cap's, and the core's model tests once the core is compiled).
 #
 # Why a copy of the tree: the normal install compiles the extensions in place (ufsgmem/**/_*.so); building
 # them instrumented there would leave every later run, and `ufsgmem mount`, on the slow build. So the files
