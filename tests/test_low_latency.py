@@ -101,3 +101,33 @@ def test_the_option_is_in_the_help():
     out = subprocess.run([sys.executable, "-m", "ufsgmem", "mount", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--low-latency" in out
+
+
+@requires_fuse
+def test_requests_the_compiled_path_serves_keep_the_limit_held():
+    """Conversions served in C (fastpath.c) never call the hold's Python hook: C notes their time, and the
+    hold's expiry reads it, so the limit stays held for as long as they flow, well past one window."""
+    import time
+
+    from test_fastpath import convert
+    if not os.access(DEVICE, os.W_OK):
+        pytest.skip(f"{DEVICE} is not writable here (needs root)")
+    if current_limit() != NO_LIMIT:
+        pytest.skip(f"another process holds a CPU latency limit ({current_limit()} µs): cannot tell ours apart")
+    with mounted(low_latency=True) as mount:
+        mount.ctl("create vm size=1M flags=mmap|init_shared")
+        g = Gmem(mount, "vm", 1 << 20)
+        fd = os.open(g.path("mem"), os.O_RDWR)
+        try:
+            start, held_late = time.monotonic(), []
+            while time.monotonic() - start < 0.6:  # three windows of requests, no pause
+                assert convert(fd, 0, 4096, private=True)[0] == 0
+                assert convert(fd, 0, 4096, private=False)[0] == 0
+                if time.monotonic() - start > 0.3:
+                    held_late.append(current_limit() == 0)
+        finally:
+            os.close(fd)
+        hot = g.status()["hot_path"]
+        assert held_late and all(held_late), "the limit lapsed while compiled requests flowed"
+        assert hot["ioctl"]["compiled"] > 0, hot  # (the create before them raised the limit, in Python)
+    assert current_limit() == NO_LIMIT, "the limit outlived the server"
