@@ -13,8 +13,7 @@ from plain numbers. Things done in C on purpose:
   (``fastpath.c``, with ``counter.c``), which is compiled into this module together with the core's own
   sources (``ufsgmem/core/runmap.c``, ``gmem.c``: the same rules the ``_core`` module binds, used here on
   a ``struct gmem`` made there and passed by address). It serves only the common case and otherwise
-  returns, having changed nothing, and the request goes to Python as before. Built without the core's
-  sources, it serves nothing.
+  returns, having changed nothing, and the request goes to Python as before.
 
 * **the INIT reply is patched** in the session's ``writev`` (custom I/O): libfuse 3.14 has no API for
   ``FUSE_DIRECT_IO_ALLOW_MMAP`` (protocol 7.39), which ``mem`` needs to be opened with direct I/O and
@@ -99,7 +98,6 @@ int64_t ufs_counter_held(struct ufs_counter *c);
 #define UFS_KINDS ...
 #define UFS_LOCK_STATE ...
 #define UFS_LOCK_INVAL ...
-#define UFS_SERVES_BUILT ...
 struct ufs_fast *ufs_fast_new(void *py);
 void *ufs_fast_py(struct ufs_fast *fast);
 void ufs_fast_set_session(struct ufs_fast *fast, struct fuse_session *se);
@@ -168,12 +166,6 @@ SOURCE = r"""
 #include <unistd.h>
 #include "counter.h"
 #include "fastpath.h"
-
-#if defined(UFS_HAVE_RUNMAP) && defined(UFS_HAVE_GMEM)
-#define UFS_SERVES_BUILT 1
-#else
-#define UFS_SERVES_BUILT 0
-#endif
 
 static void py_lookup(fuse_req_t, uint64_t, const char *);
 static void py_forget(fuse_req_t, uint64_t, uint64_t);
@@ -481,16 +473,10 @@ def _pkg_config(*args: str) -> list[str]:
                           text=True).stdout.split()
 
 
-def _core_sources() -> tuple[list[str], list[tuple[str, str]]]:
-    """The compiled core's sources this module includes (the same files as ``ufsgmem.core._core``), and
-    the macros saying which exist: the hot path serves requests only with both run map and rules."""
-    sources, macros = [os.path.join(HERE, name) for name in ("fastpath.c", "counter.c", "idmap.c")], []
-    for name, macro in (("runmap.c", "UFS_HAVE_RUNMAP"), ("gmem.c", "UFS_HAVE_GMEM")):
-        path = os.path.join(CORE, name)
-        if os.path.exists(path):
-            sources.append(path)
-            macros.append((macro, "1"))
-    return sources, macros
+#: The hot path's sources, and the compiled core's (the same files as ``ufsgmem.core._core``: a struct
+#: made there is used here by address).
+SOURCES = [os.path.join(HERE, name) for name in ("fastpath.c", "counter.c", "idmap.c")] + \
+    [os.path.join(CORE, name) for name in ("runmap.c", "gmem.c")]
 
 
 def _path(path: str) -> str:
@@ -500,13 +486,11 @@ def _path(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
-SOURCES, MACROS = _core_sources()
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "ufsgmem.fuse._lowlevel", SOURCE,
     sources=[_path(p) for p in SOURCES],
-    define_macros=MACROS,
     include_dirs=[HERE, CORE] + [flag[2:] for flag in _pkg_config("--cflags-only-I")],
     library_dirs=[flag[2:] for flag in _pkg_config("--libs-only-L")],
     libraries=[flag[2:] for flag in _pkg_config("--libs-only-l")],

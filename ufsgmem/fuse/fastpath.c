@@ -38,12 +38,8 @@
 #include "counter.h"
 #include "fastpath.h"
 #include "idmap.h"
-#ifdef UFS_HAVE_RUNMAP
-#include "runmap.h"
-#endif
-#ifdef UFS_HAVE_GMEM
 #include "gmem.h"
-#endif
+#include "runmap.h"
 
 #define UFS_PAGE_SHIFT 12
 #define UFS_PAGE_SIZE (1ull << UFS_PAGE_SHIFT)
@@ -184,7 +180,6 @@ struct ufs_file *ufs_file_new(uint64_t ino, uintptr_t gmem, uint64_t size, int m
     f->wb_fd = f->wb_inuse = f->memfd = -1;
     pthread_mutex_init(&f->state, NULL);
     pthread_mutex_init(&f->inval, NULL);
-#ifdef UFS_HAVE_RUNMAP
     uint64_t npages = (size + UFS_PAGE_SIZE - 1) >> UFS_PAGE_SHIFT;
     f->cached = runmap_new(npages, 0);
     if (f->cached == NULL) {
@@ -192,15 +187,10 @@ struct ufs_file *ufs_file_new(uint64_t ino, uintptr_t gmem, uint64_t size, int m
         ufs_file_put(f);
         return NULL;
     }
-#endif
-#ifdef UFS_HAVE_GMEM
     if (gmem) {
         f->gm = (struct gmem *)gmem;
         gmem_get(f->gm);
     }
-#else
-    (void)gmem;
-#endif
     if (memfd >= 0 && size > 0) {
         /* Our own mapping of our own descriptor: it lives as long as this file's last reference, whatever
            the backend object does meanwhile (a reply in flight reads from it). */
@@ -223,10 +213,8 @@ static void release_resources(struct ufs_file *f)
     if (f->wb_fd >= 0)
         close(f->wb_fd);
     f->wb_fd = -1;
-#ifdef UFS_HAVE_GMEM
     if (f->gm != NULL)
         gmem_put(f->gm);
-#endif
     f->gm = NULL;
 }
 
@@ -237,9 +225,7 @@ void ufs_file_put(struct ufs_file *f)
     release_resources(f);
     ufs_counter_put(f->user_mem);
     ufs_counter_put(f->mount_mem);
-#ifdef UFS_HAVE_RUNMAP
     runmap_free(f->cached);
-#endif
     pthread_mutex_destroy(&f->state);
     pthread_mutex_destroy(&f->inval);
     free(f);
@@ -412,15 +398,9 @@ static struct ufs_file *file_of(struct ufs_fast *fast, uint64_t ino, uint64_t fh
     return f;
 }
 
-#if defined(UFS_HAVE_RUNMAP) && defined(UFS_HAVE_GMEM)
-#define UFS_SERVES 1
-#else
-#define UFS_SERVES 0
-#endif
 
 enum action { PASS = 0, REPLY_DATA, REPLY_ZEROS, REPLY_EIO };
 
-#if UFS_SERVES
 #define RUNS_AT_ONCE 64
 
 static uint64_t first_page(uint64_t off) { return off >> UFS_PAGE_SHIFT; }
@@ -521,25 +501,22 @@ static enum action write_back_locked(struct ufs_file *f, struct gmem *gm, const 
         charge(f, (int64_t)(before - after) << UFS_PAGE_SHIFT, 1);
     return REPLY_DATA;
 }
-#endif
 
 /* ---- READ: a page fill ---- */
 int ufs_fast_read(struct ufs_fast *fast, void *req, uint64_t ino, size_t size, int64_t off, uint64_t fh,
                   uint64_t lock_owner)
 {
-    if (!UFS_SERVES || !may_serve(fast) || lock_owner != 0 || off < 0)
+    if (!may_serve(fast) || lock_owner != 0 || off < 0)
         return passed(fast, ino, UFS_KIND_READ);
     struct ufs_file *f = file_of(fast, ino, fh, 0);
     if (f == NULL)
         return passed(fast, ino, UFS_KIND_READ);
     enum action act = PASS;
     uint64_t n = size;
-#if UFS_SERVES
     pthread_mutex_lock(&f->state);
     if (!f->closed && f->base != NULL && f->gm != NULL)
         act = fill_locked(fast, f, f->gm, off, &n);
     pthread_mutex_unlock(&f->state);
-#endif
     if (act != PASS)    /* counted before the reply: a caller reading status after it sees this one */
         count_compiled(fast, UFS_KIND_READ);
     if (act == REPLY_DATA)
@@ -556,18 +533,16 @@ int ufs_fast_read(struct ufs_fast *fast, void *req, uint64_t ino, size_t size, i
 int ufs_fast_write(struct ufs_fast *fast, void *req, uint64_t ino, const char *buf, size_t size, int64_t off,
                    uint64_t fh, int writepage)
 {
-    if (!UFS_SERVES || !may_serve(fast) || !writepage || off < 0 || size == 0)
+    if (!may_serve(fast) || !writepage || off < 0 || size == 0)
         return passed(fast, ino, UFS_KIND_WRITE);
     struct ufs_file *f = file_of(fast, ino, fh, 0);
     if (f == NULL)
         return passed(fast, ino, UFS_KIND_WRITE);
     enum action act = PASS;
-#if UFS_SERVES
     pthread_mutex_lock(&f->state);
     if (!f->closed && f->base != NULL && f->gm != NULL)
         act = write_back_locked(f, f->gm, buf, size, off);
     pthread_mutex_unlock(&f->state);
-#endif
     if (act != PASS)
         count_compiled(fast, UFS_KIND_WRITE);
     if (act == REPLY_DATA)
@@ -579,7 +554,6 @@ int ufs_fast_write(struct ufs_fast *fast, void *req, uint64_t ino, const char *b
 }
 
 /* ---- ioctl(KVM_SET_MEMORY_ATTRIBUTES2) ---- */
-#if UFS_SERVES
 struct parts {
     uint64_t *start, *end;       /* byte ranges */
     size_t n, cap;
@@ -700,16 +674,14 @@ static int revoke_parts(struct ufs_fast *fast, struct ufs_file *f, int wb_fd, co
     }
     return 0;
 }
-#endif
 
 int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int cmd, uint64_t fh,
                    unsigned int flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
-    if (!UFS_SERVES || !may_serve(fast) || cmd != UFS_KVM_SET_MEMORY_ATTRIBUTES2
+    if (!may_serve(fast) || cmd != UFS_KVM_SET_MEMORY_ATTRIBUTES2
             || (flags & FUSE_IOCTL_COMPAT) || in_bufsz != UFS_ATTRIBUTES2_SIZE || out_bufsz != UFS_ATTRIBUTES2_SIZE
             || fast->se == NULL)
         return passed(fast, ino, UFS_KIND_IOCTL);
-#if UFS_SERVES
     struct ufs_file *f = file_of(fast, ino, fh, 1);
     if (f == NULL)
         return passed(fast, ino, UFS_KIND_IOCTL);
@@ -803,8 +775,4 @@ reply:
     }
     request_done(f);
     return served ? 1 : passed(fast, ino, UFS_KIND_IOCTL);
-#else
-    (void)fh; (void)in_buf; (void)req;
-    return passed(fast, ino, UFS_KIND_IOCTL);
-#endif
 }

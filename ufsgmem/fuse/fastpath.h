@@ -63,7 +63,7 @@ void ufs_fast_remove_file(struct ufs_fast *fast, uint64_t ino);   /* and marks i
 void ufs_file_lock(struct ufs_file *file, int which);      /* blocking */
 int ufs_file_trylock(struct ufs_file *file, int which);    /* 1 taken, 0 held elsewhere */
 void ufs_file_unlock(struct ufs_file *file, int which);
-struct runmap *ufs_file_cached(struct ufs_file *file);     /* NULL without the compiled run map */
+struct runmap *ufs_file_cached(struct ufs_file *file);     /* Entry.cached (RunMap.wrap) */
 void ufs_file_set_private_active(struct ufs_file *file);   /* the caller holds the state lock */
 /* the write-back descriptor: the file owns fd from now on and closes it when replaced, dropped (-1) or
    freed (later, if a conversion is writing back through it) */

@@ -5,8 +5,7 @@ C serves a request only in the common case and hands everything else to the Pyth
 (``fastpath.c`` lists the conditions). For that, both sides share per file a ``struct ufs_file``
 (:class:`FastFile`, one per ``Entry``): its two locks (``Entry.state`` and ``Entry.lock`` are
 :class:`CLock` wrappers of its pthread mutexes; taking one from Python releases the GIL while it waits),
-its possibly-cached map (``Entry.cached``, the C run map wrapped as a ``RunMap`` once the compiled run map
-is built in; a Python ``RunMap`` before), and the backend's memory (``Backend.memory_fd()``: C maps it
+its possibly-cached map (``Entry.cached``, the C run map wrapped as a ``RunMap``), and the backend's memory (``Backend.memory_fd()``: C maps it
 itself; a backend without one is always served by Python). Per session (:class:`FastPath`): which inodes
 are ``mem`` files, which handles are open on them, the inline slots and the counters.
 
@@ -112,13 +111,10 @@ class FastFile:
     def charged(self, value: int) -> None:
         lib.ufs_file_set_charged(self.ptr, value)
 
-    def cached_map(self, npages: int):
-        """The possibly-cached map: C's (shared with the hot path) if the compiled run map is built in."""
+    def cached_map(self):
+        """The possibly-cached map: C's, shared with the hot path, as a ``RunMap`` that keeps this file."""
         from ..runmap import RunMap
-        address = lib.ufs_file_cached(self.ptr)
-        if address != ffi.NULL and hasattr(RunMap, "wrap"):
-            return RunMap.wrap(int(ffi.cast("uintptr_t", address)), self)
-        return RunMap(npages, 0)
+        return RunMap.wrap(int(ffi.cast("uintptr_t", lib.ufs_file_cached(self.ptr))), self)
 
     def set_private_active(self) -> None:
         """The private view served a page: conversions go to Python from now on. ``state`` held."""
@@ -143,8 +139,8 @@ class FastPath:
 
     @property
     def serving(self) -> bool:
-        """C serves requests: switched on, and built with the compiled core."""
-        return self.ptr != ffi.NULL and bool(lib.ufs_fast_enabled(self.ptr)) and bool(lib.UFS_SERVES_BUILT)
+        """C serves requests (switched on, session not ended)."""
+        return self.ptr != ffi.NULL and bool(lib.ufs_fast_enabled(self.ptr))
 
     def hold(self, wanted: bool) -> None:
         """--low-latency: C serves only while the hold is held (``held``), noting each request's time."""

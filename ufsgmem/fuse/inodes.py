@@ -132,7 +132,7 @@ class Entry:
         self.file = FastFile(self.ino("mem"), self.gm, self.in_place_conversion)
         self.file.charged = initial_charge
         self.lock, self.state = self.file.lock, self.file.state
-        self.cached = self.file.cached_map(self.gm.size >> PAGE_SHIFT)
+        self.cached = self.file.cached_map()
 
     @property
     def dir_ino(self) -> int:
