@@ -1,5 +1,5 @@
 """The compiled hot path (ufsgmem/fuse/fastpath.c) on real mounts: it serves P3's steps (fill, write-back,
-the conversion ioctl both ways), and every case it leaves to Python gets today's answer.
+the conversion ioctl both ways) and fallocate(2), and every case it leaves to Python gets today's answer.
 
 The mount's ``status`` counts mem's requests by who served them (``hot_path``); the counts are per mount
 and the module's tests share one, so each test compares counts before and after its own requests (the
@@ -19,11 +19,13 @@ import pytest
 from fusefix import Gmem, mounted, requires_fuse
 from test_fuse_mem import in_child, map_mem
 from ufsgmem.protocol import attributes2, error_offset_of
-from ufsgmem.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_SET_MEMORY_ATTRIBUTES2
+from ufsgmem.syscalls import fallocate
+from ufsgmem.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_MEMORY_ATTRIBUTE_PRIVATE, \
+    KVM_SET_MEMORY_ATTRIBUTES2
 
 pytestmark = requires_fuse
 PS = 4096
-KINDS = ("read", "write", "ioctl")
+KINDS = ("read", "write", "ioctl", "fallocate")
 
 
 def counts(g: Gmem) -> dict:
@@ -240,8 +242,6 @@ def test_fills_during_a_punch_see_old_data_or_zeros(gmem):
     """A punch while another process keeps faulting the range: a fill that meets the pending punch is
     Python's (zeros, what the range holds once it commits), the others C's; none is refused, and once the
     punch returns every page reads zeros."""
-    from test_fuse_mem import fallocate
-    from ufsgmem.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
     pages = 1024
     g = gmem(pages * PS)
     m = map_mem(g)
@@ -280,3 +280,162 @@ def test_fills_during_a_punch_see_old_data_or_zeros(gmem):
         os.close(fd)
     assert m[:] == bytes(pages * PS)
     m.close()
+
+
+# --- fallocate(2) ---------------------------------------------------------------------------------------
+ALLOCATE, PUNCH = FALLOC_FL_KEEP_SIZE, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def falloc(fd: int, mode: int, offset: int, length: int) -> int:
+    """fallocate(2) on a mem descriptor: 0 or the errno."""
+    try:
+        fallocate(fd, mode, offset, length)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+#: A sequence of fallocates (mode, offset, length) and the errno each gets: allocations over pages some
+#: fill charged already, punches of allocated, cached and untouched pages, past EOF, and refusals. The
+#: first punch of cached pages is Python's (it opens the write-back descriptor), the next ones C's.
+SEQUENCE = (
+    (ALLOCATE, 0, 8 * PS, 0),
+    (PUNCH, 2 * PS, 3 * PS, 0),
+    (ALLOCATE, 4 * PS, 8 * PS, 0),       # part allocated already
+    (PUNCH, 14 * PS, 8 * PS, 0),         # runs past EOF: punches up to it
+    (PUNCH, 16 * PS, PS, 0),             # at EOF: nothing to do
+    (ALLOCATE, PS + 1, PS, errno.EINVAL),  # unaligned
+    (ALLOCATE, 12 * PS, 8 * PS, errno.EINVAL),  # past EOF
+    (0, 0, PS, errno.EOPNOTSUPP),        # no KEEP_SIZE
+    (FALLOC_FL_PUNCH_HOLE, 0, PS, errno.EOPNOTSUPP),  # these three the VFS refuses: no request
+    (PUNCH, -PS, PS, errno.EINVAL),
+    (ALLOCATE, 0, 0, errno.EINVAL),
+    (PUNCH, 0, 16 * PS, 0),
+    (ALLOCATE, 3 * PS, 2 * PS, 0),
+)
+
+
+def run_sequence(g: Gmem) -> tuple[dict, list[int], bytes]:
+    """SEQUENCE on ``g`` with a mapping that fills pages 0-5 (some written) before it starts and reads
+    them all at the end: the file's status, each call's errno, and what the mapping reads."""
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    m = map_mem(g)
+    try:
+        m[0:4] = b"zero"
+        m[5 * PS:5 * PS + 4] = b"five"
+        assert m[3 * PS] == 0
+        answers = [falloc(fd, mode, offset, length) for mode, offset, length, _ in SEQUENCE]
+        content = m[:]
+    finally:
+        m.close()
+        os.close(fd)
+    status = g.status()
+    for key in ("hot_path", "name", "mount_memory", "owner_bounds", "backend_info", "page_cache_bytes_max"):
+        status.pop(key)
+    return status, answers, content
+
+
+def test_fallocate_is_served_compiled_as_python_serves_it(gmem):
+    """Allocations, punches and refusals are answered from C, and leave the file exactly as Python would:
+    the same errnos, allocation, counters, memory charge and content (a --hot-path python mount runs the
+    same sequence)."""
+    g = gmem(16 * PS)
+    before = counts(g)
+    status, answers, content = run_sequence(g)
+    d = delta(before, counts(g))
+    assert answers == [want for *_, want in SEQUENCE]
+    requests = len(SEQUENCE) - 3
+    assert d["fallocate"] == {"compiled": requests - 1, "python": 1}, d
+    with mounted(hot_path="python") as mount:
+        mount.ctl(f"create slow size={16 * PS} flags=mmap|init_shared")
+        slow = Gmem(mount, "slow", 16 * PS)
+        py_before = counts(slow)
+        py_status, py_answers, py_content = run_sequence(slow)
+        py_d = delta(py_before, counts(slow))
+        mount.ctl("destroy slow")
+    assert py_d["fallocate"] == {"compiled": 0, "python": requests}, py_d
+    assert answers == py_answers
+    assert content == py_content
+    assert status == py_status
+    assert status["punches"] == 3 and status["allocated_bytes"] == 2 * PS, status
+
+
+def test_fallocate_past_max_memory_is_enomem_from_c():
+    with mounted(max_memory=4 * PS) as mount:
+        mount.ctl(f"create capped size={8 * PS} flags=mmap|init_shared")
+        g = Gmem(mount, "capped", 8 * PS)
+        fd = os.open(g.path("mem"), os.O_RDWR)
+        try:
+            before = counts(g)
+            assert falloc(fd, ALLOCATE, 0, 3 * PS) == 0
+            assert falloc(fd, ALLOCATE, 2 * PS, 4 * PS) == errno.ENOMEM  # 3 more pages: one too many
+            refused = g.status()
+            assert falloc(fd, ALLOCATE, 0, 4 * PS) == 0                  # the one left fits
+            assert falloc(fd, PUNCH, 0, 8 * PS) == 0                     # and all goes back
+            d = delta(before, counts(g))
+            after = g.status()
+        finally:
+            os.close(fd)
+            mount.ctl("destroy capped")
+    assert d["fallocate"] == {"compiled": 4, "python": 0}, d
+    assert refused["allocated_bytes"] == 3 * PS and refused["committed_bytes"] == 3 * PS, refused
+    assert refused["mount_memory"]["committed"] == 3 * PS
+    assert after["allocated_bytes"] == 0 and after["committed_bytes"] == 0
+    assert after["mount_memory"]["committed"] == 0
+
+
+def test_punch_of_a_mapped_dirty_page_reads_zeros_and_keeps_the_rest(gmem):
+    """A punch from C of a page a mapping dirtied: the page reads zeros afterwards (in this mapping and
+    another process's), the pages around it keep their data, and the punch revoked what was cached."""
+    g = gmem(4 * PS)
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    m = map_mem(g)
+    try:
+        round_trips(g, m, fd, 2)  # the first opens the write-back descriptor, in Python
+        for i in range(4):
+            m[i * PS:(i + 1) * PS] = bytes([0x41 + i]) * PS
+        assert in_child(lambda: m.__setitem__(slice(PS + 8, PS + 12), b"kid!")) == 0
+        before = counts(g)
+        revoked = g.status()["revoked_bytes"]
+        assert falloc(fd, PUNCH, PS, PS) == 0
+        d = delta(before, counts(g))
+        assert m[PS:2 * PS] == bytes(PS)
+        assert in_child(lambda: os._exit(0 if m[PS:2 * PS] == bytes(PS) else 1)) == 0
+        for i in (0, 2, 3):
+            assert m[i * PS:(i + 1) * PS] == bytes([0x41 + i]) * PS
+            assert g.guest_read(i * PS, 8) == bytes([0x41 + i]) * 8
+        status = g.status()
+    finally:
+        m.close()
+        os.close(fd)
+    assert d["fallocate"] == {"compiled": 1, "python": 0}, d
+    assert status["revoked_bytes"] == revoked + PS and status["allocated_bytes"] == 3 * PS, status
+
+
+def test_fallocate_cases_left_to_python(gmem):
+    """A read-only handle (the VFS would refuse it: Python answers whatever reaches it), a backend that
+    allocates on its own terms (sim), a punch of cached pages before the write-back descriptor exists."""
+    g = gmem(4 * PS, backend="sim")
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    try:
+        before = counts(g)
+        assert falloc(fd, ALLOCATE, 0, 4 * PS) == 0
+        assert falloc(fd, PUNCH, 0, PS) == 0
+        assert falloc(fd, ALLOCATE, 1, PS) == errno.EINVAL
+        d = delta(before, counts(g))
+    finally:
+        os.close(fd)
+    assert d["fallocate"] == {"compiled": 0, "python": 3}, d
+    g = gmem(4 * PS)
+    m = map_mem(g)
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    try:
+        m[0:4] = b"data"   # filled (cached), never revoked: no write-back descriptor yet
+        before = counts(g)
+        assert falloc(fd, PUNCH, 0, PS) == 0
+        d = delta(before, counts(g))
+        assert m[0:4] == bytes(4)
+    finally:
+        m.close()
+        os.close(fd)
+    assert d["fallocate"] == {"compiled": 0, "python": 1}, d

@@ -97,6 +97,14 @@ class Backend(abc.ABC):
         MADV_HUGEPAGE if the class sets ``memory_hugepage``)."""
         return None
 
+    def fallocate_mapping(self) -> int | None:
+        """With ``memory_fd()``: the address of the backend's own ``MAP_SHARED`` mapping of it, if
+        ``allocate`` does nothing but ``MADV_POPULATE_WRITE`` of that mapping's range and ``punch_hole``
+        nothing but ``fallocate(PUNCH_HOLE|KEEP_SIZE)`` of the descriptor. The compiled hot path then serves
+        ``fallocate(2)`` on ``mem`` by doing exactly that, without calling the backend; the mapping must
+        stay until ``close()``. None (the default): every fallocate goes through ``allocate``/``punch_hole``."""
+        return None
+
     def info(self) -> dict:
         """Backend-specific facts for ``status`` (e.g. whether THP really gave huge pages)."""
         return {}

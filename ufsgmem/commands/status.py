@@ -73,7 +73,8 @@ def summary(status: dict, runs: list[tuple[int, int, int]] | None = None) -> str
     hot = status.get("hot_path")
     if hot:
         served = ", ".join(f"{what} {hot[kind]['compiled']}/{hot[kind]['python']}"
-                           for kind, what in (("read", "fills"), ("write", "write-backs"), ("ioctl", "conversions")))
+                           for kind, what in (("read", "fills"), ("write", "write-backs"), ("ioctl", "conversions"),
+                                              ("fallocate", "fallocates")) if kind in hot)
         lines.append(f"  hot path (mount --hot-path {hot['mode']}): the mount's {served} served compiled/by Python")
     lines.append(f"  revocations: {status.get('revocations', 0)} ({format_size(status.get('revoked_bytes', 0))}"
                  f" unmapped), punches: {status.get('punches', 0)}")

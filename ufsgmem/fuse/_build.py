@@ -123,6 +123,7 @@ void ufs_file_set_private_active(struct ufs_file *file);
 int ufs_file_set_write_back(struct ufs_file *file, int fd);
 int ufs_file_memory_mapped(struct ufs_file *file);
 void ufs_file_advise_huge(struct ufs_file *file);
+void ufs_file_set_fallocate(struct ufs_file *file, uintptr_t mapping);
 void ufs_file_set_counters(struct ufs_file *file, struct ufs_counter *user, struct ufs_counter *mount);
 int64_t ufs_file_charged(struct ufs_file *file);
 void ufs_file_set_charged(struct ufs_file *file, int64_t charged);
@@ -277,6 +278,8 @@ static void ll_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg
 static void ll_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
                          struct fuse_file_info *fi)
 {
+    if (ufs_fast_fallocate(fuse_req_userdata(req), req, ino, mode, offset, length, fi->fh))
+        return;
     py_fallocate(req, ino, mode, offset, length, fi->fh);
 }
 

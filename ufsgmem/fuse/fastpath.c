@@ -78,6 +78,8 @@ struct ufs_file {
     int memfd;                   /* the backend's descriptor of it, borrowed: Python closes the backend only
                                     after ufs_fast_remove_file (state), or -1 */
     int huge;                    /* the backend's mapping asks for THP: allocate through our mapping */
+    char *falloc_map;            /* the backend's own mapping, borrowed as memfd is: fallocate(2) is served
+                                    here (ufs_file_set_fallocate), or NULL */
     uint64_t size;
     struct runmap *cached;       /* Entry.cached: pages a fill handed out since their last revocation */
     int64_t charged;             /* Entry.charged: bytes of the budget this file holds (state) */
@@ -210,6 +212,7 @@ static void release_resources(struct ufs_file *f)
         munmap(f->base, f->size);
     f->base = NULL;
     f->memfd = -1;
+    f->falloc_map = NULL;
     if (f->wb_fd >= 0)
         close(f->wb_fd);
     f->wb_fd = -1;
@@ -244,6 +247,14 @@ void ufs_file_advise_huge(struct ufs_file *f)
     if (f->base != NULL)
         madvise(f->base, f->size, MADV_HUGEPAGE);
     f->huge = 1;
+}
+
+void ufs_file_set_fallocate(struct ufs_file *f, uintptr_t mapping)
+{
+    pthread_mutex_lock(&f->state);
+    if (f->base != NULL && f->memfd >= 0)   /* only with the memory C serves the rest from */
+        f->falloc_map = (char *)mapping;
+    pthread_mutex_unlock(&f->state);
 }
 
 void ufs_file_set_counters(struct ufs_file *f, struct ufs_counter *user, struct ufs_counter *mount)
@@ -775,4 +786,149 @@ reply:
     }
     request_done(f);
     return served ? 1 : passed(fast, ino, UFS_KIND_IOCTL);
+}
+
+/* ---- fallocate(2): allocate (KEEP_SIZE) or punch (KEEP_SIZE|PUNCH_HOLE) ---- */
+#define UFS_FALLOC_PUNCH_HOLE 0x02
+
+/* An allocation, state held (conversions.py's fallocate: the core's check, then charges.committing around
+   the backend's allocate and the core's set_allocated): 0 or -errno to reply; 1 to pass with nothing changed. */
+static int allocate_locked(struct ufs_file *f, struct gmem *gm, uint64_t offset, uint64_t length)
+{
+    uint64_t first = offset >> UFS_PAGE_SHIFT, last = (offset + length) >> UFS_PAGE_SHIFT;   /* aligned */
+    int64_t need = (int64_t)uncommitted(f, gm, first, last) << UFS_PAGE_SHIFT;
+    if (charge(f, need, 0) < 0)
+        return -ENOMEM;                /* past the owner's bound or the mount's cap: nothing changed */
+    /* what MemfdBackend.allocate does, on the same mapping: the pages are the backend's as if Python had
+       faulted them in (its smaps, e.g. thp's huge_bytes, say the same) */
+    if (madvise(f->falloc_map + offset, length, MADV_POPULATE_WRITE) != 0
+            || gmem_set_allocated(gm, first, last, 1) < 0) {
+        refund(f, need);
+        return 1;                      /* Python allocates again and answers with its error */
+    }
+    return 0;
+}
+
+/* Pages of [first, last) possibly cached: whether a punch of them needs the write-back descriptor. */
+static int any_cached(struct ufs_file *f, uint64_t first, uint64_t last)
+{
+    return first < last && !runmap_is_uniform(f->cached, first, last, 0);
+}
+
+int ufs_fast_fallocate(struct ufs_fast *fast, void *req, uint64_t ino, int mode, int64_t offset, int64_t length,
+                       uint64_t fh)
+{
+    if (!may_serve(fast) || fast->se == NULL)
+        return passed(fast, ino, UFS_KIND_FALLOCATE);
+    struct ufs_file *f = file_of(fast, ino, fh, 1);
+    if (f == NULL)
+        return passed(fast, ino, UFS_KIND_FALLOCATE);
+    if (f->gm == NULL || !ufs_fast_inline_take(fast)) {   /* an allocation may wait in reclaim: a slot */
+        request_done(f);
+        return passed(fast, ino, UFS_KIND_FALLOCATE);
+    }
+    if (pthread_mutex_trylock(&f->inval) != 0) {   /* another transition runs: Python queues behind it */
+        ufs_fast_inline_give(fast);
+        request_done(f);
+        return passed(fast, ino, UFS_KIND_FALLOCATE);
+    }
+    struct gmem *gm = f->gm;
+    struct parts parts = {0};
+    uint64_t revoked = 0, end, first, last, before, after;
+    int wb_fd = -1, served = 0, reply_err = 0, r, err;
+    struct gmem_err e = {0};
+
+    pthread_mutex_lock(&f->state);
+    if (f->closed || f->private_active || f->falloc_map == NULL || !charges_here(f, gm))
+        goto unlock_pass;
+    r = gmem_check_fallocate(gm, mode, offset, length, &e);
+    if (r < 0) {               /* the kernel's errno (EINVAL, EOPNOTSUPP, EFBIG), nothing changed */
+        reply_err = e.err;
+        goto unlock_served;
+    }
+    if (!(mode & UFS_FALLOC_PUNCH_HOLE)) {
+        r = allocate_locked(f, gm, (uint64_t)offset, (uint64_t)length);
+        if (r > 0)
+            goto unlock_pass;
+        reply_err = -r;
+        goto unlock_served;
+    }
+    /* a punch: its cached pages are written back through our descriptor (else Python opens one) */
+    end = (uint64_t)offset + (uint64_t)length < gm->size ? (uint64_t)offset + (uint64_t)length : gm->size;
+    if ((uint64_t)offset < end && f->wb_fd < 0
+            && any_cached(f, (uint64_t)offset >> UFS_PAGE_SHIFT, end_page(end)))
+        goto unlock_pass;
+    r = gmem_prepare_punch(gm, (uint64_t)offset, (uint64_t)length);
+    if (r == 0)                /* at or past EOF: succeeds, does nothing */
+        goto unlock_served;
+    if (r < 0)                 /* another transition pending: impossible with the lock held; Python says so */
+        goto unlock_pass;
+    if (collect_parts(f, gm, &parts, &revoked) != 0) {
+        gmem_abort(gm);
+        goto unlock_pass;
+    }
+    mark_parts(f, gm, &parts, 0);    /* before revoking: a page read meanwhile is marked again */
+    if (parts.n)
+        wb_fd = f->wb_inuse = f->wb_fd;
+    pthread_mutex_unlock(&f->state);
+
+    err = parts.n ? revoke_parts(fast, f, wb_fd, &parts) : 0;
+    pthread_mutex_lock(&f->state);
+    if (wb_fd >= 0) {
+        f->wb_inuse = -1;
+        if (f->wb_fd == wb_fd)
+            wb_fd = -1;        /* still registered: not ours to close below */
+    }
+    if (!err && (f->closed || f->private_active)) {
+        /* the private view served a page meanwhile (Python revokes it too) or the file is going: undo,
+           which leaves the state as it was (the pages are only unmapped), and let Python punch */
+        mark_parts(f, gm, &parts, 1);
+        gmem_abort(gm);
+        goto unlock_pass;
+    }
+    if (err) {                 /* fail closed: still possibly mapped, nothing punched */
+        mark_parts(f, gm, &parts, 1);
+        gmem_abort(gm);
+        reply_err = -err;
+        goto unlock_served;
+    }
+    /* the commit, with the recount of transitions.py's _recounting: the memory the punch frees goes back */
+    first = gm->pending_start >> UFS_PAGE_SHIFT;
+    last = end_page(gm->pending_end);
+    before = uncommitted(f, gm, first, last);
+    if (fallocate(f->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)gm->pending_start,
+                  (off_t)(gm->pending_end - gm->pending_start)) != 0) {
+        reply_err = errno;
+        mark_parts(f, gm, &parts, 1);
+        gmem_abort(gm);
+        goto unlock_served;
+    }
+    r = gmem_commit(gm);
+    if (r < 0) {               /* nothing changed in the maps, still pending: abort, as the runner does */
+        mark_parts(f, gm, &parts, 1);
+        gmem_abort(gm);
+        reply_err = -r;
+        goto unlock_served;
+    }
+    after = uncommitted(f, gm, first, last);
+    if (after > before)
+        refund(f, (int64_t)(after - before) << UFS_PAGE_SHIFT);
+    gmem_count_revocation(gm, revoked);   /* a punch always revokes its range, cached or not (as Python) */
+
+unlock_served:
+    served = 1;
+unlock_pass:
+    pthread_mutex_unlock(&f->state);
+    pthread_mutex_unlock(&f->inval);
+    ufs_fast_inline_give(fast);
+    if (wb_fd >= 0)
+        close(wb_fd);
+    free(parts.start);
+    free(parts.end);
+    if (served) {
+        count_compiled(fast, UFS_KIND_FALLOCATE);
+        fuse_reply_err(req, reply_err);
+    }
+    request_done(f);
+    return served ? 1 : passed(fast, ino, UFS_KIND_FALLOCATE);
 }

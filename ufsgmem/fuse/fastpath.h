@@ -1,5 +1,5 @@
 /*
- * fastpath: mem's page fills (READ), write-backs (WRITE) and KVM_SET_MEMORY_ATTRIBUTES2 served in C, with
+ * fastpath: mem's page fills (READ), write-backs (WRITE), KVM_SET_MEMORY_ATTRIBUTES2 and fallocate(2) served in C, with
  * no Python on the common path. Everything else, and every case the C path is not sure of, goes to Python
  * (ufsgmem/fuse/lowlevel.py's py_* functions) with nothing changed, so Python stays the one place that
  * answers errors, charges memory and revokes in the cases the C path leaves out.
@@ -25,7 +25,7 @@
 
 #define UFS_INLINE_SLOTS 8       /* lowlevel.py's INLINE_SLOTS: the one bound, kept here */
 
-enum ufs_kind { UFS_KIND_READ = 0, UFS_KIND_WRITE = 1, UFS_KIND_IOCTL = 2, UFS_KINDS = 3 };
+enum ufs_kind { UFS_KIND_READ = 0, UFS_KIND_WRITE = 1, UFS_KIND_IOCTL = 2, UFS_KIND_FALLOCATE = 3, UFS_KINDS = 4 };
 enum ufs_lock { UFS_LOCK_STATE = 0, UFS_LOCK_INVAL = 1 };
 
 struct ufs_fast;
@@ -70,6 +70,11 @@ void ufs_file_set_private_active(struct ufs_file *file);   /* the caller holds t
 int ufs_file_set_write_back(struct ufs_file *file, int fd);
 int ufs_file_memory_mapped(struct ufs_file *file);
 void ufs_file_advise_huge(struct ufs_file *file);          /* the backend's own mapping asks for THP */
+/* fallocate(2) may be served here: the backend allocates by MADV_POPULATE_WRITE of its own MAP_SHARED mapping
+   of the memory at `mapping` and punches by fallocate(PUNCH_HOLE|KEEP_SIZE) of memfd, nothing more
+   (Backend.fallocate_mapping). Borrowed as memfd is: valid until the backend is closed, which Python does
+   only after ufs_fast_remove_file. Call before ufs_fast_add_file. */
+void ufs_file_set_fallocate(struct ufs_file *file, uintptr_t mapping);
 /* Memory charges (budget.py): the counters its charges go to (its owner's bound, the mount's cap), and
    its own charge in bytes, read and changed by Python with the state lock held. Without counters, C
    serves nothing that changes a charge. */
@@ -88,5 +93,7 @@ int ufs_fast_write(struct ufs_fast *fast, void *req, uint64_t ino, const char *b
                    uint64_t fh, int writepage);
 int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int cmd, uint64_t fh,
                    unsigned int flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz);
+int ufs_fast_fallocate(struct ufs_fast *fast, void *req, uint64_t ino, int mode, int64_t offset, int64_t length,
+                       uint64_t fh);
 
 #endif

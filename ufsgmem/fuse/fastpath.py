@@ -1,12 +1,13 @@
 """The Python side of the compiled hot path (``fastpath.c``): what Python registers so that C can serve
-``mem``'s page fills, write-backs and ``KVM_SET_MEMORY_ATTRIBUTES2`` without calling Python.
+``mem``'s page fills, write-backs, ``KVM_SET_MEMORY_ATTRIBUTES2`` and ``fallocate(2)`` without calling Python.
 
 C serves a request only in the common case and hands everything else to the Python handlers unchanged
 (``fastpath.c`` lists the conditions). For that, both sides share per file a ``struct ufs_file``
 (:class:`FastFile`, one per ``Entry``): its two locks (``Entry.state`` and ``Entry.lock`` are
 :class:`CLock` wrappers of its pthread mutexes; taking one from Python releases the GIL while it waits),
 its possibly-cached map (``Entry.cached``, the C run map wrapped as a ``RunMap``), and the backend's memory (``Backend.memory_fd()``: C maps it
-itself; a backend without one is always served by Python). Per session (:class:`FastPath`): which inodes
+itself; a backend without one is always served by Python; ``Backend.fallocate_mapping()``, if the backend
+offers it, lets C allocate and punch as the backend would). Per session (:class:`FastPath`): which inodes
 are ``mem`` files, which handles are open on them, the inline slots and the counters.
 
 Under ``--low-latency`` the CPU latency hold is Python's (``latency.py``): while it is not held, C passes
@@ -23,7 +24,7 @@ from ._lowlevel import ffi, lib
 
 #: ``ufsgmem mount --hot-path``: C serves the common case, or Python serves everything (as before)
 HOT_PATHS = ("compiled", "python")
-KINDS = ("read", "write", "ioctl")
+KINDS = ("read", "write", "ioctl", "fallocate")
 
 
 class CLock:
@@ -95,6 +96,9 @@ class FastFile:
         self.ptr = ffi.gc(ptr, lib.ufs_file_put)
         if getattr(gm.backend, "memory_hugepage", False):
             lib.ufs_file_advise_huge(self.ptr)
+        mapping = getattr(gm.backend, "fallocate_mapping", lambda: None)() if memory_fd is not None else None
+        if mapping:  # the backend allocates and punches exactly as C would: C serves fallocate(2) too
+            lib.ufs_file_set_fallocate(self.ptr, mapping)
         self.state = CLock(self.ptr, lib.UFS_LOCK_STATE)
         self.lock = CLock(self.ptr, lib.UFS_LOCK_INVAL)
 
@@ -185,5 +189,6 @@ class FastPath:
 
     def status(self) -> dict:
         """For ``status``: the mode, whether C serves, and the mount's requests on ``mem`` files by who
-        served them (read = page fills, write = write-backs, ioctl = conversions)."""
+        served them (read = page fills, write = write-backs, ioctl = conversions, fallocate = allocations and
+        punches)."""
         return {"mode": self.hot_path, "compiled_serving": self.serving, **self.counts()}

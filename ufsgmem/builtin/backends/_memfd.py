@@ -211,6 +211,14 @@ class MemfdBackend(Backend):
     def memory_fd(self):
         return None if self._closed else self._fd
 
+    def fallocate_mapping(self):
+        # Only while allocate and punch_hole are these very ones: a subclass that keeps books of its own
+        # around them (hugetlb's folio map) must see every fallocate.
+        cls = type(self)
+        if self._closed or cls.allocate is not MemfdBackend.allocate or cls.punch_hole is not MemfdBackend.punch_hole:
+            return None
+        return self._address
+
     def info(self):
         return {"phys_source": self.phys_source()}
 
