@@ -439,3 +439,21 @@ def test_fallocate_cases_left_to_python(gmem):
         m.close()
         os.close(fd)
     assert d["fallocate"] == {"compiled": 0, "python": 1}, d
+
+
+def test_a_compiled_allocation_is_the_backends_own(gmem):
+    """C allocates through the backend's own mapping, as MemfdBackend.allocate does, so what the backend
+    reports of it (thp: the resident bytes of its mapping) is what a Python allocation shows."""
+    g = gmem(4 << 20, backend="thp")
+    fd = os.open(g.path("mem"), os.O_RDWR)
+    try:
+        before = counts(g)
+        assert falloc(fd, ALLOCATE, 0, 2 << 20) == 0
+        d = delta(before, counts(g))
+        info = g.status()["backend_info"]
+        assert falloc(fd, PUNCH, 0, 2 << 20) == 0
+        punched = g.status()["backend_info"]
+    finally:
+        os.close(fd)
+    assert d["fallocate"] == {"compiled": 1, "python": 0}, d
+    assert info["resident_bytes"] == 2 << 20 and punched["resident_bytes"] == 0, (info, punched)

@@ -1,5 +1,6 @@
 /*
- * fastpath: mem's READ, WRITE and KVM_SET_MEMORY_ATTRIBUTES2 served in C (fastpath.h says what and why).
+ * fastpath: mem's READ, WRITE, KVM_SET_MEMORY_ATTRIBUTES2 and FALLOCATE served in C (fastpath.h says what
+ * and why).
  *
  * Each request is served here only when every condition of the common case holds; otherwise the function
  * returns 0 having changed nothing, and lowlevel.py's Python handler answers it exactly as before (the
@@ -20,6 +21,18 @@
  *        and a write-back descriptor must be registered if any is cached (Python opens one). Then the steps
  *        of transitions.py: mark the parts uncached, write back and invalidate them without the state
  *        lock, commit (or, on failure, re-mark, abort and reply the errno) and count the revocation.
+ *  FALLOCATE (conversions.py's fallocate): a writable handle; the backend registered its own mapping
+ *        (Backend.fallocate_mapping: it allocates and punches exactly as done here), folios of one page
+ *        and the charge counters set, the private view never used (a punch revokes it: Python's), an
+ *        inline slot free (an allocation may wait in reclaim) and the invalidate lock free now. The core's
+ *        refusals are replied from here. An allocation charges the pages it commits (ENOMEM past a
+ *        bound, nothing changed), populates them through the backend's mapping (a failure is refunded
+ *        and passed: Python allocates again and says why) and marks them allocated, counting an
+ *        allocation. A punch needs the write-back descriptor if any page of it is cached; then the
+ *        conversion's steps, with the backend's punch and the commit inside the charge recount of
+ *        transitions.py's _recounting, and a revocation counted as Python counts it (the whole range).
+ *        Should the private view serve a page while the revocation runs, the marks are undone, the
+ *        punch aborted and Python punches (it revokes the private view as well).
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 312

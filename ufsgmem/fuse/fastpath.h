@@ -1,7 +1,7 @@
 /*
- * fastpath: mem's page fills (READ), write-backs (WRITE), KVM_SET_MEMORY_ATTRIBUTES2 and fallocate(2) served in C, with
- * no Python on the common path. Everything else, and every case the C path is not sure of, goes to Python
- * (ufsgmem/fuse/lowlevel.py's py_* functions) with nothing changed, so Python stays the one place that
+ * fastpath: mem's page fills (READ), write-backs (WRITE), KVM_SET_MEMORY_ATTRIBUTES2 and fallocate(2) served
+ * in C, with no Python on the common path. Everything else, and every case the C path is not sure of, goes to
+ * Python (ufsgmem/fuse/lowlevel.py's py_* functions) with nothing changed, so Python stays the one place that
  * answers errors, charges memory and revokes in the cases the C path leaves out.
  *
  * State is per session (struct ufs_fast): the mem files (struct ufs_file, by inode), the open mem handles
