@@ -15,7 +15,8 @@ import pytest
 
 from ufsgmem.core._core import ffi, lib
 from ufsgmem.errors import GuestMemfdError
-from ufsgmem.gmem import PRIVATE, SHARED, GuestMemfd, HostFault, message
+from ufsgmem.address import Range
+from ufsgmem.gmem import PRIVATE, SHARED, GuestMemfd, HostFault, TransitionPending, message
 from ufsgmem.uapi import FALLOC_FL_KEEP_SIZE, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, PAGE_SIZE
 
 PS = PAGE_SIZE
@@ -110,3 +111,20 @@ def test_a_host_access_past_int64_faults_where_it_starts():
             g.host_read(1 << 70, 1)
         assert info.value.offset == 1 << 70
         assert info.value.detail == f"host access at {1 << 70:#x}: past the end of the 16K file"
+
+
+def test_a_punch_pending_in_c_alone_is_transition_pending_with_its_range():
+    """The server's compiled hot path prepares a punch through the core with no Python Transition: a host
+    fill of the range must still say which range is being punched (mem.py reads around it), not a bare
+    EAGAIN, which a page fault would take as SIGBUS."""
+    g = GuestMemfd(8 * PS, MMAP_SHARED)
+    try:
+        assert lib.gmem_prepare_punch(ffi.cast("struct gmem *", g.address), 2 * PS, 3 * PS) == 1
+        with pytest.raises(TransitionPending) as exc:
+            g.host_fill(0, 8 * PS)
+        assert exc.value.range == Range(2 * PS, 5 * PS) and exc.value.transition is None
+        assert exc.value.errno == errno.EAGAIN and str(Range(2 * PS, 5 * PS)) in str(exc.value)
+        assert bytes(g.host_fill(6 * PS, PS)) == bytes(PS)  # outside the punch: served
+        lib.gmem_abort(ffi.cast("struct gmem *", g.address))
+    finally:
+        g.close()

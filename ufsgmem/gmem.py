@@ -107,10 +107,13 @@ class HostFault(GuestMemfdError):
 
 
 class TransitionPending(GuestMemfdError):
-    """A host read hit a range whose punch-hole is in flight; retry once the transition commits."""
+    """A host read hit ``range``, whose punch-hole is in flight; retry once the transition commits.
+    ``transition`` is the runner's, or None for a punch the server's compiled hot path is running (it has
+    no Python object: the range is the core's)."""
 
-    def __init__(self, transition: "Transition"):
-        super().__init__(errno.EAGAIN, f"{transition.kind} of {transition.range} in progress")
+    def __init__(self, rng: Range, transition: "Transition | None" = None):
+        super().__init__(errno.EAGAIN, f"punch_hole of {rng} in progress")
+        self.range = rng
         self.transition = transition
 
 
@@ -838,8 +841,8 @@ def _error(g, e, **values) -> GuestMemfdError:
         at = offset if why == lib.GMEM_WHY_HOST_NO_MMAP else \
             max(offset, g.size) if why == lib.GMEM_WHY_HOST_PAST_EOF else e.offset
         return HostFault(at, _MESSAGES[why](g, named, at))
-    if why == lib.GMEM_WHY_HOST_PUNCH_PENDING and g is not None and g._pending is not None:
-        return TransitionPending(g._pending)
+    if why == lib.GMEM_WHY_HOST_PUNCH_PENDING and g is not None:
+        return TransitionPending(Range(e.a, e.b), g._pending)
     if why == lib.GMEM_WHY_PIN_NO_MMAP:
         return fail(e.err, _MESSAGES[why](g, named, e.offset), error_offset=values.get("offset", e.a))
     return fail(e.err, _MESSAGES[why](g, named, e.offset), error_offset=e.offset if e.has_offset else None)

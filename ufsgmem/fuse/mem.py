@@ -58,7 +58,7 @@ class Mem:
             try:
                 data = gm.host_fill(offset, size)
             except TransitionPending as exc:
-                data = _read_around_punch(gm, exc.transition.range, offset, size)
+                data = _read_around_punch(gm, exc.range, offset, size)  # a punch Python's or C's
             except HostFault:
                 raise OSError(errno.EIO, "host access to a private page or past EOF") from None
             first, last = offset >> PAGE_SHIFT, -(-(offset + len(data)) // PAGE_SIZE)
