@@ -699,6 +699,28 @@ static int revoke_parts(struct ufs_fast *fast, struct ufs_file *f, int wb_fd, co
     return 0;
 }
 
+/* The file of a request that may revoke (a conversion, an fallocate), holding what such a request must
+   hold first, both taken without waiting: an inline slot (the deadlock rule: at most INLINE_SLOTS
+   requests that may wait run on libfuse's workers, docs/architecture.md) and the file's invalidate lock.
+   NULL with nothing held if the file is not one C serves, or either is busy: Python then queues the
+   request behind the transition that runs. */
+static struct ufs_file *transition_begin(struct ufs_fast *fast, uint64_t ino, uint64_t fh)
+{
+    struct ufs_file *f = file_of(fast, ino, fh, 1);
+    if (f == NULL)
+        return NULL;
+    if (f->gm == NULL || !ufs_fast_inline_take(fast)) {
+        request_done(f);
+        return NULL;
+    }
+    if (pthread_mutex_trylock(&f->inval) != 0) {
+        ufs_fast_inline_give(fast);
+        request_done(f);
+        return NULL;
+    }
+    return f;
+}
+
 int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int cmd, uint64_t fh,
                    unsigned int flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
@@ -706,18 +728,9 @@ int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int 
             || (flags & FUSE_IOCTL_COMPAT) || in_bufsz != UFS_ATTRIBUTES2_SIZE || out_bufsz != UFS_ATTRIBUTES2_SIZE
             || fast->se == NULL)
         return passed(fast, ino, UFS_KIND_IOCTL);
-    struct ufs_file *f = file_of(fast, ino, fh, 1);
+    struct ufs_file *f = transition_begin(fast, ino, fh);
     if (f == NULL)
         return passed(fast, ino, UFS_KIND_IOCTL);
-    if (!f->in_place_conversion || f->gm == NULL || !ufs_fast_inline_take(fast)) {
-        request_done(f);
-        return passed(fast, ino, UFS_KIND_IOCTL);
-    }
-    if (pthread_mutex_trylock(&f->inval) != 0) {   /* another transition runs: Python queues behind it */
-        ufs_fast_inline_give(fast);
-        request_done(f);
-        return passed(fast, ino, UFS_KIND_IOCTL);
-    }
     struct gmem *gm = f->gm;
     uint64_t arg[UFS_ATTRIBUTES2_SIZE / 8];
     memcpy(arg, in_buf, sizeof(arg));
@@ -728,7 +741,7 @@ int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int 
     struct gmem_err e = {0};
 
     pthread_mutex_lock(&f->state);
-    if (f->closed || f->private_active)
+    if (f->closed || f->private_active || !f->in_place_conversion)
         goto unlock_pass;
     if (attributes == UFS_PRIVATE && size > 0 && offset < gm->size && size <= gm->size - offset
             && !((offset | size) & (UFS_PAGE_SIZE - 1))
@@ -833,18 +846,9 @@ int ufs_fast_fallocate(struct ufs_fast *fast, void *req, uint64_t ino, int mode,
 {
     if (!may_serve(fast) || fast->se == NULL)
         return passed(fast, ino, UFS_KIND_FALLOCATE);
-    struct ufs_file *f = file_of(fast, ino, fh, 1);
+    struct ufs_file *f = transition_begin(fast, ino, fh);   /* an allocation may wait in reclaim too */
     if (f == NULL)
         return passed(fast, ino, UFS_KIND_FALLOCATE);
-    if (f->gm == NULL || !ufs_fast_inline_take(fast)) {   /* an allocation may wait in reclaim: a slot */
-        request_done(f);
-        return passed(fast, ino, UFS_KIND_FALLOCATE);
-    }
-    if (pthread_mutex_trylock(&f->inval) != 0) {   /* another transition runs: Python queues behind it */
-        ufs_fast_inline_give(fast);
-        request_done(f);
-        return passed(fast, ino, UFS_KIND_FALLOCATE);
-    }
     struct gmem *gm = f->gm;
     struct parts parts = {0};
     uint64_t revoked = 0, end, first, last, before, after;
