@@ -721,6 +721,19 @@ static struct ufs_file *transition_begin(struct ufs_fast *fast, uint64_t ino, ui
     return f;
 }
 
+/* Once the transition is over (the state lock released): give back what transition_begin took, close the
+   write-back descriptor if Python evicted it while the revocation used it, free the parts. The file's own
+   reference is dropped by the caller, after its reply. */
+static void transition_end(struct ufs_fast *fast, struct ufs_file *f, int wb_fd, struct parts *parts)
+{
+    pthread_mutex_unlock(&f->inval);
+    ufs_fast_inline_give(fast);
+    if (wb_fd >= 0)
+        close(wb_fd);
+    free(parts->start);
+    free(parts->end);
+}
+
 int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int cmd, uint64_t fh,
                    unsigned int flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
@@ -791,12 +804,7 @@ int ufs_fast_ioctl(struct ufs_fast *fast, void *req, uint64_t ino, unsigned int 
 unlock_pass:
     pthread_mutex_unlock(&f->state);
 reply:
-    pthread_mutex_unlock(&f->inval);
-    ufs_fast_inline_give(fast);
-    if (wb_fd >= 0)
-        close(wb_fd);
-    free(parts.start);
-    free(parts.end);
+    transition_end(fast, f, wb_fd, &parts);
     if (served) {
         count_compiled(fast, UFS_KIND_IOCTL);
         if (r == 0 || r == 1) {
@@ -936,12 +944,7 @@ unlock_served:
     served = 1;
 unlock_pass:
     pthread_mutex_unlock(&f->state);
-    pthread_mutex_unlock(&f->inval);
-    ufs_fast_inline_give(fast);
-    if (wb_fd >= 0)
-        close(wb_fd);
-    free(parts.start);
-    free(parts.end);
+    transition_end(fast, f, wb_fd, &parts);
     if (served) {
         count_compiled(fast, UFS_KIND_FALLOCATE);
         fuse_reply_err(req, reply_err);
