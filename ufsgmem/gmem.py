@@ -497,15 +497,21 @@ class GuestMemfd:
         bounds[-1] = last
         return bounds << PAGE_SHIFT, (values & KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0
 
-    def _attribute_range(self, offset: int, size: int | None) -> tuple[int, int]:
-        size = self.size - offset if size is None else size
+    def _check_range(self, check, offset: int, size: int, *more) -> None:
+        """Run the core's check of ``[offset, offset + size)`` (``check(gm, offset, size, *more, err)``) and
+        raise the error it reports. An offset or size no int64 holds is passed clamped (``_clamp``): it
+        fails the same check, and the message still names the value given."""
         e = self._err
         try:
-            rc = lib.gmem_check_query(self._gm, offset, size, e)
+            rc = check(self._gm, offset, size, *more, e)
         except OverflowError:
-            rc = lib.gmem_check_query(self._gm, _clamp(offset), _clamp(size), e)
+            rc = check(self._gm, _clamp(offset), _clamp(size), *more, e)
         if rc:
             raise _error(self, e, offset=offset, size=size)
+
+    def _attribute_range(self, offset: int, size: int | None) -> tuple[int, int]:
+        size = self.size - offset if size is None else size
+        self._check_range(lib.gmem_check_query, offset, size)
         return offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
 
     def attribute_at(self, offset: int) -> int:
@@ -526,23 +532,11 @@ class GuestMemfd:
     def check_pin(self, offset: int, size: int) -> tuple[int, int]:
         """The checks of :meth:`pin`, nothing changed: its page range, or the error it would fail with
         (so a caller can charge the memory a pin allocates after the kernel's checks and before it)."""
-        e = self._err
-        try:
-            rc = lib.gmem_check_pin(self._gm, offset, size, e)
-        except OverflowError:
-            rc = lib.gmem_check_pin(self._gm, _clamp(offset), _clamp(size), e)
-        if rc:
-            raise _error(self, e, offset=offset, size=size)
+        self._check_range(lib.gmem_check_pin, offset, size)
         return offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
 
     def unpin(self, offset: int, size: int) -> None:
-        e = self._err
-        try:
-            rc = lib.gmem_unpin(self._gm, offset, size, e)
-        except OverflowError:
-            rc = lib.gmem_unpin(self._gm, _clamp(offset), _clamp(size), e)
-        if rc:
-            raise _error(self, e, offset=offset, size=size)
+        self._check_range(lib.gmem_unpin, offset, size)
 
     # --- host and guest accesses --------------------------------------------------------------------
     def host_read(self, offset: int, size: int) -> memoryview:
@@ -597,13 +591,7 @@ class GuestMemfd:
         self.backend.write(offset, data)
 
     def _check_host(self, offset: int, size: int, writing: bool) -> None:
-        e = self._err
-        try:
-            rc = lib.gmem_check_host(self._gm, offset, size, writing, e)
-        except OverflowError:
-            rc = lib.gmem_check_host(self._gm, _clamp(offset), _clamp(size), writing, e)
-        if rc:
-            raise _error(self, e, offset=offset, size=size)
+        self._check_range(lib.gmem_check_host, offset, size, writing)
 
     def guest_read(self, offset: int, size: int) -> memoryview:
         """A vCPU read: reaches private and shared pages alike."""
@@ -618,13 +606,7 @@ class GuestMemfd:
         self.backend.write(offset, data)
 
     def _check_guest(self, offset: int, size: int) -> None:
-        e = self._err
-        try:
-            rc = lib.gmem_check_guest(self._gm, offset, size, e)
-        except OverflowError:
-            rc = lib.gmem_check_guest(self._gm, _clamp(offset), _clamp(size), e)
-        if rc:
-            raise _error(self, e, offset=offset, size=size)
+        self._check_range(lib.gmem_check_guest, offset, size)
 
     def access(self, offset: int, size: int, *, host: bool, write: bool = False) -> None:
         """The rule check and first-use allocation of an access, without moving any bytes.
