@@ -399,25 +399,37 @@ def p3_low_latency(cfg: Config, refs: References, progress: Progress) -> list[Fi
                    "--low-latency vs a plain mount", low_clean, plain_clean, "context")]
 
 
+def alternating_round_trips(cfg: Config, settings: dict, names: tuple[str, str], label) -> dict[str, tuple]:
+    """P3's dirty and clean 4 KiB round trips and P2's 2 MiB ones on two settings (``p3_setting`` or
+    ``floor_setting``), in blocks whose order alternates, so that the load of the moment hits both alike:
+    ``{name: (dirty, clean, dirty 2 MiB)}`` series, named with ``label(name)``. A name without a setting
+    (its reference is unavailable) gets empty series."""
+    size, blocks = cfg.size, 4
+    per_block, per_block_2m = max(cfg.latency_reps // blocks, 1), max(cfg.reps, 2)
+    series = {name: (Series(f"4 KiB round trip, {label(name)}", "s"),
+                     Series(f"4 KiB round trip, page not mapped, {label(name)}", "s"),
+                     Series(f"2 MiB round trip, {label(name)}", "s")) for name in names}
+    for block in range(blocks):
+        for name in (names if block % 2 == 0 else names[::-1]):
+            if name not in settings:
+                continue
+            dirty, clean, dirty_2m = series[name]
+            p3_round_trips(settings[name], size, range(block * per_block, (block + 1) * per_block), dirty, clean)
+            # 2 MiB ranges from size / 4: clear of P3's pages (from 0 and from size / 2)
+            dirty_2m.values.extend(dirty_round_trip(settings[name], size // 4 + rep * SZ_2M, SZ_2M)
+                                   for rep in range(block * per_block_2m, (block + 1) * per_block_2m))
+    return series
+
+
 def hot_path_python(cfg: Config, progress: Progress) -> list[Figure]:
     """P3, P3.clean and P2 on a ``--hot-path python`` mount (every request served by the Python handlers,
     as before the compiled path) against a default mount (``ufsgmem/fuse/fastpath.c`` serving mem's
     common requests), in alternating blocks: what the compiled path buys for round trips, in the same run
     (STREAM has its own reference on such a mount)."""
-    size, blocks = cfg.size, 4
-    per_block, per_block_2m = max(cfg.latency_reps // blocks, 1), max(cfg.reps, 2)
     names = ("compiled", "python")
-    series = {name: (Series(f"4 KiB round trip, --hot-path {name}", "s"),
-                     Series(f"4 KiB round trip, page not mapped, --hot-path {name}", "s"),
-                     Series(f"2 MiB round trip, --hot-path {name}", "s")) for name in names}
     with p3_setting(cfg) as compiled, p3_setting(cfg, *HOT_PATH_PYTHON) as python:
-        settings = {"compiled": compiled, "python": python}
-        for block in range(blocks):
-            for name in (names if block % 2 == 0 else names[::-1]):
-                dirty, clean, dirty_2m = series[name]
-                p3_round_trips(settings[name], size, range(block * per_block, (block + 1) * per_block), dirty, clean)
-                dirty_2m.values.extend(dirty_round_trip(settings[name], size // 4 + rep * SZ_2M, SZ_2M)
-                                       for rep in range(block * per_block_2m, (block + 1) * per_block_2m))
+        series = alternating_round_trips(cfg, {"compiled": compiled, "python": python}, names,
+                                         lambda name: f"--hot-path {name}")
     progress.step("P2/P3 on a --hot-path python mount, alternating with a default one")
     (c_dirty, c_clean, c_2m), (p_dirty, p_clean, p_2m) = (series[name] for name in names)
     return [Figure("P3.python", "4 KiB round trip through the ioctl, dirty in another process, mount --hot-path python "
@@ -447,28 +459,14 @@ def floor_round_trips(cfg: Config, refs: References, progress: Progress) -> list
     headers; without them ufsgmem's side is still measured, with no reference and the reason in
     ``refs``.
     """
-    size, blocks = cfg.size, 4
-    per_block, per_block_2m = max(cfg.latency_reps // blocks, 1), max(cfg.reps, 2)
     names = ("ufsgmem", "floor server")
-    series = {name: (Series(f"4 KiB round trip, {name}", "s"),
-                     Series(f"4 KiB round trip, page not mapped, {name}", "s"),
-                     Series(f"2 MiB round trip, {name}", "s")) for name in names}
     with tempfile.TemporaryDirectory(prefix="ufsgmem-floor-build-") as build_dir, contextlib.ExitStack() as stack:
         settings = {"ufsgmem": stack.enter_context(p3_setting(cfg))}
         try:
             settings["floor server"] = stack.enter_context(floor_setting(cfg, floor.build(build_dir)))
         except floor.Unavailable as e:
             refs.lack("the FUSE floor server", str(e))
-        for block in range(blocks):
-            for name in (names if block % 2 == 0 else names[::-1]):
-                if name not in settings:
-                    continue
-                dirty, clean, dirty_2m = series[name]
-                p3_round_trips(settings[name], size, range(block * per_block, (block + 1) * per_block),
-                               dirty, clean)
-                # 2 MiB ranges from size / 4: clear of P3's pages (from 0 and from size / 2)
-                dirty_2m.values.extend(dirty_round_trip(settings[name], size // 4 + rep * SZ_2M, SZ_2M)
-                                       for rep in range(block * per_block_2m, (block + 1) * per_block_2m))
+        series = alternating_round_trips(cfg, settings, names, lambda name: name)
         have_floor = "floor server" in settings
     progress.step("P2/P3 against the FUSE floor server, alternating with ufsgmem" if have_floor else
                   f"P2/P3 without the FUSE floor ({refs.unavailable['the FUSE floor server']})")
