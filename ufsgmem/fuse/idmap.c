@@ -20,18 +20,27 @@ static size_t map_slot(uint64_t key, size_t cap)
     return key & (cap - 1);
 }
 
-int ufs_map_find(const struct ufs_map *m, uint64_t key, uint64_t *val)
+/* The slot holding key, or -1: probe from its hash slot to the first never-used one (removed slots are
+   passed over, so a key put after a removal is still found). */
+static long map_index(const struct ufs_map *m, uint64_t key)
 {
     if (m->cap == 0)
-        return 0;
+        return -1;
     for (size_t i = map_slot(key, m->cap);; i = (i + 1) & (m->cap - 1)) {
         if (m->keys[i] == MAP_EMPTY)
-            return 0;
-        if (m->keys[i] == key) {
-            *val = m->vals[i];
-            return 1;
-        }
+            return -1;
+        if (m->keys[i] == key)
+            return (long)i;
     }
+}
+
+int ufs_map_find(const struct ufs_map *m, uint64_t key, uint64_t *val)
+{
+    long i = map_index(m, key);
+    if (i < 0)
+        return 0;
+    *val = m->vals[i];
+    return 1;
 }
 
 static int map_rebuild(struct ufs_map *m, size_t cap)
@@ -92,17 +101,12 @@ int ufs_map_put(struct ufs_map *m, uint64_t key, uint64_t val)
 
 int ufs_map_del(struct ufs_map *m, uint64_t key, uint64_t *val)
 {
-    if (m->cap == 0)
+    long i = map_index(m, key);
+    if (i < 0)
         return 0;
-    for (size_t i = map_slot(key, m->cap);; i = (i + 1) & (m->cap - 1)) {
-        if (m->keys[i] == MAP_EMPTY)
-            return 0;
-        if (m->keys[i] == key) {
-            *val = m->vals[i];
-            m->keys[i] = MAP_GONE;
-            return 1;
-        }
-    }
+    *val = m->vals[i];
+    m->keys[i] = MAP_GONE;
+    return 1;
 }
 
 void ufs_map_free(struct ufs_map *m)
