@@ -69,12 +69,17 @@ def test_a_device_it_cannot_open_is_an_error_that_says_so(tmp_path):
         LatencyHold(window=0, device=DEVICE)
 
 
-@requires_fuse
-def test_the_mount_holds_the_limit_only_while_requests_flow():
+def skip_unless_our_limit_is_visible() -> None:
+    """Skip unless a mount's hold can be told apart: the device is writable and nobody else holds a limit."""
     if not os.access(DEVICE, os.W_OK):
         pytest.skip(f"{DEVICE} is not writable here (needs root)")
     if current_limit() != NO_LIMIT:
         pytest.skip(f"another process holds a CPU latency limit ({current_limit()} µs): cannot tell ours apart")
+
+
+@requires_fuse
+def test_the_mount_holds_the_limit_only_while_requests_flow():
+    skip_unless_our_limit_is_visible()
     with mounted(low_latency=True) as mount:
         mount.ctl("create vm size=1M flags=mmap|init_shared")
         g = Gmem(mount, "vm", 1 << 20)
@@ -110,10 +115,7 @@ def test_requests_the_compiled_path_serves_keep_the_limit_held():
     import time
 
     from test_fastpath import convert
-    if not os.access(DEVICE, os.W_OK):
-        pytest.skip(f"{DEVICE} is not writable here (needs root)")
-    if current_limit() != NO_LIMIT:
-        pytest.skip(f"another process holds a CPU latency limit ({current_limit()} µs): cannot tell ours apart")
+    skip_unless_our_limit_is_visible()
     with mounted(low_latency=True) as mount:
         mount.ctl("create vm size=1M flags=mmap|init_shared")
         g = Gmem(mount, "vm", 1 << 20)
